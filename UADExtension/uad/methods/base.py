@@ -37,6 +37,11 @@ class Method:
     Params: ClassVar[type] = None  # a dataclass whose defaults are the paper's
     presets: ClassVar[dict[str, dict]] = {"paper": {}}
     default_preset: ClassVar[str] = "paper"
+    # Volume-level post-processing the method's paper applies to the anomaly map, applied by the
+    # pipeline after the slices are stacked (keys: erode_mask_iterations, median_size, min_component_size).
+    postprocess: ClassVar[dict] = {}
+    # True for weakly supervised methods (Wolleb et al.) whose training needs image-level labels.
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, model: Model, preset: str | None = None, **overrides):
         self.model = model
