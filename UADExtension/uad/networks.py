@@ -37,6 +37,11 @@ def tiny_unet_config(channels=(16, 32, 32), attention=(False, False, True), **ex
     return cfg
 
 
+def small_unet_config(**extra) -> dict:
+    """The CPU-trainable UNet of the bundled models (16-32-64 channels, attention at the deepest level)."""
+    return tiny_unet_config((16, 32, 64), (False, False, True), **extra)
+
+
 def paper_unet_config() -> dict:
     """THOR / AutoDDPM reference UNet (128-256-256, attention at the two deepest levels)."""
     return {
@@ -68,7 +73,9 @@ def build_network(config: dict) -> nn.Module:
     if kind == "DiffusionModelEncoder":
         from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 
-        kwargs = {k: v for k, v in cfg.items() if k in _UNET_KEYS}
+        kwargs = {k: v for k, v in cfg.items() if k in _UNET_KEYS | {"input_shape"}}
+        if isinstance(kwargs.get("input_shape"), list):
+            kwargs["input_shape"] = tuple(kwargs["input_shape"])
         for k in ("channels", "attention_levels", "num_res_blocks"):
             if isinstance(kwargs.get(k), list):
                 kwargs[k] = tuple(kwargs[k])

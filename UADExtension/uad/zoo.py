@@ -159,8 +159,9 @@ class Model:
 
     @property
     def threshold(self) -> float | None:
+        """The calibrated threshold when it is one number (per-method dicts: ``uad.pipeline.model_threshold``)."""
         t = self.config.get("threshold")
-        return None if t is None else float(t)
+        return float(t) if isinstance(t, (int, float)) else None
 
     @property
     def intensity_range(self) -> tuple[float, float]:
@@ -219,14 +220,14 @@ def save_weights(model: Model, path: str | os.PathLike) -> str:
 def load_model(model: str | ModelEntry | None = None, method: str | None = None,
                contrast: str | None = None, device="cpu") -> Model:
     """Verify and load a model by id / entry (or the default model of ``method``)."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     entry = model if isinstance(model, ModelEntry) else find_model(model, method, contrast)
     verify(entry)
     try:
         state = load_file(str(entry.weights_path))
-    except SafetensorsError as e:
+    except (SafetensorError, OSError) as e:
         raise ModelError(f"model {entry.id}: {entry.weights_path} is not a valid safetensors file ({e})") from None
     m = build_model(entry.data, state, entry.id)
     return m.to(device)

@@ -9,6 +9,11 @@ from .base import Method, MethodOutput
 # name -> module (relative to this package) that defines the class of the same ``name``.
 _MODULES = {
     "anoddpm": "anoddpm",
+    "thor": "thor",
+    "autoddpm": "autoddpm",
+    "disyre": "disyre",
+    "wolleb": "wolleb",
+    "pddpm": "pddpm",
 }
 
 

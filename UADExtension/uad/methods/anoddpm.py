@@ -91,9 +91,9 @@ class AnoDDPM(Method):
 
     @classmethod
     def default_model_config(cls, image_size: int = 64, small: bool = True, noise: str = "gaussian") -> dict:
-        from ..networks import paper_unet_config, tiny_unet_config
+        from ..networks import paper_unet_config, small_unet_config
 
-        net = tiny_unet_config((32, 64, 64), (False, False, True)) if small else paper_unet_config()
+        net = small_unet_config() if small else paper_unet_config()
         return {
             "methods": ["anoddpm", "thor", "autoddpm"] if noise == "gaussian" else ["anoddpm", "thor"],
             "image_size": image_size,

@@ -1,0 +1,26 @@
+# Two commands on a fresh machine (see README.md):
+#   make demo   create .venv, install the engine, run anomaly detection on the bundled sample
+#   make test   create .venv if needed, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= uad-output
+
+.PHONY: demo test env clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: env
+	$(VENV)/bin/uad detect --sample -o $(OUT)
+
+test: env
+	$(PY) -m pytest -q Testing
+
+clean:
+	rm -rf $(OUT) .pytest_cache

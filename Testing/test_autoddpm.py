@@ -1,0 +1,227 @@
+"""AutoDDPM on a tiny random network: masks, thresholds, stitching, RePaint NFE, determinism."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from uad.methods import build_method, get_method_class
+from uad.methods.autoddpm import AutoDDPM, masked_quantile
+from uad.rng import BatchRNG
+from uad.zoo import Model, build_model
+
+SIZE = 32
+
+
+def tiny_config():
+    from uad.networks import tiny_unet_config
+
+    return {
+        "methods": ["anoddpm", "thor", "autoddpm"],
+        "image_size": SIZE,
+        "intensity_range": [-1.0, 1.0],
+        "noise": "gaussian",
+        "schedule": {"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4,
+                     "beta_end": 2e-2, "prediction_type": "epsilon", "clip_sample": True},
+        "networks": {"denoiser": tiny_unet_config((8, 16, 16))},
+    }
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_config(), model_id="tiny")
+
+
+class Counting(torch.nn.Module):
+    """Wraps a UNet and counts its forward passes (batch items are not counted separately)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.calls = 0
+
+    def forward(self, x, timesteps, **kw):
+        self.calls += 1
+        return self.net(x, timesteps=timesteps, **kw)
+
+
+def slices(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, SIZE), torch.linspace(-1, 1, SIZE), indexing="ij")
+    disc = (xx ** 2 + yy ** 2) < 0.8
+    out = []
+    for i in range(b):
+        tex = 0.05 * torch.randn(SIZE, SIZE, generator=g)
+        img = 0.45 + 0.15 * torch.cos(3 * torch.sqrt(xx ** 2 + yy ** 2) + i) + tex
+        blob = ((xx - 0.2 * (i - 1)) ** 2 + (yy + 0.2) ** 2) < 0.04
+        img = torch.where(blob, torch.tensor(0.95), img)
+        out.append(torch.where(disc, img.clamp(0, 1), torch.tensor(0.0)))
+    return torch.stack(out)[:, None], disc.expand(b, 1, SIZE, SIZE).clone()
+
+
+SMALL = {"level": 20, "inpaint_level": 6, "resample": 3, "perceptual": "ssim"}
+
+
+def run(model, x, mask, seeds, preset="paper", **kw):
+    m = build_method("autoddpm", model, preset=preset, **{**SMALL, **kw})
+    return m, m(x, mask, BatchRNG(seeds))
+
+
+def test_registry_and_presets(model):
+    assert get_method_class("autoddpm") is AutoDDPM
+    p = build_method("autoddpm", model, preset="paper").params
+    assert (p.level, p.inpaint_level, p.resample, p.threshold) == (200, 50, 5, 0.13)
+    assert p.recon_sampler == p.inpaint_sampler == "ddpm"
+    f = build_method("autoddpm", model, preset="fast").params
+    assert (f.recon_sampler, f.recon_steps, f.inpaint_steps, f.resample) == ("ddim", 25, 11, 3)
+    assert AutoDDPM.default_model_config(64)["noise"] == "gaussian"
+    with pytest.raises(ValueError, match="threshold"):
+        build_method("autoddpm", model, threshold=-0.5)
+    with pytest.raises(ValueError, match="ddim"):
+        build_method("autoddpm", model, preset="paper", inpaint_steps=5)
+    with pytest.raises(ValueError, match="resample"):
+        build_method("autoddpm", model, resample=0)
+
+
+def test_paper_preset_nfe_is_451(model):
+    """201 stage-1 evaluations + 50 x 5 RePaint evaluations, counted on the network itself."""
+    counting = Counting(model.net("denoiser"))
+    m_count = Model("tiny-count", model.config, {"denoiser": counting})
+    x, mask = slices(1)
+    m = build_method("autoddpm", m_count, preset="paper", threshold=-1, perceptual="ssim")
+    out = m(x, mask, BatchRNG([5]))
+    assert out.nfe == 451 == counting.calls
+    assert (out.extras["nfe_stage1"], out.extras["nfe_stage2"]) == (201, 250)
+
+
+def test_small_paper_chain_nfe_shapes_ranges(model):
+    counting = Counting(model.net("denoiser"))
+    m_count = Model("tiny-count", model.config, {"denoiser": counting})
+    x, mask = slices()
+    m = build_method("autoddpm", m_count, preset="paper", threshold=-1, **SMALL)
+    out = m(x, mask, BatchRNG([1, 2, 3]))
+    assert out.nfe == counting.calls == 21 + 6 * 3
+    assert out.restoration.shape == out.anomaly.shape == (3, 1, SIZE, SIZE)
+    assert float(out.restoration.min()) >= 0 and float(out.restoration.max()) <= 1
+    assert float(out.anomaly.min()) >= 0
+    assert float(out.anomaly[~mask].abs().max()) == 0.0
+    ex = out.extras
+    assert ex["perceptual"] == "ssim-fallback" and ex["lpips_calls"] == 1 and ex["dilation"] == 3
+    assert ex["binary_mask"].dtype == torch.bool and bool(ex["binary_mask"].any())
+    assert not bool((ex["binary_mask"] & ~mask).any())  # restricted to the brain
+    # A = |x - restoration| * M (M from stage 1)
+    assert torch.allclose(out.anomaly, (x - out.restoration).abs() * ex["combined_mask"] * mask)
+
+
+def test_pixels_outside_binary_mask_equal_input(model):
+    x, mask = slices()
+    for tau in (-1, 0.13, 0.02):
+        _, out = run(model, x, mask, [1, 2, 3], threshold=tau)
+        b = out.extras["binary_mask"]
+        assert torch.equal(out.restoration[~b], x[~b]), tau
+        assert float(out.anomaly[~b].abs().max()) == 0.0
+        if bool(b.any()):
+            # inside B the stage-2 sample is used
+            assert torch.equal(out.restoration[b], out.extras["inpainting"][b])
+            assert float((out.restoration[b] - x[b]).abs().max()) > 0
+
+
+def test_threshold_minus_one_is_per_image_p95(model):
+    x, mask = slices()
+    _, out = run(model, x, mask, [1, 2, 3], threshold=-1)
+    ex = out.extras
+    comb = ex["combined_mask"].numpy()
+    taus = ex["threshold"].numpy()
+    for i in range(3):
+        inside = comb[i, 0][mask[i, 0].numpy()]
+        assert taus[i] == pytest.approx(np.percentile(inside, 95), rel=1e-5, abs=1e-7)
+        expected = ndimage.binary_dilation(comb[i, 0] > taus[i], np.ones((3, 3))) & mask[i, 0].numpy()
+        assert np.array_equal(ex["binary_mask"][i, 0].numpy(), expected)
+        # about 5 % of the brain exceeds its own 95th percentile before dilation
+        frac = (inside > taus[i]).mean()
+        assert 0.02 < frac <= 0.06
+
+
+def test_fixed_threshold_path(model):
+    """A scalar tau works (the reference indexed the float: TypeError) and is applied to every slice."""
+    x, mask = slices()
+    _, out = run(model, x, mask, [1, 2, 3], threshold=0.05)
+    ex = out.extras
+    assert torch.equal(ex["threshold"], torch.full((3,), 0.05))
+    comb = ex["combined_mask"].numpy()
+    for i in range(3):
+        expected = ndimage.binary_dilation(comb[i, 0] > 0.05, np.ones((3, 3))) & mask[i, 0].numpy()
+        assert np.array_equal(ex["binary_mask"][i, 0].numpy(), expected)
+
+
+def test_residual_normalisation(model):
+    x, mask = slices(2)
+    m = build_method("autoddpm", model, preset="paper", **SMALL)
+    rec = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    st = m.masks(x, rec, mask, lambda a, b: torch.ones_like(a))
+    r = st["residual"]
+    assert float(r.min()) >= 0 and float(r.max()) <= 1
+    for i in range(2):
+        raw = (x[i] - rec[i]).abs()[mask[i]]
+        p95 = np.percentile(raw.numpy(), 95)
+        assert torch.allclose(r[i][mask[i]], (raw / p95).clamp(0, 1), atol=1e-5)
+        assert float((r[i][mask[i]] >= 1 - 1e-6).float().mean()) == pytest.approx(0.05, abs=0.02)
+    assert torch.equal(st["combined"], r)  # perceptual map of ones: M = r
+    v = torch.rand(2, 1, 6, 6)
+    msk = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
+    msk[0, :, :3] = True  # image 1: empty mask -> whole image
+    q = masked_quantile(v, msk, 0.95).view(-1)
+    assert float(q[0]) == pytest.approx(np.percentile(v[0, 0, :3].numpy(), 95), rel=1e-6)
+    assert float(q[1]) == pytest.approx(np.percentile(v[1].numpy(), 95), rel=1e-6)
+
+
+def test_empty_mask_skips_stage_two(model):
+    x, mask = slices()
+    _, out = run(model, x, mask, [1, 2, 3], threshold=10.0)
+    assert out.nfe == 21 and out.extras["stage2_skipped"]
+    assert torch.equal(out.restoration, x)
+    assert float(out.anomaly.abs().max()) == 0.0
+
+
+def test_deterministic_and_batch_independent(model):
+    x, mask = slices()
+    _, a = run(model, x, mask, [7, 8, 9], threshold=-1)
+    _, b = run(model, x, mask, [7, 8, 9], threshold=-1)
+    assert torch.equal(a.restoration, b.restoration) and torch.equal(a.anomaly, b.anomaly)
+    for i, s in enumerate([7, 8, 9]):
+        _, one = run(model, x[i:i + 1], mask[i:i + 1], [s], threshold=-1)
+        assert torch.equal(one.extras["binary_mask"], a.extras["binary_mask"][i:i + 1])
+        assert torch.allclose(one.restoration, a.restoration[i:i + 1], atol=1e-5)
+        assert torch.allclose(one.anomaly, a.anomaly[i:i + 1], atol=1e-5)
+
+
+def test_fast_preset(model):
+    counting = Counting(model.net("denoiser"))
+    m_count = Model("tiny-count", model.config, {"denoiser": counting})
+    x, mask = slices(2)
+    m = build_method("autoddpm", m_count, preset="fast", threshold=-1, perceptual="ssim")
+    out = m(x, mask, BatchRNG([1, 2]))
+    assert out.nfe == counting.calls == 25 + 10 * 3
+    b = out.extras["binary_mask"]
+    assert torch.equal(out.restoration[~b], x[~b])
+    assert float(out.restoration.min()) >= 0 and float(out.restoration.max()) <= 1
+
+
+def test_lpips_code_path(model):
+    from uad.perceptual import LPIPSMap, perceptual_backend
+
+    x, mask = slices(2)
+    _, out = run(model, x, mask, [1, 2], threshold=-1, perceptual=LPIPSMap(pnet_rand=True))
+    assert out.extras["perceptual"] == "lpips-squeeze"
+    assert torch.isfinite(out.anomaly).all() and float(out.anomaly.max()) > 0
+    _, out = run(model, x, mask, [1, 2], threshold=-1, perceptual="auto")
+    assert out.extras["perceptual"] == perceptual_backend()
+
+
+def test_training_loss(model):
+    from uad.methods.common import ddpm_loss
+
+    x, mask = slices(2)
+    loss = AutoDDPM.training_loss(model, x, mask, BatchRNG([3, 4]))
+    assert torch.allclose(loss, ddpm_loss(model, x, BatchRNG([3, 4]), noise="gaussian"))

@@ -1,0 +1,378 @@
+"""Tests of uad.phantoms: MNI152-based phantoms, lesions, files, CLI, training slice stream."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from uad import phantoms
+from uad.phantoms import (HOLDOUT_SEED_OFFSET, TrainingSliceSource, generate_cohort, make_phantom, nib_to_sitk,
+                          template_images, write_phantom)
+
+SP = 2.0  # mm: most tests run on a 2 mm grid to stay fast
+
+
+def arr(img: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(img)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+            and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
+_CACHE: dict = {}
+
+
+def ph(seed, contrast="T2", lesion="none", spacing=SP):
+    """Phantoms shared between tests (generated once per session)."""
+    key = (seed, contrast, lesion, spacing)
+    if key not in _CACHE:
+        _CACHE[key] = make_phantom(seed, contrast, lesion, spacing=spacing, return_tissues=True)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------- templates / geometry
+def test_nibabel_to_sitk_geometry_is_lps():
+    import nibabel as nib
+
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    aff = np.array([[0.0, 0.0, 2.0, -10.0], [1.5, 0.0, 0.0, 20.0], [0.0, -1.0, 0.0, 5.0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(data, aff)
+    s = nib_to_sitk(img)
+    assert s.GetSize() == (4, 5, 6)
+    np.testing.assert_allclose(s.GetSpacing(), [1.5, 1.0, 2.0])
+    for ijk in [(0, 0, 0), (3, 1, 2), (1, 4, 5)]:
+        ras = aff @ np.array([*ijk, 1.0])
+        lps = np.array([-ras[0], -ras[1], ras[2]])
+        np.testing.assert_allclose(s.TransformIndexToPhysicalPoint(ijk), lps, atol=1e-9)
+        assert s.GetPixel(ijk) == data[ijk]
+
+
+def test_template_images_and_csf():
+    t = template_images()
+    t1, gm, wm, csf, brain = (t[k] for k in ("t1", "gm", "wm", "csf", "brain"))
+    assert t1.GetSize() == (197, 233, 189)
+    for im in (gm, wm, csf, brain):
+        assert same_grid(im, t1)
+    # MNI origin (RAS 0,0,0) is LPS (0,0,0); the template's first voxel is at RAS (-98, -134, -72)
+    np.testing.assert_allclose(t1.GetOrigin(), [98.0, 134.0, -72.0])
+    np.testing.assert_allclose(np.array(t1.GetDirection()).reshape(3, 3), np.diag([-1.0, -1.0, 1.0]))
+    b = arr(brain) > 0
+    c = arr(csf)
+    assert c.min() >= 0 and c.max() <= 1
+    np.testing.assert_allclose(c[b], np.clip(1 - arr(gm)[b] - arr(wm)[b], 0, 1), atol=1e-6)
+    assert (c[~b] == 0).all()
+    # the lateral ventricles (MNI RAS (+-8, -5, 18)) are CSF; RAS -> LPS negates x and y
+    for x in (8.0, -8.0):
+        idx = t1.TransformPhysicalPointToIndex((-x, 5.0, 18.0))
+        assert csf.GetPixel(idx) > 0.8 and wm.GetPixel(idx) < 0.1
+
+
+def test_one_mm_phantom_on_the_template_grid():
+    p = make_phantom(2, "T1", "none")
+    t1 = template_images()["t1"]
+    for im in (p.image, p.brain_mask, p.lesion_mask):
+        assert same_grid(im, t1)
+    assert p.image.GetPixelID() == sitk.sitkFloat32
+    assert p.brain_mask.GetPixelID() == sitk.sitkUInt8 and p.lesion_mask.GetPixelID() == sitk.sitkUInt8
+    a, b = arr(p.image), arr(p.brain_mask) > 0
+    assert 1300 < b.sum() / 1000.0 < 2600  # brain volume in ml (template mask ~1.9 l, scaled 0.91 to 1.09)
+    assert (a[~b] == 0).all() and (a[b] > 0).mean() > 0.99
+    assert arr(p.lesion_mask).sum() == 0 and p.lesion_voxels == 0
+
+
+def test_coarse_grid_covers_the_template_extent():
+    p = ph(1)
+    t1 = template_images()["t1"]
+    for im in (p.brain_mask, p.lesion_mask, *p.tissues.values()):
+        assert same_grid(im, p.image)
+    np.testing.assert_allclose(p.image.GetSpacing(), [SP] * 3)
+    assert p.image.GetSize() == (99, 117, 95)
+    np.testing.assert_allclose(p.image.GetDirection(), t1.GetDirection())
+    # voxel edges: the first corner coincides with the template's first corner
+    corner = np.array(p.image.GetOrigin()) - np.array(p.image.GetDirection()).reshape(3, 3) @ np.full(3, SP / 2)
+    corner_t = np.array(t1.GetOrigin()) - np.array(t1.GetDirection()).reshape(3, 3) @ np.full(3, 0.5)
+    np.testing.assert_allclose(corner, corner_t, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_seed_identical_arrays():
+    a = ph(5, "T2", "tumour")
+    b = make_phantom(5, "T2", "tumour", spacing=SP)
+    np.testing.assert_array_equal(arr(a.image), arr(b.image))
+    np.testing.assert_array_equal(arr(a.brain_mask), arr(b.brain_mask))
+    np.testing.assert_array_equal(arr(a.lesion_mask), arr(b.lesion_mask))
+    assert a.meta == b.meta
+
+
+def test_different_seeds_differ():
+    a, b = ph(1), ph(3)
+    ia, ib = arr(a.image), arr(b.image)
+    assert not np.array_equal(ia, ib)
+    ma, mb = arr(a.brain_mask) > 0, arr(b.brain_mask) > 0
+    dice = 2 * (ma & mb).sum() / (ma.sum() + mb.sum())
+    assert 0.8 < dice < 0.995  # same template, different warps
+    assert a.meta["rotation_deg"] != b.meta["rotation_deg"]
+    t_a, t_b = ph(5, "T2", "tumour"), ph(6, "T2", "tumour")
+    assert t_a.meta["lesion_info"]["centre_mni_ras"] != t_b.meta["lesion_info"]["centre_mni_ras"]
+
+
+def test_one_seed_same_anatomy_in_every_contrast():
+    t1, t2 = ph(1, "T1"), ph(1, "T2")
+    np.testing.assert_array_equal(arr(t1.brain_mask), arr(t2.brain_mask))
+    np.testing.assert_array_equal(arr(t1.tissues["wm"]), arr(t2.tissues["wm"]))
+    assert not np.array_equal(arr(t1.image), arr(t2.image))
+    # a lesion keeps the healthy anatomy of the seed (ms has no mass effect)
+    np.testing.assert_array_equal(arr(ph(3, "T2", "ms").brain_mask), arr(ph(3, "T2", "none").brain_mask))
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        make_phantom(0, contrast="PD")
+    with pytest.raises(ValueError):
+        make_phantom(0, lesion="cyst")
+    with pytest.raises(ValueError):
+        make_phantom(-1)
+    with pytest.raises(ValueError):
+        make_phantom(0, spacing=0)
+
+
+# ----------------------------------------------------------------------------- intensities
+def tissue_means(p):
+    a = arr(p.image)
+    les = ndimage.binary_dilation(arr(p.lesion_mask) > 0, iterations=2)
+    out = {}
+    for name in ("gm", "wm", "csf"):
+        sel = (arr(p.tissues[name]) > 0.9) & ~les & (arr(p.brain_mask) > 0)
+        assert sel.sum() > 200, name
+        out[name] = float(a[sel].mean())
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_tissue_contrast_orderings(seed):
+    m = tissue_means(ph(seed, "T1"))
+    assert m["wm"] > 1.15 * m["gm"] and m["gm"] > 1.5 * m["csf"]
+    m = tissue_means(ph(seed, "T2"))
+    assert m["csf"] > 1.3 * m["gm"] and m["gm"] > 1.08 * m["wm"]
+    m = tissue_means(ph(seed, "FLAIR"))
+    assert m["gm"] >= m["wm"] and m["wm"] > 2.5 * m["csf"]
+
+
+def test_noise_bias_and_partial_volume():
+    p = ph(1, "T2")
+    a = arr(p.image)
+    wm = (arr(p.tissues["wm"]) > 0.95) & (arr(p.brain_mask) > 0)
+    v = a[wm]
+    cv = v.std() / v.mean()
+    assert 0.01 < cv < 0.25  # noise + bias + texture, not a constant
+    # partial volume: voxels with mixed GM/WM lie between the pure-tissue means
+    m = tissue_means(p)
+    g, w = arr(p.tissues["gm"]), arr(p.tissues["wm"])
+    mixed = (np.abs(g - 0.5) < 0.15) & (np.abs(w - 0.5) < 0.15)
+    assert mixed.sum() > 100
+    assert m["wm"] < a[mixed].mean() < m["gm"]
+
+
+# ----------------------------------------------------------------------------- lesions
+@pytest.mark.parametrize("lesion", ["tumour", "stroke", "ms"])
+def test_lesions_inside_brain_with_realistic_size(lesion):
+    for seed in (5, 6):
+        p = ph(seed, "T2", lesion)
+        les = arr(p.lesion_mask) > 0
+        brain = arr(p.brain_mask) > 0
+        assert les.any()
+        assert not (les & ~brain).any()
+        assert p.lesion_voxels == les.sum()
+        ml = les.sum() * SP ** 3 / 1000.0
+        assert abs(ml - p.lesion_volume_ml) < 1e-6
+        lo, hi = {"tumour": (2.0, 120.0), "stroke": (1.0, 150.0), "ms": (0.05, 12.0)}[lesion]
+        assert lo < ml < hi, (seed, ml)
+
+
+def test_tumour_contrast():
+    for seed, contrast in ((5, "T1"), (5, "T2"), (6, "T2"), (5, "FLAIR")):
+        p = ph(seed, contrast, "tumour")
+        a = arr(p.image)
+        les = arr(p.lesion_mask) > 0
+        m = tissue_means(p)
+        if contrast == "T1":  # hypointense
+            assert a[les].mean() < 0.85 * m["wm"]
+        elif contrast == "T2":  # oedema hyperintense
+            assert a[les].mean() > 1.3 * m["wm"]
+            assert a[les].mean() > m["gm"]
+        else:  # FLAIR: oedema hyperintense, necrosis fluid-suppressed
+            assert a[les].mean() > 1.3 * m["wm"] and a[les].mean() > m["gm"]
+            assert np.percentile(a[les], 75) > 1.2 * m["gm"]
+        # one mass, inside one hemisphere
+        lab, n = ndimage.label(les, structure=np.ones((3, 3, 3)))
+        assert np.bincount(lab.ravel())[1:].max() > 0.97 * les.sum()
+    # heterogeneous core: the lesion intensities vary more than those of normal white matter
+    p = ph(5, "T2", "tumour")
+    a = arr(p.image)
+    les = arr(p.lesion_mask) > 0
+    wm = (arr(p.tissues["wm"]) > 0.95) & ~ndimage.binary_dilation(les, iterations=3)
+    assert a[les].std() / a[les].mean() > a[wm].std() / a[wm].mean()
+
+
+def test_tumour_hemisphere_matches_geometry():
+    p = ph(5, "T2", "tumour")
+    les = arr(p.lesion_mask) > 0
+    k, j, i = np.argwhere(les).mean(0)
+    x_lps, y_lps, z = p.image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))
+    ras_x = p.meta["lesion_info"]["centre_mni_ras"][0]
+    assert np.sign(-x_lps) == np.sign(ras_x)  # LPS x = -RAS x
+    assert abs(-x_lps - ras_x) < 25.0
+
+
+def test_stroke_contrast_and_side():
+    for seed in (5, 6):
+        hyper = ph(seed, "T2", "stroke")
+        les = arr(hyper.lesion_mask) > 0
+        m2 = tissue_means(hyper)
+        assert arr(hyper.image)[les].mean() > 1.25 * m2["gm"]
+        if seed == 5:
+            hypo = ph(seed, "T1", "stroke")
+            np.testing.assert_array_equal(arr(hypo.lesion_mask), arr(hyper.lesion_mask))
+            m1 = tissue_means(hypo)
+            assert arr(hypo.image)[les].mean() < min(m1["gm"], 0.8 * m1["wm"])
+        # on the side the meta says, and reaching the cortex (touches GM)
+        k, j, i = np.argwhere(les).mean(0)
+        x_lps = hyper.image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))[0]
+        assert (x_lps < 0) == (hyper.meta["lesion_info"]["hemisphere"] == "right")
+        assert (arr(hyper.tissues["gm"])[les] > 0.5).mean() > 0.1
+
+
+def test_ms_lesions():
+    for seed in (5, 6):
+        p = ph(seed, "T2", "ms")
+        les = arr(p.lesion_mask) > 0
+        lab, n = ndimage.label(les, structure=np.ones((3, 3, 3)))
+        assert n >= 3
+        assert p.meta["lesion_info"]["n_lesions"] >= 4
+        assert arr(p.tissues["wm"])[les].mean() > 0.6  # in white matter
+        # periventricular: close to CSF-filled ventricles
+        vent = arr(p.tissues["csf"]) > 0.8
+        dist = ndimage.distance_transform_edt(~vent, sampling=SP)
+        assert np.median(dist[les]) < 16.0
+        m = tissue_means(p)
+        assert arr(p.image)[les].mean() > 1.25 * m["wm"]
+        if seed == 5:
+            t1 = ph(seed, "T1", "ms")
+            assert arr(t1.image)[les].mean() < 0.95 * tissue_means(t1)["wm"]
+
+
+# ----------------------------------------------------------------------------- files, cohort, CLI
+def test_write_phantom_round_trip(tmp_path):
+    p = ph(5, "T2", "tumour")
+    paths = write_phantom(p, tmp_path, "case")
+    assert {k: v.name for k, v in paths.items()} == {
+        "image": "case.nii.gz", "brain_mask": "case_brainmask.nii.gz", "lesion": "case_lesion.nii.gz"}
+    for key, img in (("image", p.image), ("brain_mask", p.brain_mask), ("lesion", p.lesion_mask)):
+        back = sitk.ReadImage(str(paths[key]))
+        assert same_grid(back, img)
+        assert back.GetPixelID() == img.GetPixelID()
+        np.testing.assert_array_equal(arr(back), arr(img))
+    paths16 = write_phantom(p, tmp_path / "small", "case", image_dtype="int16")
+    back = sitk.ReadImage(str(paths16["image"]))
+    assert back.GetPixelID() == sitk.sitkInt16
+    assert np.abs(arr(back) - arr(p.image)).max() <= 0.5 + 1e-3
+    with pytest.raises(ValueError):
+        write_phantom(p, tmp_path, "x", image_dtype="uint8")
+
+
+def test_generate_cohort_and_csv(tmp_path):
+    calls = []
+    rows = generate_cohort(tmp_path, 2, contrast="FLAIR", lesion="ms", seed=11, spacing=3.0,
+                           progress=lambda i, n, row: calls.append((i, n, row["seed"])))
+    assert calls == [(1, 2, 11), (2, 2, 12)]
+    assert [r["seed"] for r in rows] == [11, 12]
+    with open(tmp_path / "cohort.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["seed"]) for r in table] == [11, 12]
+    assert all(r["contrast"] == "FLAIR" and r["lesion"] == "ms" for r in table)
+    for r, row in zip(table, rows):
+        lm = sitk.ReadImage(str(tmp_path / r["lesion_mask"]))
+        assert int(arr(lm).sum()) == int(r["lesion_voxels"]) == row["lesion_voxels"] > 0
+        img = sitk.ReadImage(str(tmp_path / r["image"]))
+        np.testing.assert_allclose(img.GetSpacing(), [3.0] * 3)
+        assert (tmp_path / r["brain_mask"]).is_file()
+
+
+def test_cli_subcommand(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="uad")
+    sub = parser.add_subparsers(dest="command")
+    phantoms.add_cli(sub)
+    args = parser.parse_args(["phantoms", str(tmp_path / "out"), "--n", "1", "--contrast", "t1", "--lesion", "tumour",
+                              "--seed", "4", "--spacing", "3"])
+    assert args.contrast == "T1" and args.lesion == "tumour" and args.spacing == 3.0
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "phantom_T1_tumour_000004" in out
+    assert (tmp_path / "out" / "phantom_T1_tumour_000004_lesion.nii.gz").is_file()
+    assert (tmp_path / "out" / "cohort.csv").is_file()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["phantoms", str(tmp_path), "--lesion", "cyst"])
+
+
+# ----------------------------------------------------------------------------- training stream
+def test_training_slice_source_healthy():
+    src = TrainingSliceSource("T2", image_size=32, seed=3, pool_size=2, refresh_every=2, spacing=3.0, prefetch=False)
+    g = np.random.default_rng(0)
+    x, m, y = src.sample_batch(12, g)
+    assert x.shape == (12, 1, 32, 32) and m.shape == (12, 1, 32, 32) and y.shape == (12,)
+    assert str(x.dtype) == "torch.float32" and str(m.dtype) == "torch.bool" and str(y.dtype) == "torch.int64"
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.5
+    assert (x[~m] == 0).all()
+    assert int(y.sum()) == 0
+    # no nearly empty slices: every slice has at least min_brain_fraction of the volume's largest brain area
+    for e in src.pool:
+        area = e.masks.reshape(len(e.masks), -1).sum(1)
+        assert area.min() >= 0.2 * area.max() > 0
+    assert src.seeds == [3, 4]
+    src.sample_batch(4, g)
+    src.sample_batch(4, g)  # third batch: the oldest volume was replaced
+    assert src.seeds == [4, 5]
+
+
+def test_training_slice_source_determinism_and_flip():
+    kw = dict(contrast="T1", image_size=32, seed=7, pool_size=2, spacing=3.0)
+    a = TrainingSliceSource(flip_probability=0.0, prefetch=False, **kw)
+    b = TrainingSliceSource(flip_probability=1.0, prefetch=True, **kw)
+    xa, ma, _ = a.sample_batch(6, np.random.default_rng(5))
+    xb, mb, _ = b.sample_batch(6, np.random.default_rng(5))
+    b.close()
+    np.testing.assert_array_equal(xa.numpy()[..., ::-1], xb.numpy())
+    np.testing.assert_array_equal(ma.numpy()[..., ::-1], mb.numpy())
+    c = TrainingSliceSource(flip_probability=0.0, prefetch=False, **kw)
+    xc, _, _ = c.sample_batch(6, np.random.default_rng(5))
+    np.testing.assert_array_equal(xa.numpy(), xc.numpy())
+
+
+def test_training_slice_source_lesions_and_holdout():
+    src = TrainingSliceSource("FLAIR", image_size=32, seed=0, pool_size=2, lesion="tumour", lesion_fraction=1.0,
+                              holdout=True, spacing=3.0, prefetch=False)
+    x, m, y, les = src.sample_batch(48, np.random.default_rng(1), return_lesions=True)
+    assert all(s >= HOLDOUT_SEED_OFFSET for s in src.seeds)
+    assert all(e.lesion == "tumour" for e in src.pool)
+    np.testing.assert_array_equal(y.numpy(), les.flatten(1).any(1).numpy().astype(np.int64))
+    assert 0 < int(y.sum()) < 48
+    assert not (les & ~m).any()
+    # FLAIR tumour: lesion pixels are bright relative to the rest of the brain
+    assert float(x[les].mean()) > float(x[m & ~les].mean()) + 0.1
+    # the labels come from the lesion masks of the pool volumes
+    for e in src.pool:
+        np.testing.assert_array_equal(e.labels, e.lesions.reshape(len(e.lesions), -1).any(1))
+    # lesion_fraction decides per phantom seed
+    half = TrainingSliceSource("T2", seed=0, lesion="ms", lesion_fraction=0.5)
+    kinds = [half.phantom_spec(k)[1] for k in range(40)]
+    assert set(kinds) == {"none", "ms"} and 10 < kinds.count("ms") < 30
+    healthy = TrainingSliceSource("T2", seed=0, lesion="tumour", lesion_fraction=0.0)
+    assert {healthy.phantom_spec(k)[1] for k in range(10)} == {"none"}

@@ -1,0 +1,366 @@
+"""UADExtensionLogic: volume node in, restoration / heatmap / segmentation nodes out.
+
+Qt-free and singleton-free, so it runs in the Slicer application and headless
+on a ``slicer-core`` scene alike::
+
+    logic = UADExtensionLogic(scene)            # in Slicer: UADExtensionLogic() uses slicer.mrmlScene
+    result = logic.process(volumeNode, method="anoddpm", preset="fast", seed=0)
+    result.heatmapNode, result.segmentationNode, result.info["threshold"]
+
+``process`` converts the node to a SimpleITK image (voxels copied, geometry
+IJK->RAS converted to LPS), runs ``uad.pipeline.detect`` and turns the three
+returned images into nodes on the input's grid.  It is transactional: if
+detection fails or is cancelled nothing is added, and if building the nodes
+fails every node added so far (display nodes and colour table included) is
+removed again, so the scene is exactly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .nodes import node_ids, remove_nodes_not_in, set_volume_from_array, sitk_to_array_on_grid, volume_node_to_sitk
+
+# Display order in the GUI; the engine's registry (uad.methods) is the truth when importable.
+METHOD_TITLES = {
+    "thor": "THOR",
+    "autoddpm": "AutoDDPM",
+    "pddpm": "pDDPM",
+    "disyre": "DISYRE",
+    "wolleb": "Wolleb et al. (classifier guidance)",
+    "anoddpm": "AnoDDPM",
+}
+STATIC_METHODS = list(METHOD_TITLES)
+DEVICES = ["auto", "cuda", "mps", "cpu"]
+
+SEGMENT_NAME = "Anomaly"
+SEGMENT_COLOR = (0.2, 1.0, 0.4)
+# DICOM / Slicer terminology: Morphologically Altered Structure > Lesion.
+SEGMENT_TERMINOLOGY = ("Segmentation category and type - DICOM master list"
+                       "~SCT^49755003^Morphologically Altered Structure"
+                       "~SCT^52988006^Lesion~^^"
+                       "~Anatomic codes - DICOM master list~^^~^^")
+
+ATTR_PREFIX = "UAD."
+
+
+@dataclass
+class UADResult:
+    """What ``process`` created."""
+
+    restorationNode: Any
+    heatmapNode: Any
+    segmentationNode: Any
+    info: dict = field(default_factory=dict)
+    segmentId: str = ""
+
+    def __iter__(self):  # restoration, heatmap, segmentation = logic.process(...)
+        return iter((self.restorationNode, self.heatmapNode, self.segmentationNode))
+
+
+def _cancel_function(cancel) -> Callable[[], bool] | None:
+    """Accept None, a callable or anything with ``is_set()`` (threading.Event)."""
+    if cancel is None:
+        return None
+    if hasattr(cancel, "is_set"):
+        return cancel.is_set
+    if callable(cancel):
+        return cancel
+    raise TypeError("cancel must be a callable, an object with is_set(), or None")
+
+
+def heat_display_range(anomaly: np.ndarray, threshold: float | None) -> dict:
+    """Window and transparency threshold of the heatmap display.
+
+    The window spans 0 .. the 99.5th percentile of the positive scores, stretched
+    so that the segmentation threshold sits at most at 80 % of it.  Scores
+    below half the segmentation threshold (or, without one, below 10 % of the
+    window) are transparent.
+    """
+    a = np.asarray(anomaly, dtype=np.float64)
+    positive = a[np.isfinite(a) & (a > 0)]
+    t = float(threshold) if threshold is not None and np.isfinite(threshold) and threshold > 0 else None
+    vmax = float(np.percentile(positive, 99.5)) if positive.size else 0.0
+    if t is not None:
+        vmax = max(vmax, 1.25 * t)
+    if not vmax > 0:
+        vmax = 1.0
+    lower = 0.5 * t if t is not None else 0.1 * vmax
+    data_max = float(positive.max()) if positive.size else 0.0
+    upper = max(data_max, vmax) * (1 + 1e-6) + 1e-12
+    return {"window_min": 0.0, "window_max": vmax, "lower": lower, "upper": upper}
+
+
+class UADExtensionLogic:
+    """Runs detection on a volume node and builds the output nodes.
+
+    ``scene``: the MRML scene (default: ``slicer.mrmlScene`` at call time).
+    ``segmentationsLogic``: a ``vtkSlicerSegmentationsModuleLogic`` (default:
+    the application's; headless one is created on the scene, which also
+    registers the segmentation converters that creating segments needs).
+    """
+
+    def __init__(self, scene=None, segmentationsLogic=None):
+        self._scene = scene
+        self._segmentationsLogic = segmentationsLogic
+        self._ownSegmentationsLogic = None
+
+    # -- scene and helpers --------------------------------------------------
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        scene = getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise RuntimeError("no MRML scene: outside the Slicer application pass one, "
+                               "UADExtensionLogic(scene=vtkMRMLScene())")
+        return scene
+
+    @property
+    def segmentationsLogic(self):
+        """The Segmentations module logic used to import the mask.
+
+        Given -> that one; in the application -> ``slicer.modules.segmentations.logic()``;
+        headless -> a ``vtkSlicerSegmentationsModuleLogic`` created on the scene, but only
+        when no segmentations logic registered the segmentation converters yet
+        (a second one would register every segmentation node class twice).
+        """
+        if self._segmentationsLogic is not None:
+            return self._segmentationsLogic
+        import slicer
+
+        modules = getattr(slicer, "modules", None)
+        if modules is not None and hasattr(modules, "segmentations") and \
+                self._scene in (None, getattr(slicer, "mrmlScene", None)):
+            return modules.segmentations.logic()
+        if self._ownSegmentationsLogic is not None and self._ownSegmentationsLogic.GetMRMLScene() is self.scene:
+            return self._ownSegmentationsLogic
+        factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+        if factory.ConstructRepresentationObjectByRepresentation("Binary labelmap") is not None:
+            return slicer.vtkSlicerSegmentationsModuleLogic  # converters registered: the static import suffices
+        own = slicer.vtkSlicerSegmentationsModuleLogic()
+        own.SetMRMLScene(self.scene)
+        self._ownSegmentationsLogic = own
+        return own
+
+    @staticmethod
+    def availableMethods() -> list[str]:
+        """Method names: the engine's registry when it imports, else the static list."""
+        try:
+            from uad.methods import available_methods
+
+            names = list(available_methods())
+        except Exception as e:  # torch / monai not installed yet (or broken): the GUI still lists the methods
+            logging.debug(f"UAD: engine registry not importable ({e}); using the static method list")
+            return list(STATIC_METHODS)
+        ordered = [m for m in STATIC_METHODS if m in names]
+        return ordered + [m for m in names if m not in ordered]
+
+    @staticmethod
+    def methodTitle(method: str) -> str:
+        return METHOD_TITLES.get(method, method)
+
+    @staticmethod
+    def presetsForMethod(method: str) -> tuple[list[str], str | None]:
+        """(preset names, default preset) of ``method``; ([], None) when the engine is not importable."""
+        try:
+            from uad.methods import get_method_class
+
+            cls = get_method_class(method)
+        except Exception:  # engine not importable, or unknown method
+            return [], None
+        return list(cls.presets), cls.default_preset
+
+    @staticmethod
+    def modelsForMethod(method: str | None = None) -> list:
+        """Model-zoo entries (``uad.zoo.ModelEntry``) serving ``method`` (all when None)."""
+        try:
+            from uad.zoo import list_models
+
+            entries = list_models()
+        except Exception as e:  # missing engine, unreadable manifest: no models to offer
+            logging.warning(f"UAD: cannot list models: {e}")
+            return []
+        return [e for e in entries if method is None or method in e.methods]
+
+    # -- the run --------------------------------------------------------------
+    def process(self, inputVolumeNode, method: str = "anoddpm", model=None, device: str = "auto",
+                preset: str | None = None, seed: int = 0, threshold: float | None = None,
+                params: dict | None = None, progressCallback: Callable[[int, int], Any] | None = None,
+                cancel=None, brainMaskNode=None, batchSize: int = 16, namePrefix: str | None = None) -> UADResult:
+        """Detect anomalies in ``inputVolumeNode``; returns a ``UADResult``.
+
+        ``model``: a model id, a ``uad.zoo.Model`` or None (the method's default model).
+        ``progressCallback(done, total)``: slices finished.  ``cancel``: a callable
+        (or threading.Event) polled between batches; raises ``uad.Cancelled``.
+        ``brainMaskNode``: optional brain mask volume (label map) on the input grid.
+        The input node and its voxels are never modified.
+        """
+        scene = self.scene
+        self._checkInput(inputVolumeNode, scene, "input volume")
+        if brainMaskNode is not None:
+            self._checkInput(brainMaskNode, scene, "brain mask", allowLabelmap=True)
+        method = str(method).lower()
+        start = time.perf_counter()
+
+        image = volume_node_to_sitk(inputVolumeNode)
+        brain_mask = volume_node_to_sitk(brainMaskNode) if brainMaskNode is not None else None
+
+        from uad.pipeline import detect  # heavy (torch): imported only when running
+
+        det = detect(image, method=method, model=model, device=device, seed=seed, batch_size=batchSize,
+                     preset=preset, params=params, threshold=threshold, brain_mask=brain_mask,
+                     progress=progressCallback, cancel=_cancel_function(cancel))
+
+        # Validate every output before touching the scene.
+        if inputVolumeNode.GetScene() is not scene:
+            from uad import InputError
+
+            raise InputError(f"the input volume {inputVolumeNode.GetName()!r} was removed from the scene during the run")
+        restoration = sitk_to_array_on_grid(det.restoration, inputVolumeNode, "restoration")
+        anomaly = sitk_to_array_on_grid(det.anomaly, inputVolumeNode, "anomaly map")
+        mask = sitk_to_array_on_grid(det.mask, inputVolumeNode, "anomaly mask") > 0
+
+        info = dict(det.info or {})
+        thr = info.get("threshold", threshold)
+        model_id = getattr(model, "id", None) or info.get("model") or (model if isinstance(model, str) else None)
+        info.setdefault("method", method)
+        info.setdefault("threshold", thr)
+        info["input"] = inputVolumeNode.GetName()
+        info["anomalous_voxels"] = int(mask.sum())
+        prefix = namePrefix or inputVolumeNode.GetName() or "volume"
+
+        before = node_ids(scene)
+        try:
+            restorationNode = self._addRestoration(scene, inputVolumeNode, restoration, f"{prefix} restoration ({method})")
+            heatmapNode = self._addHeatmap(scene, inputVolumeNode, anomaly, thr, f"{prefix} anomaly ({method})")
+            segmentationNode, segmentId = self._addSegmentation(scene, inputVolumeNode, mask,
+                                                                f"{prefix} anomaly segmentation ({method})")
+            attrs = {"method": method, "model": str(model_id or ""), "preset": str(info.get("preset", preset) or ""),
+                     "seed": str(seed), "threshold": "" if thr is None else repr(float(thr)),
+                     "inputNodeID": inputVolumeNode.GetID()}
+            for role, node in (("restoration", restorationNode), ("anomaly", heatmapNode),
+                               ("segmentation", segmentationNode)):
+                node.SetAttribute(ATTR_PREFIX + "role", role)
+                for k, v in attrs.items():
+                    node.SetAttribute(ATTR_PREFIX + k, v)
+        except BaseException:
+            removed = remove_nodes_not_in(scene, before)
+            logging.error(f"UAD: building the output nodes failed; removed {len(removed)} node(s) again")
+            raise
+        self._placeInSubjectHierarchy(scene, inputVolumeNode, (restorationNode, heatmapNode, segmentationNode))
+
+        info["elapsed_total_s"] = time.perf_counter() - start
+        logging.info(f"UAD: {method} on {prefix!r}: {info['anomalous_voxels']} anomalous voxels, "
+                     f"threshold {thr}, {info['elapsed_total_s']:.1f} s")
+        return UADResult(restorationNode, heatmapNode, segmentationNode, info, segmentId)
+
+    # -- building blocks ------------------------------------------------------
+    @staticmethod
+    def _checkInput(node, scene, what: str, allowLabelmap: bool = False) -> None:
+        from uad import InputError
+
+        if node is None:
+            raise InputError(f"no {what} selected")
+        if not node.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError(f"{what} {node.GetName()!r} is a {node.GetClassName()}, not a scalar volume")
+        if node.IsA("vtkMRMLLabelMapVolumeNode") and not allowLabelmap:
+            raise InputError(f"{what} {node.GetName()!r} is a label map, not an MR image")
+        if node.GetScene() is not scene:
+            raise InputError(f"{what} {node.GetName()!r} is not in this logic's scene")
+
+    @staticmethod
+    def _addRestoration(scene, inputNode, array, name):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+        set_volume_from_array(node, array, inputNode)
+        node.CreateDefaultDisplayNodes()
+        display, inputDisplay = node.GetDisplayNode(), inputNode.GetDisplayNode()
+        if display is not None and inputDisplay is not None and inputDisplay.IsA("vtkMRMLScalarVolumeDisplayNode"):
+            if inputDisplay.GetColorNodeID():
+                display.SetAndObserveColorNodeID(inputDisplay.GetColorNodeID())
+            if inputDisplay.GetWindow() > 0:  # same grey levels as the input, so the two compare directly
+                display.AutoWindowLevelOff()
+                display.SetWindowLevel(inputDisplay.GetWindow(), inputDisplay.GetLevel())
+        return node
+
+    @staticmethod
+    def _addHeatmap(scene, inputNode, array, threshold, name):
+        from .colors import get_or_create_heat_color_node
+
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+        set_volume_from_array(node, np.asarray(array, dtype=np.float32), inputNode)
+        node.CreateDefaultDisplayNodes()
+        colorNode, _ = get_or_create_heat_color_node(scene)
+        r = heat_display_range(array, threshold)
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(colorNode.GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(r["window_min"], r["window_max"])
+        display.AutoThresholdOff()
+        display.SetThreshold(r["lower"], r["upper"])
+        display.ApplyThresholdOn()
+        display.SetInterpolate(True)
+        return node
+
+    def _addSegmentation(self, scene, inputNode, mask, name):
+        import vtk
+
+        segLogic = self.segmentationsLogic  # before any segment exists (registers the converters headless)
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+        transform_id = inputNode.GetTransformNodeID()
+        if transform_id:
+            node.SetAndObserveTransformNodeID(transform_id)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)
+        node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), inputNode.GetID())
+        segmentation = node.GetSegmentation()
+        segmentId = segmentation.AddEmptySegment(SEGMENT_NAME, SEGMENT_NAME, list(SEGMENT_COLOR))
+        if not segmentId:
+            raise RuntimeError("could not create the anomaly segment")
+
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("UAD temporary mask"))
+        try:
+            set_volume_from_array(labelmap, np.asarray(mask, dtype=np.uint8), inputNode)
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            if not segLogic.ImportLabelmapToSegmentationNode(labelmap, node, ids):
+                raise RuntimeError("importing the anomaly mask into the segmentation failed")
+        finally:
+            scene.RemoveNode(labelmap)
+
+        segment = segmentation.GetSegment(segmentId)
+        segment.SetName(SEGMENT_NAME)
+        segment.SetColor(*SEGMENT_COLOR)
+        segment.SetTag(segment.GetTerminologyEntryTagName(), SEGMENT_TERMINOLOGY)
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetOpacity2DFill(0.15)
+            display.SetOpacity2DOutline(1.0)
+        return node, segmentId
+
+    @staticmethod
+    def _placeInSubjectHierarchy(scene, inputNode, nodes) -> None:
+        """Put the outputs next to the input (its study) when the scene has a subject hierarchy."""
+        try:
+            sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")
+            if sh is None:
+                return
+            inputItem = sh.GetItemByDataNode(inputNode)
+            if not inputItem:
+                return
+            parent = sh.GetItemParent(inputItem)
+            for node in nodes:
+                item = sh.GetItemByDataNode(node)
+                if item:
+                    sh.SetItemParent(item, parent)
+                else:
+                    sh.CreateItem(parent, node)
+        except Exception as e:  # cosmetic: never fail a finished run because of it
+            logging.warning(f"UAD: could not place the outputs in the subject hierarchy: {e}")
