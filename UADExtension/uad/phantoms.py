@@ -617,6 +617,8 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
         other = tuple(o for o in range(3) if o != ax_kji)
         idx = np.flatnonzero(inside.any(axis=other))
         sel = np.flatnonzero((mu[a] >= idx[0] - 1) & (mu[a] <= idx[-1] + 1))
+        if sel.size == 0:
+            raise RuntimeError("the deformed brain left the field of view")
         box.append((int(sel[0]), int(sel[-1]) + 1))
     (k0, k1), (j0, j1), (i0, i1) = box
     dense = _upsample(F, (mu[2][k0:k1], mu[1][j0:j1], mu[0][i0:i1]))  # (Bk, Bj, Bi, 5)

@@ -206,10 +206,10 @@ class PDDPM(Method):
 
     @classmethod
     def default_model_config(cls, image_size: int = 64, small: bool = True) -> dict:
-        from ..networks import tiny_unet_config
+        from ..networks import small_unet_config
 
         if small:
-            net = tiny_unet_config((32, 64, 64), (False, False, True))
+            net = small_unet_config()
         else:
             # the reference's OpenAI UNet: 128 x (1, 2, 2) channels, 3 res blocks, attention only in the
             # middle block (its attention_resolutions never match a level), scale-shift norm, res up/down
