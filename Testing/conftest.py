@@ -70,6 +70,8 @@ def tiny_zoo_dir(tmp_path_factory) -> Path:
 def tiny_zoo(tiny_zoo_dir, tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("UAD_MODELS_DIR", str(tiny_zoo_dir))
     monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "uad-cache"))
+    # the bundled models in <repo>/models are not part of this test zoo
+    monkeypatch.setattr("uad.zoo.bundled_dirs", lambda: [])
     return tiny_zoo_dir
 
 

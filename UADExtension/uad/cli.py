@@ -3,7 +3,10 @@
     uad detect INPUT... -o OUTDIR [--method NAME] [--model ID] [--device D] [--seed N] [--preset P]
                [--threshold X] [--batch-size B] [--param KEY=VALUE ...] [--brain-mask FILE ...] [--sample]
     uad methods
-    uad models [list | info ID | verify [ID...] | import PATH]
+    uad models [list | info ID | verify [ID...] | import PATH [--id ID] | download ID... | remove ID...]
+    uad phantoms OUTDIR ...        (uad.phantoms)
+    uad train --method NAME -o RUN_DIR [--data DIR|phantoms] [--contrast C] [--config FILE] [--steps N]
+              [--resume]           (uad.training; data-parallel under torchrun)
 
 Other modules extend it: if ``uad.phantoms`` / ``uad.training`` define
 ``add_cli(subparsers)``, it is called with the ``argparse`` sub-parsers object;
@@ -22,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import Cancelled, InputError, ModelError, UADError, __version__
+from . import Cancelled, InputError, UADError, __version__
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130
@@ -207,14 +210,16 @@ def cmd_methods(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from .zoo import list_models
+    from .zoo import SUMMARY_HEADER, list_models, user_models_dir
 
     entries = list_models()
     if not entries:
-        print("no models found (see 'uad train' or 'uad models import')")
-        return 0
-    for e in entries:
-        print(e.summary())
+        print("no models found (train one with 'uad train', then 'uad models import RUN_DIR --id NAME')")
+    else:
+        print(SUMMARY_HEADER)
+        for e in entries:
+            print(e.summary())
+    print(f"(user cache: {user_models_dir()})")
     return 0
 
 
@@ -222,20 +227,28 @@ def cmd_models_info(args) -> int:
     from .zoo import find_model
 
     e = find_model(args.id)
-    data = dict(e.data)
+    w = e.weights_path
     print(f"id:        {e.id}")
-    print(f"folder:    {e.root}")
-    print(f"weights:   {e.weights_path}" + ("" if e.weights_path.is_file() else "  (missing)"))
-    for k in ("methods", "contrast", "image_size", "intensity_range", "noise", "threshold", "normalisation",
-              "schedule", "description", "trained_on", "sha256"):
-        if k in data:
-            print(f"{k + ':':10s} {json.dumps(data[k]) if isinstance(data[k], (dict, list)) else data[k]}")
-    for role, cfg in data.get("networks", {}).items():
-        print(f"network {role}: {json.dumps(cfg)}")
-    if e.card_path is not None:
-        print(f"card:      {e.card_path}")
-        if e.card_path.is_file() and args.card:
-            print(e.card_path.read_text())
+    print(f"location:  {e.location} ({e.root})")
+    print(f"weights:   {w}" + ("" if w.is_file() else ("  (not downloaded: run 'uad models download "
+                                                         f"{e.id}')" if e.url else "  (missing)")))
+    if e.url:
+        print(f"url:       {e.url}")
+    print("manifest entry:")
+    print(json.dumps(e.data, indent=2, default=float))
+    card = e.card_path
+    if card is None:
+        print("card:      none")
+    elif not card.is_file():
+        print(f"card:      {card} (missing)")
+    else:
+        print(f"card:      {card}")
+        lines = card.read_text(errors="replace").splitlines()
+        shown = lines if args.card else lines[:args.head]
+        for line in shown:
+            print(f"  | {line}")
+        if len(shown) < len(lines):
+            print(f"  | ... ({len(lines) - len(shown)} more lines; --card prints it all)")
     return 0
 
 
@@ -247,11 +260,16 @@ def cmd_models_verify(args) -> int:
         print("no models found")
         return 0
     failed = 0
+    skipped = 0
     for e in entries:
+        if not args.ids and not e.available and e.url:  # remote entries are checked when downloaded
+            skipped += 1
+            print(f"skip    {e.id}: not downloaded (uad models download {e.id})")
+            continue
         try:
             digest = verify(e)
             load_model(e)
-            print(f"ok      {e.id}  sha256 {digest[:16]}...")
+            print(f"ok      {e.id}  sha256 {digest[:16]}...  ({e.location})")
         except UADError as err:
             failed += 1
             print(f"FAILED  {e.id}: {_one_line(err)}")
@@ -259,69 +277,35 @@ def cmd_models_verify(args) -> int:
             failed += 1
             print(f"FAILED  {e.id}: {type(err).__name__}: {_one_line(err)}")
     if failed:
-        _error(f"{failed} of {len(entries)} model(s) failed verification")
+        _error(f"{failed} of {len(entries) - skipped} model(s) failed verification")
         return EXIT_ERROR
     return 0
 
 
 def cmd_models_import(args) -> int:
-    """Copy models into the per-user model folder (checksums verified first).
+    """Copy models into the per-user model folder (checksums verified, weights loaded once)."""
+    from .zoo import import_models
 
-    PATH: a folder with a manifest.json (or the manifest itself), or a training
-    run folder with model.json + model.safetensors (or that model.json).
-    """
-    import shutil
-
-    from .zoo import MANIFEST, ModelEntry, list_models, sha256_file, user_cache_dir, verify
-
-    src = Path(args.path)
-    if not src.exists():
-        raise ModelError(f"{src}: no such file or folder")
-    src_dir = src.parent if src.is_file() else src
-    if src.is_file() and src.name == "model.json" or not src.is_file() and not (src_dir / MANIFEST).is_file() \
-            and (src_dir / "model.json").is_file():
-        try:
-            data = json.loads((src_dir / "model.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{src_dir / 'model.json'} is not valid JSON: {e}") from None
-        data.setdefault("file", "model.safetensors")
-        data["id"] = args.id or data.get("id") or src_dir.resolve().name
-        entries = [ModelEntry(data, src_dir)]
-    elif (src_dir / MANIFEST).is_file():
-        entries = list_models([src_dir])
-        if args.only:
-            entries = [e for e in entries if e.id in args.only]
-        if args.id:
-            if len(entries) != 1:
-                raise ModelError("--id renames a single model; select it with --only")
-            entries[0].data = dict(entries[0].data, id=args.id)
-    else:
-        raise ModelError(f"{src}: neither a {MANIFEST} nor a training run's model.json found")
-    if not entries:
-        raise ModelError(f"{src}: no model to import")
+    entries = import_models(args.path, model_id=args.id, only=args.only, log=print)
     for e in entries:
-        verify(e)
-    dest = user_cache_dir() / "models"
-    dest.mkdir(parents=True, exist_ok=True)
-    manifest = dest / MANIFEST
-    data = json.loads(manifest.read_text()) if manifest.is_file() else {"models": []}
-    for e in entries:
-        entry = dict(e.data)
-        folder = dest / e.id
-        folder.mkdir(parents=True, exist_ok=True)
-        for key in ("file", "card"):
-            if entry.get(key):
-                s = (e.root / entry[key]).resolve()
-                if s.is_file():
-                    shutil.copyfile(s, folder / s.name)
-                    entry[key] = f"{e.id}/{s.name}"
-        if sha256_file(dest / entry["file"]) != entry["sha256"]:
-            raise ModelError(f"model {e.id}: the copy in {folder} does not match its checksum")
-        data["models"] = [m for m in data["models"] if m.get("id") != e.id] + [entry]
-        print(f"imported {e.id} -> {folder}")
-    tmp = manifest.with_suffix(".json.part")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, manifest)
+        print(f"  use it with: uad detect INPUT --model {e.id} --method {(e.methods or ['?'])[0]} -o OUTDIR")
+    return 0
+
+
+def cmd_models_download(args) -> int:
+    from .zoo import download_model
+
+    for model_id in args.ids:
+        download_model(model_id, force=args.force, progress=not args.no_progress, timeout=args.timeout,
+                       log=print)
+    return 0
+
+
+def cmd_models_remove(args) -> int:
+    from .zoo import remove_model
+
+    for model_id in args.ids:
+        remove_model(model_id, log=print)
     return 0
 
 
@@ -358,24 +342,37 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-v", "--verbose", action="store_true", help="also show references and parameters")
     m.set_defaults(func=cmd_methods)
 
-    z = sub.add_parser("models", help="list, inspect, verify or import models")
+    z = sub.add_parser("models", help="list, inspect, verify, import, download or remove models",
+                       description="The model zoo: bundled models and the per-user cache ($UAD_CACHE_DIR or "
+                                   "~/.cache/uad)/models. Without an action: list.")
     z.set_defaults(func=cmd_models_list)
     zs = z.add_subparsers(dest="models_command", metavar="ACTION")
     zs.add_parser("list", help="list the models (default)").set_defaults(func=cmd_models_list)
-    zi = zs.add_parser("info", help="show a model's manifest entry")
-    zi.add_argument("id")
-    zi.add_argument("--card", action="store_true", help="print the model card")
+    zi = zs.add_parser("info", help="show a model's manifest entry and model card")
+    zi.add_argument("id", metavar="ID")
+    zi.add_argument("--card", action="store_true", help="print the whole model card")
+    zi.add_argument("--head", type=int, default=15, metavar="N", help="card lines to show (default 15)")
     zi.set_defaults(func=cmd_models_info)
     zv = zs.add_parser("verify", help="check checksums and load every model (or the given ones)")
     zv.add_argument("ids", nargs="*", metavar="ID")
     zv.set_defaults(func=cmd_models_verify)
-    zm = zs.add_parser("import", help="copy models (a model folder with manifest.json, or a training run) "
-                                      "into the per-user model folder")
+    zm = zs.add_parser("import", help="copy a model into the user cache: a training run folder, a model folder "
+                                      "with manifest.json, or a .safetensors file with its .json entry beside it")
     zm.add_argument("path", metavar="PATH")
     zm.add_argument("--id", default=None, help="model id to give the imported model (default: its own id, "
-                                               "or the run folder's name)")
+                                               "or the run folder's / file's name)")
     zm.add_argument("--only", nargs="+", metavar="ID", help="import only these ids from a manifest")
     zm.set_defaults(func=cmd_models_import)
+    zd = zs.add_parser("download", help="download models that have a url into the user cache (checksum verified)")
+    zd.add_argument("ids", nargs="+", metavar="ID")
+    zd.add_argument("--force", action="store_true", help="download again even if a valid copy is present")
+    zd.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="seconds without data before giving up (default 30, or $UAD_DOWNLOAD_TIMEOUT)")
+    zd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    zd.set_defaults(func=cmd_models_download)
+    zr = zs.add_parser("remove", help="remove user-cache models (folder and manifest entry)")
+    zr.add_argument("ids", nargs="+", metavar="ID")
+    zr.set_defaults(func=cmd_models_remove)
 
     for mod in ("phantoms", "training"):
         full = f"{__package__}.{mod}"

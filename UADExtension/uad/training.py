@@ -1,4 +1,4 @@
-"""One trainer for every method's objective.
+"""One trainer for every method's objective, on one CPU, one GPU or N processes.
 
 ``train(TrainConfig, run_dir)`` builds the method's default model config (plus
 overrides), streams 2-D axial training slices (MNI-based phantoms, or a folder
@@ -9,22 +9,59 @@ resumes.  A run directory holds:
 
     config.json          the TrainConfig and the model config
     model.safetensors    the latest weights (one file, keys <role>.<param>)
-    model.json           a manifest entry for the weights (see ``uad.zoo``)
-    optimizer.pt         optimizer state (loaded with ``weights_only=True``)
-    state.json           step, best validation loss
-    log.csv              step, loss, validation loss, seconds
+    model.json           a manifest entry for the weights (see ``uad.zoo``; import with 'uad models import')
+    optimizer.pt         optimizer state (read back only with ``torch.load(weights_only=True)``)
+    state.json           step, best validation loss, seconds, world size
+    log.csv              step, loss (mean over processes), validation loss, seconds
+
+Configuration: ``TrainConfig`` defaults, then a JSON config (``--config``),
+then command-line options; ``model_overrides`` is deep-merged into the model
+config (e.g. a smaller network).  bf16 autocast is used on CUDA (``amp``).
+
+Data-parallel training (``torchrun``)
+-------------------------------------
+``torchrun --nproc_per_node=N -m uad.cli train ...`` (or ``python -m
+torch.distributed.run ...``) starts N processes with ``RANK``, ``LOCAL_RANK``
+and ``WORLD_SIZE`` set.  When ``WORLD_SIZE`` > 1, ``train`` initialises the
+process group (NCCL on CUDA, one GPU per process chosen by ``LOCAL_RANK``;
+Gloo on CPU), wraps every network in ``DistributedDataParallel`` (gradients
+are averaged over the processes, so all copies stay identical), and tears the
+group down at the end.  Without those variables the same command trains in
+one process; nothing else changes.
+
+The "distributed sampler" of the streaming sources: every process draws its
+own, disjoint data.  Process ``r`` uses the phantom seeds ``seed + r *
+RANK_SEED_STRIDE + k`` (``k`` = 0, 1, ... along its stream; disjoint for
+fewer than ``RANK_SEED_STRIDE`` phantoms per process), batch generators seeded
+``(seed, step, r)`` and diffusion noise seeded from ``seed + r *
+RANK_SEED_STRIDE``; with a folder of volumes, process ``r`` gets the volumes
+``r, r + N, ...`` (or, with fewer volumes than processes, the slices ``r, r +
+N, ...``).  Process 0 (rank 0 with one process) draws exactly what a
+single-process run draws.  The batch size is per process: one step sees
+``N * batch_size`` slices.  All processes run the same number of steps (the
+step counter and configuration come from rank 0); only rank 0 validates and
+writes the run directory (checkpoints, log, progress bar, messages).
+Checkpoints hold the unwrapped networks' weights, so a run trained on N
+processes resumes on any number of processes, and imports like any other.
+Resuming reads the run directory on rank 0 and sends its content to the other
+processes, so only rank 0 needs to see the run directory.
+
+Debugging: with ``$UAD_DDP_DEBUG_DIR`` set, every process writes
+``rank<r>.json`` there at the end (digest of its weights, of its first batch,
+its data shard).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,7 +69,11 @@ import torch
 from . import UADError
 from .methods import get_method_class
 from .rng import BatchRNG, slice_seed
-from .zoo import Model, build_model, save_weights, sha256_file
+from .zoo import Model, build_model, load_weights, save_weights, sha256_file, upsert_manifest_entry
+
+#: Seed offset between the data streams of two processes (phantom seeds, noise seeds).
+RANK_SEED_STRIDE = 10_000
+DEBUG_DIR_ENV = "UAD_DDP_DEBUG_DIR"
 
 
 @dataclass
@@ -43,7 +84,7 @@ class TrainConfig:
     image_size: int = 64
     small: bool = True  # small CPU-friendly network instead of the paper's
     steps: int = 2000
-    batch_size: int = 16
+    batch_size: int = 16  # per process
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -59,11 +100,28 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise UADError(f"a training config must be a JSON object, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
         bad = set(d) - known
         if bad:
-            raise UADError(f"unknown training option(s): {', '.join(sorted(bad))}")
-        return cls(**d)
+            raise UADError(f"unknown training option(s): {', '.join(sorted(bad))} "
+                           f"(known: {', '.join(sorted(known))})")
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "image_size", "val_every", "val_batches", "checkpoint_every",
+                     "pool_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+                raise UADError(f"training option {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise UADError("training option model_overrides must be a JSON object")
+        if str(self.contrast).upper() not in ("T1", "T2", "FLAIR"):
+            raise UADError(f"contrast must be T1, T2 or FLAIR, got {self.contrast!r}")
+        self.contrast = str(self.contrast).upper()
 
 
 def default_config(method: str, **overrides) -> TrainConfig:
@@ -93,38 +151,214 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
+# --------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # this module initialised the process group (and destroys it)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_env(environ=None) -> DistContext:
+    """Rank, local rank and world size from the ``torchrun`` variables (no process group is touched)."""
+    env = os.environ if environ is None else environ
+
+    def read(name, default):
+        raw = env.get(name)
+        if raw in (None, ""):
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise UADError(f"${name} must be an integer, got {raw!r}") from None
+
+    world = read("WORLD_SIZE", 1)
+    rank = read("RANK", 0)
+    local = read("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise UADError(f"inconsistent torchrun variables: RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}")
+    return DistContext(rank=rank, local_rank=local, world_size=world)
+
+
+def setup_distributed(device: str = "auto") -> tuple[DistContext, torch.device]:
+    """The process's context and device; joins the process group when ``WORLD_SIZE`` > 1."""
+    from .pipeline import resolve_device
+
+    ctx = distributed_env()
+    if not ctx.enabled:
+        return ctx, resolve_device(device)
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise UADError("this PyTorch build has no torch.distributed; train with one process")
+    want = str(device or "auto").strip().lower()
+    if want == "auto" and torch.cuda.is_available() or want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UADError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+        n = torch.cuda.device_count()
+        if ctx.local_rank >= n:
+            raise UADError(f"LOCAL_RANK {ctx.local_rank} has no GPU (this machine has {n}); "
+                           f"start at most {n} processes per node")
+        dev = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    elif want in ("auto", "cpu"):
+        dev, backend = torch.device("cpu"), "gloo"
+    else:
+        raise UADError(f"distributed training runs on cpu or cuda, not {device!r}")
+    backend = os.environ.get("UAD_DIST_BACKEND", backend)
+    owns = False
+    if not dist.is_initialized():
+        if backend == "nccl":
+            try:  # bind the group to this process's GPU (barriers and object broadcasts use it)
+                dist.init_process_group(backend=backend, device_id=dev)
+            except TypeError:  # torch < 2.3
+                dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend)
+        owns = True
+    if dist.get_world_size() != ctx.world_size or dist.get_rank() != ctx.rank:
+        raise UADError("the process group does not match RANK / WORLD_SIZE")
+    return DistContext(ctx.rank, ctx.local_rank, ctx.world_size, owns), dev
+
+
+def cleanup_distributed(ctx: DistContext) -> None:
+    if ctx.owns_group:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class SharedError(UADError):
+    """An error raised on rank 0 and re-raised on every process (printed once, by rank 0)."""
+
+
+def _share_from_main(ctx: DistContext, fn: Callable[[], Any]):
+    """``fn()`` on rank 0, its result (or its error) on every rank."""
+    if not ctx.enabled:
+        return fn()
+    import torch.distributed as dist
+
+    box: list = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except UADError as e:
+            box[0] = ("error", str(e))
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise SharedError(value)
+    return value
+
+
+def _mean_over_ranks(ctx: DistContext, value: torch.Tensor) -> float:
+    v = value.detach().float().reshape(1).clone()
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(v, op=dist.ReduceOp.SUM)
+        v /= ctx.world_size
+    return float(v)
+
+
+def _wrap_ddp(model: Model, dev: torch.device) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for role, net in list(model.networks.items()):
+        if dev.type == "cuda":
+            model.networks[role] = DDP(net, device_ids=[dev.index], output_device=dev.index)
+        else:
+            model.networks[role] = DDP(net)
+
+
+def _data_seed(seed: int, step: int, rank: int) -> list[int]:
+    return [seed, step] if rank == 0 else [seed, step, rank]
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return seed + rank * RANK_SEED_STRIDE
+
+
 # --------------------------------------------------------------------------- data
+VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _strip_ext(name: str) -> str:
+    for e in VOLUME_EXTS:
+        if name.endswith(e):
+            return name[: -len(e)]
+    return name
+
+
 class VolumeFolderSource:
     """Training slices from a folder of healthy volumes (NIfTI, NRRD, ...).
 
     Optional brain masks are picked up from ``<stem>_brainmask.<ext>`` (or
     ``_mask``) files next to each volume; otherwise the preprocessing computes
-    one for skull-stripped input.
+    one for skull-stripped input.  Files named ``*_lesion*`` are ignored.  The
+    first ``holdout_fraction`` of the (sorted) volumes, at least one, is held
+    out for validation (``holdout=True`` gives those); with a single volume,
+    validation uses that volume too (``self.warning`` says so).
+
+    ``rank`` / ``world_size``: this process's disjoint shard for data-parallel
+    training: volumes ``rank, rank + world_size, ...`` when there are at least
+    ``world_size`` training volumes, else slices ``rank, rank + world_size, ...``.
     """
 
     def __init__(self, folder: str | os.PathLike, image_size: int, holdout: bool = False,
-                 holdout_fraction: float = 0.1, normalisation: dict | None = None):
+                 holdout_fraction: float = 0.1, normalisation: dict | None = None, rank: int = 0,
+                 world_size: int = 1):
         from .imageio import read_image
         from .preprocess import preprocess
 
         folder = Path(folder)
-        exts = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+        if not folder.is_dir():
+            raise UADError(f"training data {folder}: no such folder (give a folder of healthy volumes, "
+                           f"or 'phantoms')")
         files = sorted(p for p in folder.iterdir()
-                       if p.name.endswith(exts) and not any(s in p.name for s in ("_brainmask", "_mask", "_lesion")))
+                       if p.name.endswith(VOLUME_EXTS)
+                       and not any(s in p.name for s in ("_brainmask", "_mask", "_lesion")))
         if not files:
             raise UADError(f"no volumes (.nii.gz, .nii, .nrrd, .mha) found in {folder}")
+        self.warning = None
         n_hold = max(1, int(round(len(files) * holdout_fraction))) if len(files) > 1 else 0
-        files = files[:n_hold] if holdout else (files[n_hold:] or files)
+        if holdout:
+            files = files[:n_hold] or files
+            if n_hold == 0:
+                self.warning = (f"{folder} has a single volume: validation uses the training volume "
+                                f"(add more volumes for a real held-out validation)")
+        else:
+            files = files[n_hold:] or files
+        self.shard = "all"
+        slice_shard = False
+        if world_size > 1 and not holdout:
+            if len(files) >= world_size:
+                files = files[rank::world_size]
+                self.shard = f"volumes {rank}::{world_size}"
+            else:
+                slice_shard = True
+                self.shard = f"slices {rank}::{world_size}"
         slices, masks = [], []
         for f in files:
-            stem = f.name
-            for e in exts:
-                if stem.endswith(e):
-                    stem = stem[: -len(e)]
-                    break
+            stem = _strip_ext(f.name)
             mask_img = None
             for suffix in ("_brainmask", "_mask"):
-                for e in exts:
+                for e in VOLUME_EXTS:
                     m = f.parent / f"{stem}{suffix}{e}"
                     if m.is_file():
                         mask_img = read_image(m)
@@ -137,6 +371,12 @@ class VolumeFolderSource:
             masks.append(stack.masks[keep])
         self.slices = np.concatenate(slices).astype(np.float32)
         self.masks = np.concatenate(masks)
+        if slice_shard:
+            self.slices = np.ascontiguousarray(self.slices[rank::world_size])
+            self.masks = np.ascontiguousarray(self.masks[rank::world_size])
+        if len(self.slices) == 0:
+            raise UADError(f"no slices with enough brain in {', '.join(f.name for f in files)} "
+                           f"(for process {rank} of {world_size})")
         self.files = files
 
     def sample_batch(self, batch_size: int, generator: np.random.Generator):
@@ -149,22 +389,41 @@ class VolumeFolderSource:
         return (torch.from_numpy(np.ascontiguousarray(x))[:, None], torch.from_numpy(np.ascontiguousarray(m))[:, None],
                 torch.zeros(batch_size, dtype=torch.long))
 
+    def describe(self) -> str:
+        return f"{len(self.files)} volume(s), {len(self.slices)} slices ({self.shard})"
 
-def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | None = None):
+
+def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | None = None, rank: int = 0,
+                world_size: int = 1):
+    """The training (or held-out validation) slice source of process ``rank`` of ``world_size``."""
     if cfg.data == "phantoms":
         from .phantoms import TrainingSliceSource
 
-        return TrainingSliceSource(contrast=cfg.contrast, image_size=cfg.image_size, seed=cfg.seed,
+        seed = cfg.seed if holdout else _rank_seed(cfg.seed, rank)
+        return TrainingSliceSource(contrast=cfg.contrast, image_size=cfg.image_size, seed=seed,
                                    pool_size=max(1, cfg.pool_size // (4 if holdout else 1)),
                                    lesion="any" if cfg.lesion_fraction > 0 else "none",
                                    lesion_fraction=cfg.lesion_fraction, holdout=holdout,
                                    normalisation=normalisation, prefetch=not holdout)
-    return VolumeFolderSource(cfg.data, cfg.image_size, holdout=holdout, normalisation=normalisation)
+    return VolumeFolderSource(cfg.data, cfg.image_size, holdout=holdout, normalisation=normalisation,
+                              rank=rank, world_size=world_size)
+
+
+def _describe_source(source) -> str:
+    if hasattr(source, "describe"):
+        return source.describe()
+    return f"phantom seeds {source.base_seed}, {source.base_seed + 1}, ... (pool of {source.pool_size})"
 
 
 # --------------------------------------------------------------------------- loop
 def _unwrap(net):
+    """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper."""
     return net.module if hasattr(net, "module") else net
+
+
+def _plain(model: Model) -> Model:
+    """The same model with unwrapped networks (shares the parameters)."""
+    return Model(model.id, model.config, {k: _unwrap(v) for k, v in model.networks.items()})
 
 
 def _parameters(model: Model):
@@ -175,8 +434,24 @@ def _batch_rng(seed: int, step: int, batch: int, device) -> BatchRNG:
     return BatchRNG([slice_seed(seed, step * 4096 + i) for i in range(batch)], device)
 
 
+def flat_state(model: Model) -> dict:
+    """``{"<role>.<param>": tensor}`` of the unwrapped networks (the safetensors layout)."""
+    return {f"{role}.{k}": v for role, net in model.networks.items() for k, v in _unwrap(net).state_dict().items()}
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a flat state dict (order independent)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def validation_loss(cls, model: Model, source, cfg: TrainConfig, device) -> float:
     """Mean objective on held-out slices with fixed randomness (comparable across steps)."""
+    model = _plain(model)
     for net in model.networks.values():
         net.eval()
     losses = []
@@ -192,141 +467,268 @@ def validation_loss(cls, model: Model, source, cfg: TrainConfig, device) -> floa
     return float(np.mean(losses))
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, device: str = "auto",
-          progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Train ``cfg.method``'s networks; returns the run directory."""
-    from .pipeline import resolve_device
+def _load_optimizer_state(path: Path):
+    """The optimizer state, read without unpickling arbitrary objects (``weights_only=True``)."""
+    import pickle
 
-    run_dir = Path(run_dir)
-    dev = resolve_device(device)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
+        raise UADError(f"{path} is not a plain optimizer state (it was refused: weights-only loading "
+                       f"allows tensors and plain containers only): {' '.join(str(e).split())[:200]}") from None
+
+
+def _read_run(run_dir: Path, target_steps: int | None, method: str | None = None) -> dict:
+    """What a resumed run needs, read from ``run_dir`` (rank 0)."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UADError(f"cannot resume: {run_dir} has no config.json (not a training run, or it never started)")
+    try:
+        saved = json.loads(cfg_path.read_text())
+        cfg = TrainConfig.from_dict(saved["train"])
+        model_cfg = saved["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UADError(f"cannot resume: {cfg_path} is not a training config ({e})") from None
+    if method is not None and method != cfg.method:
+        raise UADError(f"cannot resume: {run_dir} trains method {cfg.method!r}, not {method!r}")
+    for name in ("model.safetensors", "state.json"):
+        if not (run_dir / name).is_file():
+            raise UADError(f"cannot resume: {run_dir} has no {name} yet (the run stopped before its first "
+                           f"checkpoint; start it again without --resume)")
+    if target_steps is not None:
+        cfg.steps = max(int(target_steps), cfg.steps)
+    state = json.loads((run_dir / "state.json").read_text())
+    out = {"cfg": asdict(cfg), "model_cfg": model_cfg, "state": state,
+           "weights": load_weights(run_dir / "model.safetensors", str(run_dir)), "optimizer": None}
+    if (run_dir / "optimizer.pt").is_file():
+        out["optimizer"] = _load_optimizer_state(run_dir / "optimizer.pt")
+    return out
+
+
+def _open_log(run_dir: Path, resume: bool, step: int):
+    """log.csv for appending; on resume, rows after the checkpointed step (lost work) are dropped."""
+    path = run_dir / "log.csv"
+    header = ["step", "loss", "val_loss", "seconds"]
+    rows = []
+    if resume and path.is_file():
+        with open(path, newline="") as f:
+            r = list(csv.reader(f))
+        rows = [row for row in r[1:] if row and row[0].isdigit() and int(row[0]) <= step]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+    f = open(path, "a", newline="")
+    return f, csv.writer(f)
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, device: str = "auto",
+          progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = True) -> Path:
+    """Train ``cfg.method``'s networks; returns the run directory.
+
+    ``resume``: continue the run in ``run_dir`` with its saved config; the target
+    is ``max(cfg.steps, saved steps)``.  ``overwrite=False`` refuses to start a
+    new run in a folder that already holds one.  Under ``torchrun`` (``WORLD_SIZE``
+    > 1) this trains data-parallel (see the module docstring); every process
+    must call it with the same arguments.
+    """
+    ctx, dev = setup_distributed(device)
+    try:
+        return _train(cfg, Path(run_dir), resume, dev, ctx, progress, log, overwrite)
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx: DistContext, progress: bool,
+           log: Callable[[str], None], overwrite: bool) -> Path:
+    main = ctx.is_main
+    say = log if (main and log is not None) else (lambda s: None)
+
+    def prepare() -> dict:
+        if resume:
+            return _read_run(run_dir, cfg.steps, cfg.method)
+        if cfg.steps < 1:
+            raise UADError(f"steps must be >= 1 for a new run, got {cfg.steps}")
+        if not overwrite and (run_dir / "config.json").is_file():
+            raise UADError(f"{run_dir} already holds a training run; continue it with --resume, or choose "
+                           f"another output folder")
+        return {"cfg": asdict(cfg), "model_cfg": model_config_for(cfg), "state": {"step": 0, "best_val": math.inf},
+                "weights": None, "optimizer": None}
+
+    plan = _share_from_main(ctx, prepare)
+    cfg = TrainConfig.from_dict(plan["cfg"])
+    model_cfg = plan["model_cfg"]
+    state = dict(plan["state"])
     cls = get_method_class(cfg.method)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2 ** 32))
-
-    state = {"step": 0, "best_val": math.inf}
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise UADError(f"cannot resume: {run_dir} has no config.json")
-        saved = json.loads((run_dir / "config.json").read_text())
-        target_steps = cfg.steps
-        cfg = TrainConfig.from_dict(saved["train"])
-        cfg.steps = max(target_steps, cfg.steps)
-        model_cfg = saved["model"]
-        from safetensors.torch import load_file
-
-        model = build_model(model_cfg, load_file(str(run_dir / "model.safetensors")), "run")
-        state = json.loads((run_dir / "state.json").read_text())
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        model_cfg = model_config_for(cfg)
-        model = build_model(model_cfg, None, "run")
+    model = build_model(model_cfg, plan["weights"], "run")
     model.to(dev)
     for net in model.networks.values():
         net.train()
+    if ctx.enabled:
+        _wrap_ddp(model, dev)  # broadcasts rank 0's weights to every process
+    plain = _plain(model)
 
     params = _parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else \
         torch.optim.Adam(params, lr=cfg.lr)
-    if resume and (run_dir / "optimizer.pt").is_file():
-        opt.load_state_dict(torch.load(run_dir / "optimizer.pt", map_location=dev, weights_only=True))
+    if plan["optimizer"] is not None:
+        try:
+            opt.load_state_dict(plan["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UADError(f"cannot resume: optimizer.pt does not match the model ({e})") from None
+    del plan
 
-    (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": model_cfg}, indent=2))
-    source = make_source(cfg, normalisation=model_cfg.get("normalisation"))
-    val_source = make_source(cfg, holdout=True, normalisation=model_cfg.get("normalisation"))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": model_cfg}, indent=2))
+    if state["step"] >= cfg.steps:
+        say(f"{run_dir} is already at step {state['step']} of {cfg.steps}; nothing to do "
+            f"(pass a larger --steps to train on)")
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return run_dir
+    normalisation = model_cfg.get("normalisation")
+    source = make_source(cfg, normalisation=normalisation, rank=ctx.rank, world_size=ctx.world_size)
+    val_source = make_source(cfg, holdout=True, normalisation=normalisation) if main else None
+    for s in (source, val_source):
+        if getattr(s, "warning", None):
+            say(f"warning: {s.warning}")
+    if ctx.enabled:
+        say(f"data-parallel training on {ctx.world_size} processes ({dev.type}); batch {cfg.batch_size} per "
+            f"process, {cfg.batch_size * ctx.world_size} per step")
 
     use_amp = cfg.amp and dev.type == "cuda"
-    log_path = run_dir / "log.csv"
-    new_log = not log_path.is_file() or not resume
-    log_f = open(log_path, "w" if new_log else "a", newline="")
-    writer = csv.writer(log_f)
-    if new_log:
-        writer.writerow(["step", "loss", "val_loss", "seconds"])
-
+    log_f, writer = _open_log(run_dir, resume, state["step"]) if main else (None, None)
     bar = None
-    if progress:
+    if progress and main and state["step"] < cfg.steps:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {cfg.method}", unit="step")
+        bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {cfg.method}", unit="step",
+                   dynamic_ncols=True)
     t0 = time.time()
+    seconds0 = float(state.get("seconds", 0.0))
+    state["world_size"] = ctx.world_size
     ema = None
+    first_batch = None
+    noise_seed = _rank_seed(cfg.seed, ctx.rank)
     try:
         while state["step"] < cfg.steps:
             step = state["step"]
-            g = np.random.default_rng([cfg.seed, step])
+            g = np.random.default_rng(_data_seed(cfg.seed, step, ctx.rank))
             x, m, y = source.sample_batch(cfg.batch_size, g)
+            if first_batch is None:
+                first_batch = state_digest({"x": x})
             x, m, y = x.to(dev), m.to(dev), y.to(dev)
-            rng = _batch_rng(cfg.seed, step, x.shape[0], dev)
+            rng = _batch_rng(noise_seed, step, x.shape[0], dev)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 loss = cls.training_loss(model, x, m, rng, labels=y)
-            if not torch.isfinite(loss):
-                raise UADError(f"training diverged at step {step} (loss {float(loss)})")
+            lv = _mean_over_ranks(ctx, loss)  # every process sees the same value, so all stop together
+            if not math.isfinite(lv):
+                raise UADError(f"training diverged at step {step} (loss {lv})")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP averages the gradients over the processes here
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             state["step"] = step + 1
-            lv = float(loss.detach())
             ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-            val = ""
             last = state["step"] == cfg.steps
+            if not main:
+                continue
+            val = ""
             if state["step"] % cfg.val_every == 0 or last:
-                val = validation_loss(cls, model, val_source, cfg, dev)
+                val = validation_loss(cls, plain, val_source, cfg, dev)
                 state["best_val"] = min(state["best_val"], val)
                 state.setdefault("val_history", []).append([state["step"], val])
-            writer.writerow([state["step"], f"{lv:.6f}", f"{val:.6f}" if val != "" else "", f"{time.time() - t0:.1f}"])
+            state["seconds"] = seconds0 + time.time() - t0
+            writer.writerow([state["step"], f"{lv:.6f}", f"{val:.6f}" if val != "" else "",
+                             f"{state['seconds']:.1f}"])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema:.4f}", val=f"{val:.4f}" if val != "" else "-")
             if state["step"] % cfg.checkpoint_every == 0 or last:
                 log_f.flush()
-                _checkpoint(model, opt, state, run_dir, cfg)
+                _checkpoint(plain, opt, state, run_dir, cfg, ctx.world_size)
     finally:
         if bar is not None:
             bar.close()
-        log_f.close()
+        if log_f is not None:
+            log_f.close()
+        if hasattr(source, "close"):
+            source.close()
+        if val_source is not None and hasattr(val_source, "close"):
+            val_source.close()
+    _debug_dump(ctx, plain, state, first_batch, source)
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()  # nobody returns before rank 0's last checkpoint is on disk
     return run_dir
 
 
-def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig) -> None:
-    plain = Model(model.id, model.config, {k: _unwrap(v) for k, v in model.networks.items()})
+def _debug_dump(ctx: DistContext, model: Model, state: dict, first_batch: str | None, source) -> None:
+    folder = os.environ.get(DEBUG_DIR_ENV)
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    info = {"rank": ctx.rank, "world_size": ctx.world_size, "step": state["step"],
+            "weights_sha256": state_digest(flat_state(model)), "first_batch_sha256": first_batch,
+            "data": _describe_source(source)}
+    if hasattr(source, "seeds"):
+        info["phantom_seeds"] = list(source.seeds)
+    Path(folder, f"rank{ctx.rank}.json").write_text(json.dumps(info, indent=2))
+
+
+def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig, world_size: int = 1) -> None:
+    plain = _plain(model)  # the unwrapped modules' weights, never DDP's "module." names
     tmp = run_dir / "model.safetensors.tmp"
     digest = save_weights(plain, tmp)
     os.replace(tmp, run_dir / "model.safetensors")
     torch.save(opt.state_dict(), run_dir / "optimizer.pt.tmp")
     os.replace(run_dir / "optimizer.pt.tmp", run_dir / "optimizer.pt")
     (run_dir / "state.json").write_text(json.dumps(state, indent=2, default=float))
+    best = state.get("best_val")
     entry = dict(model.config)
     entry.update({
         "file": "model.safetensors",
         "sha256": digest,
         "training": {"data": cfg.data, "contrast": cfg.contrast, "steps": state["step"],
-                     "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "small": cfg.small,
-                     "best_val_loss": state.get("best_val")},
+                     "batch_size": cfg.batch_size, "world_size": world_size, "lr": cfg.lr, "seed": cfg.seed,
+                     "small": cfg.small, "best_val_loss": best if best is not None and math.isfinite(best) else None},
     })
-    (run_dir / "model.json").write_text(json.dumps(entry, indent=2, default=float))
+    tmp = run_dir / "model.json.tmp"
+    tmp.write_text(json.dumps(entry, indent=2, default=float))
+    os.replace(tmp, run_dir / "model.json")
 
 
 # --------------------------------------------------------------------------- export / calibration
 def export_run(run_dir: str | os.PathLike, models_dir: str | os.PathLike, model_id: str,
                extra: dict | None = None) -> dict:
-    """Copy a run's weights into a model folder and add / replace its manifest entry."""
+    """Copy a run's weights into a model folder and add / replace its manifest entry.
+
+    (For the per-user model folder use ``uad.zoo.import_model`` / ``uad models import``.)
+    """
     import shutil
 
     run_dir, models_dir = Path(run_dir), Path(models_dir)
     entry = json.loads((run_dir / "model.json").read_text())
     dest = models_dir / model_id
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "model.safetensors", dest / "model.safetensors")
+    tmp = dest / "model.safetensors.tmp"
+    shutil.copyfile(run_dir / "model.safetensors", tmp)
+    os.replace(tmp, dest / "model.safetensors")
     entry["id"] = model_id
     entry["file"] = f"{model_id}/model.safetensors"
     entry["sha256"] = sha256_file(dest / "model.safetensors")
     if extra:
         _deep_update(entry, extra)
-    manifest_path = models_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": []}
-    manifest["models"] = [m for m in manifest["models"] if m.get("id") != model_id] + [entry]
-    manifest_path.write_text(json.dumps(manifest, indent=2, default=float) + "\n")
+    upsert_manifest_entry(models_dir, entry)
     return entry
 
 
@@ -357,33 +759,94 @@ def calibrate_threshold(model: Model, method: str, contrast: str = "T2", n_volum
 
 
 # --------------------------------------------------------------------------- CLI
+#: Command-line options that map onto TrainConfig fields (dest -> field).
+_CLI_FIELDS = {"data": "data", "contrast": "contrast", "steps": "steps", "batch_size": "batch_size",
+               "image_size": "image_size", "lr": "lr", "seed": "seed"}
+
+
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a method's networks on healthy data",
-                              description="Train a method on MNI-based phantoms or a folder of healthy volumes.")
+    p = subparsers.add_parser(
+        "train", help="train a method's networks on healthy data (one CPU, one GPU, or N GPUs with torchrun)",
+        description="Train a method on MNI-based phantoms or a folder of healthy volumes. Settings: TrainConfig "
+                    "defaults < --config JSON < command-line options. Data-parallel: "
+                    "'torchrun --nproc_per_node=N -m uad.cli train ...' (one process per GPU; Gloo on CPU). "
+                    "Import the result with 'uad models import RUN_DIR --id NAME'.")
     p.add_argument("--method", required=True, help="method name (see 'uad methods')")
-    p.add_argument("--data", default="phantoms", help="'phantoms' or a folder of healthy NIfTI/NRRD volumes")
-    p.add_argument("--contrast", default="T2", choices=["T1", "T2", "FLAIR"])
-    p.add_argument("-o", "--output", required=True, help="run directory")
-    p.add_argument("--config", help="JSON file with TrainConfig overrides")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data", default=None, help="'phantoms' (default) or a folder of healthy NIfTI/NRRD volumes "
+                                                "(brain masks as <stem>_brainmask.nii.gz beside them)")
+    p.add_argument("--contrast", default=None, type=str.upper, choices=["T1", "T2", "FLAIR"],
+                   help="contrast of the phantoms / of the data (default T2)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--config", metavar="FILE", help="JSON file with TrainConfig fields (e.g. steps, batch_size, "
+                                                   "image_size, lr, model_overrides)")
+    p.add_argument("--steps", type=int, help="total steps (with --resume: the new total; default: the saved one)")
+    p.add_argument("--batch-size", type=int, help="slices per step and process")
     p.add_argument("--image-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda (under torchrun: the GPU of "
+                                                    "LOCAL_RANK)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR with its saved settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_train)
 
 
-def _cli_train(args) -> int:
-    overrides = {}
+def config_from_args(args) -> TrainConfig:
+    """TrainConfig defaults < ``--config`` JSON < explicit command-line options."""
+    overrides: dict = {}
     if args.config:
-        overrides.update(json.loads(Path(args.config).read_text()))
-    overrides.update({"data": args.data, "contrast": args.contrast, "steps": args.steps,
-                      "batch_size": args.batch_size, "image_size": args.image_size, "lr": args.lr,
-                      "seed": args.seed})
-    cfg = default_config(args.method, **overrides)
-    run = train(cfg, args.output, resume=args.resume, device=args.device)
-    print(f"run directory: {run}")
-    print(f"weights: {run / 'model.safetensors'}  (import with 'uad models import {run}')")
+        path = Path(args.config)
+        if not path.is_file():
+            raise UADError(f"{path}: no such config file")
+        try:
+            overrides.update(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise UADError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise UADError(f"{path} must hold a JSON object of TrainConfig fields")
+    overrides["method"] = args.method
+    for dest, name in _CLI_FIELDS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            overrides[name] = v
+    method = overrides.pop("method")
+    try:
+        return default_config(method, **overrides)
+    except ValueError as e:  # unknown method
+        raise UADError(" ".join(str(e).split())) from None
+
+
+def _cli_train(args) -> int:
+    ctx = distributed_env()
+    say = print if ctx.is_main else (lambda s: None)
+    run = Path(args.output)
+    if args.resume:
+        given = [f"--{d.replace('_', '-')}" for d in _CLI_FIELDS if d != "steps" and getattr(args, d) is not None]
+        if args.config:
+            given.append("--config")
+        if given:
+            say(f"note: resuming with the run's saved settings; ignoring {', '.join(given)}")
+        try:
+            get_method_class(args.method)
+        except ValueError as e:
+            raise UADError(" ".join(str(e).split())) from None
+        cfg = default_config(args.method, steps=args.steps if args.steps is not None else 0)
+    else:
+        cfg = config_from_args(args)
+        if run.exists() and not run.is_dir():
+            raise UADError(f"{run}: exists and is not a folder")
+    try:
+        train(cfg, run, resume=args.resume, device=args.device, progress=not args.no_progress, log=say,
+              overwrite=False)
+    except SharedError:
+        if ctx.is_main:
+            raise
+        return 1  # rank 0 reports it
+    if ctx.is_main:
+        state = json.loads((run / "state.json").read_text())
+        best = state.get("best_val")
+        print(f"run directory: {run} (step {state['step']}"
+              + (f", best validation loss {best:.4g}" if isinstance(best, float) and math.isfinite(best) else "")
+              + ")")
+        print(f"weights: {run / 'model.safetensors'}  (import with 'uad models import {run} --id NAME')")
     return 0
