@@ -50,7 +50,7 @@ def evaluate_on_sample(model, methods: list[str], device: str) -> dict:
             "prevalence": float(lesion[brain].mean()),
             "seconds": round(dt, 1),
             "preset": res.info.get("preset"),
-            "nfe_per_slice": res.info.get("nfe"),
+            "nfe_per_slice": res.info.get("nfe_per_slice"),
             "device": str(res.info.get("device")),
         }
         print(f"  {m}: AP {out[m]['ap']:.3f} (prevalence {out[m]['prevalence']:.3f}), "
@@ -101,7 +101,7 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
         f"intensities, bias field, Rician noise); {tr.get('steps')} steps, batch {tr.get('batch_size')}, "
         f"lr {tr.get('lr')}, seed {tr.get('seed')}, best validation loss {tr.get('best_val_loss'):.4f} on held-out "
         f"phantoms.",
-        f"Hardware: {extra['hardware']}, {extra['train_seconds'] / 60:.0f} min. "
+        f"Hardware: {extra['hardware']}; {extra['train_seconds'] / 60:.0f} min wall time. "
         + ("This is the small CPU configuration, not the paper's network: expect lower accuracy than a GPU-trained "
            "paper-size model." if tr.get("small") else ""),
         "",
@@ -131,10 +131,10 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
               "brains (uad.evaluation.IntensityBaseline).", "",
               "| method | tumour AP | stroke AP | MS AP | pooled AP | mean best Dice |", "|---|---|---|---|---|---|"]
     for m, r in res.items():
-        lines.append(f"| {m} | {r['tumour']:.3f} | {r['stroke']:.3f} | {r['ms']:.3f} | {r['pooled_ap']:.3f} | "
+        lines.append(f"| {m} | {r['tumour']:.4f} | {r['stroke']:.4f} | {r['ms']:.4f} | {r['pooled_ap']:.4f} | "
                      f"{r['mean_best_dice']:.3f} |")
     prev = next(iter(res.values()))["prevalence"]
-    lines.append(f"| (lesion prevalence) | {prev['tumour']:.3f} | {prev['stroke']:.3f} | {prev['ms']:.3f} | | |")
+    lines.append(f"| (lesion prevalence) | {prev['tumour']:.4f} | {prev['stroke']:.4f} | {prev['ms']:.4f} | | |")
     base = res["intensity-baseline"]
     verdicts = []
     for m, r in res.items():
@@ -151,6 +151,35 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def rewrite_card(args) -> None:
+    """Re-run the sample evaluation of a bundled model and rewrite its card and manifest entry.
+
+    Works from models/ alone (weights, stored calibration and phantom results); never trains.
+    """
+    from uad.zoo import upsert_manifest_entry
+
+    e = find_model(args.id)
+    verify(e)
+    entry = dict(e.data)
+    model = load_model(e, device="cpu")
+    sample = evaluate_on_sample(model, entry["methods"], args.device) if entry.get("contrast") == "T2" else {}
+    entry.setdefault("evaluation", {})["sample"] = sample
+    if args.train_minutes is not None:
+        entry.setdefault("training", {})["wall_seconds"] = 60.0 * args.train_minutes
+    upsert_manifest_entry(ROOT / "models", entry)
+    write_card(entry, ROOT / "models" / args.id / "README.md",
+               {"parameters": sum(count_parameters(n) for n in model.networks.values()), "hardware": _hardware(),
+                "train_seconds": entry.get("training", {}).get("wall_seconds", 0.0),
+                "calibration": entry["calibration"], "sample": sample, "phantoms": entry["evaluation"]["phantoms"]})
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return (f"{platform.machine()} CPU, 1 thread per training, 2-core machine shared by the bundled models' "
+            f"trainings running side by side")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--id", required=True)
@@ -162,6 +191,10 @@ def main() -> None:
     ap.add_argument("--noise", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--finalize-only", action="store_true")
+    ap.add_argument("--card-only", action="store_true",
+                    help="re-run the sample evaluation and rewrite the card from models/ alone (no training, the "
+                         "stored calibration and phantom results are kept)")
+    ap.add_argument("--train-minutes", type=float, default=None, help="with --card-only: training wall time")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--calibration-volumes", type=int, default=2)
     ap.add_argument("--description", default="")
@@ -169,6 +202,8 @@ def main() -> None:
 
     run_dir = ROOT / "runs" / args.id
     t0 = time.time()
+    if args.card_only:
+        return rewrite_card(args)
     if not args.finalize_only:
         cfg = default_config(args.method, contrast=args.contrast, steps=args.steps, batch_size=args.batch_size,
                              image_size=args.image_size, noise=args.noise)
@@ -176,8 +211,15 @@ def main() -> None:
     train_seconds = float((run_dir / "log.csv").read_text().strip().splitlines()[-1].split(",")[-1])
 
     models_dir = ROOT / "models"
-    entry = export_run(run_dir, models_dir, args.id, {"license": "Apache-2.0", "description": args.description,
-                                                      "card": f"{args.id}/README.md"})
+    # every export starts from the run's model.json: pass everything added so far each time
+    from uad.preprocess import normalisation_settings
+
+    stored_cfg = json.loads((run_dir / "config.json").read_text())["model"]
+    extra_training = {"wall_seconds": train_seconds}
+    extra = {"license": "Apache-2.0", "description": args.description, "card": f"{args.id}/README.md",
+             "normalisation": normalisation_settings(stored_cfg.get("normalisation")),
+             "training": extra_training}
+    entry = export_run(run_dir, models_dir, args.id, extra)
     verify(find_model(args.id))
     model = load_model(find_model(args.id), device="cpu")
     methods = entry["methods"]
@@ -187,16 +229,16 @@ def main() -> None:
                                   device=args.device)
         thresholds[m], calibration[m] = cal["threshold"], cal
         print(f"threshold ({m}, default preset): {cal['threshold']:.5g}")
-    entry = export_run(run_dir, models_dir, args.id, {"threshold": thresholds, "calibration": calibration})
+    extra.update({"threshold": thresholds, "calibration": calibration})
+    entry = export_run(run_dir, models_dir, args.id, extra)
     model = load_model(find_model(args.id), device="cpu")
     sample = evaluate_on_sample(model, methods, args.device) if args.contrast == "T2" else {}
     bench = evaluate_on_phantoms(model, methods, args.contrast, args.device)
-    entry = export_run(run_dir, models_dir, args.id, {"evaluation": {"sample": sample, "phantoms": bench}})
+    extra["evaluation"] = {"sample": sample, "phantoms": bench}
+    entry = export_run(run_dir, models_dir, args.id, extra)
     nparams = sum(count_parameters(n) for n in model.networks.values())
-    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU thread(s)" \
-        if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
     write_card(entry, models_dir / args.id / "README.md",
-               {"parameters": nparams, "hardware": hw, "train_seconds": train_seconds, "calibration": calibration,
+               {"parameters": nparams, "hardware": _hardware(), "train_seconds": train_seconds, "calibration": calibration,
                 "sample": sample, "phantoms": bench})
     print(f"bundled {args.id} in {time.time() - t0:.0f} s")
 

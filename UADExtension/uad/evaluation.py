@@ -95,7 +95,7 @@ def evaluate_method(cases: list[Case], method: str, model=None, preset: str | No
         res = detect(c.image, method=method, model=model, device=device, seed=seed, preset=preset, params=params,
                      brain_mask=c.brain_mask)
         secs.append(time.time() - t0)
-        nfe = res.info.get("nfe")
+        nfe = res.info.get("nfe_per_slice")
         maps.append(res.anomaly)
         rows.append(score_case(res.anomaly, c))
     return {"method": method, "cases": rows, "mean_ap": float(np.mean([r["ap"] for r in rows])),

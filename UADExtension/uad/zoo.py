@@ -244,11 +244,44 @@ def _write_manifest(path: Path, data: dict) -> None:
 
 
 def upsert_manifest_entry(models_dir: str | os.PathLike, entry: dict) -> None:
-    """Add ``entry`` to ``models_dir/manifest.json``, replacing an entry with the same id."""
+    """Add ``entry`` to ``models_dir/manifest.json``, replacing an entry with the same id.
+
+    The read-modify-write holds an exclusive lock (POSIX ``flock`` on a file in the temporary
+    directory named after the manifest's path) so that concurrent imports or trainings exporting
+    into the same folder do not lose entries; nothing is added to the models folder itself.
+    """
     path = Path(models_dir) / MANIFEST
-    data = _read_manifest(path) if path.is_file() else {"models": []}
-    data["models"] = [m for m in data["models"] if m.get("id") != entry["id"]] + [entry]
-    _write_manifest(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _manifest_lock(path):
+        data = _read_manifest(path) if path.is_file() else {"models": []}
+        data["models"] = [m for m in data["models"] if m.get("id") != entry["id"]] + [entry]
+        _write_manifest(path, data)
+
+
+class _manifest_lock:
+    def __init__(self, manifest: Path):
+        import tempfile
+
+        key = hashlib.sha1(str(manifest.resolve()).encode()).hexdigest()[:16]
+        self.path = Path(tempfile.gettempdir()) / f"uad-manifest-{key}.lock"
+        self.fh = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; single writer assumed
+            return self
+        self.fh = open(self.path, "a")
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            import fcntl
+
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+        return False
 
 
 def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
