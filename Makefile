@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: env
-	$(VENV)/bin/uad detect --sample -o $(OUT)
+	$(VENV)/bin/uad detect --sample --method disyre -o $(OUT)
 
 test: env
 	$(PY) -m pytest -q Testing
