@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+
+from uad.networks import small_unet_config
 from torch import nn
 
 from uad.corruption import CODEBOOK, CorruptionSchedule, corrupt, gaussian_blur, random_shape
@@ -379,7 +381,7 @@ def test_default_model_config():
     assert cfg["methods"] == ["disyre"] and cfg["intensity_range"] == [0.0, 1.0]
     assert cfg["schedule"]["prediction_type"] == "sample" and cfg["schedule"]["num_train_timesteps"] == 100
     assert cfg["schedule"]["beta_start"] == 1e-3 and cfg["schedule"]["beta_end"] == 0.2
-    assert cfg["networks"]["denoiser"]["channels"] == [32, 64, 64]
+    assert cfg["networks"]["denoiser"]["channels"] == small_unet_config()["channels"]
     model = build_model(cfg)
     out = build_method("disyre", model, preset="fast")(*phantom(1), BatchRNG([0]))
     assert out.anomaly.shape == (1, 1, 32, 32)

@@ -26,6 +26,7 @@ REQUIREMENTS: list[tuple[str, str]] = [
     ("safetensors", "safetensors>=0.4"),
     ("scipy", "scipy>=1.10"),
     ("lpips", "lpips>=0.1.4"),  # perceptual maps of THOR / AutoDDPM (needs torchvision)
+    ("tqdm", "tqdm>=4.60"),  # download progress of the model zoo
 ]
 
 # Top-level modules Slicer always ships (never pip-installed by this module).
