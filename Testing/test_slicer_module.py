@@ -185,10 +185,9 @@ endfunction()
 """
 
 
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 def test_cmake_configures_and_installs_the_engine_layout(tmp_path):
     cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
     fake = tmp_path / "fake-slicer"
     fake.mkdir()
     (fake / "UseSlicer.cmake").write_text(FAKE_SLICER_USE_FILE)
