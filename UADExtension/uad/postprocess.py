@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocess import SliceStack, unorient_array
+from .preprocess import SliceStack
 
 
 def _as_stack_array(x, stack: SliceStack, name: str) -> np.ndarray:
@@ -20,21 +20,6 @@ def _as_stack_array(x, stack: SliceStack, name: str) -> np.ndarray:
     return a
 
 
-def _upsample(stack: SliceStack, slices: np.ndarray) -> np.ndarray:
-    """(N, S, S) model-resolution slices -> canonical (K, J, I) volume (zero in skipped slices / outside the FOV)."""
-    from scipy import ndimage
-
-    K, J, I = stack.oriented_shape
-    c = (stack.image_size - 1) / 2.0
-    (cj, ci), (dj, di) = stack.center, stack.step
-    up = ndimage.affine_transform(
-        slices, np.array([1.0, 1.0 / dj, 1.0 / di]), offset=np.array([0.0, c - cj / dj, c - ci / di]),
-        output_shape=(slices.shape[0], J, I), order=1, mode="constant", cval=0.0, prefilter=False)
-    vol = np.zeros((K, J, I), np.float32)
-    vol[stack.indices] = up
-    return vol
-
-
 def _image_like(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(reference)
@@ -44,18 +29,19 @@ def _image_like(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
 def to_volumes(stack: SliceStack, restoration_slices, anomaly_slices) -> tuple[sitk.Image, sitk.Image]:
     """Restoration and anomaly slices -> (restoration, anomaly) float32 images on the input's grid.
 
-    The restoration is de-normalised to the input's intensity units inside the
-    brain and equals the input outside it; the anomaly map is zero outside the
-    brain and in slices without brain.
+    The slices go back through the inverses of the preprocessing steps in
+    reverse order (``SliceStack.invert``).  The restoration is de-normalised to
+    the input's intensity units inside the brain and equals the input outside
+    it and wherever no slice was processed; the anomaly map is zero there.
     """
     rest = np.clip(_as_stack_array(restoration_slices, stack, "restoration"), 0.0, 1.0)
     anom = _as_stack_array(anomaly_slices, stack, "anomaly")
-    brain = stack.brain_mask_array()
+    maps = stack.invert({"restoration": rest, "anomaly": anom, "valid": np.ones_like(anom)})
+    use = stack.brain_mask_array() & (maps.pop("valid") > 0.5)
     original = sitk.GetArrayFromImage(stack.reference).astype(np.float32)
-    rest_vol = unorient_array(stack.denormalise(_upsample(stack, rest)), stack.permute, stack.flip)
-    anom_vol = unorient_array(_upsample(stack, anom), stack.permute, stack.flip)
-    restoration = np.where(brain, rest_vol, original).astype(np.float32)
-    anomaly = np.where(brain, np.maximum(anom_vol, 0.0), 0.0).astype(np.float32)
+    restoration = np.where(use, maps["restoration"], original).astype(np.float32)
+    del original
+    anomaly = np.where(use, np.maximum(maps["anomaly"], 0.0), 0.0).astype(np.float32)
     return _image_like(restoration, stack.reference), _image_like(anomaly, stack.reference)
 
 

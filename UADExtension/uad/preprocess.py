@@ -1,30 +1,58 @@
-"""Volume -> stack of normalised axial slices at the model resolution.
+"""Volume -> stack of normalised axial slices at the model resolution, and the way back.
+
+Preprocessing is a chain of small invertible steps (the pattern of MONAI's
+invertible transforms).  Each step is one class: ``forward(work)`` changes the
+working volume and records what it did; ``inverse(maps)`` maps per-slice results
+back through it.  ``SliceStack.invert`` replays the inverses in reverse order, so
+the way back onto the input's exact grid is written once::
+
+    Reorient -> [BiasCorrection] -> BrainMask -> [Register] -> Normalise -> SelectSlices -> InPlane
 
 Conventions
 -----------
-* Orientation: the volume is reoriented with ``sitk.DICOMOrient(image, "LPS")``
+* Orientation (``Reorient``): ``sitk.DICOMOrient(image, "LPS")``
   (``CANONICAL_ORIENTATION``): index i runs right -> left, j anterior ->
   posterior, k inferior -> superior, direction ~ identity.  A slice as a numpy
   array ``slices[n]`` is indexed ``[row = j, column = i]``, so shown with
   ``imshow`` it is in the radiological convention (anterior up, the patient's
   right on the viewer's left).  Oblique volumes get the closest such order
-  (the voxel grid itself is never rotated).
-* Brain mask: given (any 3-D volume on the same physical space, > 0 = brain),
-  or computed for skull-stripped input (threshold at ``mask_threshold`` x a
-  robust maximum above the background level, largest 3-D connected component,
-  holes filled per axial slice, which also fills closed 3-D cavities).
-* Field of view: the in-plane bounding box of the brain over the whole volume,
-  enlarged by ``margin`` on each side and made square in physical units; the
-  same box for every slice.  It is resampled to ``image_size`` x
-  ``image_size`` isotropic pixels (Gaussian anti-aliasing before downsampling,
-  linear interpolation); slices are never interpolated across z.
-* Intensities: brain percentiles, ``lower`` (1) -> 0 and ``upper`` (99) -> 1,
-  clipped to [0, 1], zero outside the brain mask.
+  (the voxel grid itself is never rotated unless the profile registers).
+* Skull-stripped or not (``detect_skull_stripped``): an input is taken as
+  skull-stripped when at least 90% of the voxels outside its foreground
+  component lie exactly at the image minimum (a masked background; raw scans
+  have a noisy one) and the foreground is at most 2200 ml (a brain, not a
+  head).  ``skull_stripped=True/False`` overrides the detector.
+* Bias field (``BiasCorrection``): SimpleITK N4 on a shrunk copy (head mask:
+  Otsu), the full-resolution field divides the volume; its inverse multiplies
+  the restoration back.
+* Brain mask (``BrainMask``): given (any 3-D volume on the same physical space,
+  > 0 = brain); or, for skull-stripped input or ``skull_strip: false``, the
+  foreground (threshold at ``mask_threshold`` x a robust maximum above the
+  background level, largest 3-D connected component, holes filled per axial
+  slice); or, for a head, the skull stripper of ``uad.skullstrip``.
+* Registration (``Register``, profile ``registration: "mni152"``): rigid + affine
+  (Mattes mutual information) of the brain to nilearn's MNI152 2009 template;
+  the working volume becomes the template grid (``spacing_mm``, default 1 mm).
+* Intensities (``Normalise``): percentiles of the brain (``brain-percentile``) or
+  of the whole volume (``image-percentile``), ``lower`` (1) -> 0 and ``upper``
+  (99) -> 1, clipped to [0, 1]; zero outside the brain when the model input is
+  skull-stripped.
+* Slices (``SelectSlices``): the axial slices that contain brain, optionally only
+  the fraction ``slice_range`` = [lo, hi] of the brain's axial extent; others get
+  anomaly 0 and the input as restoration.
+* Field of view (``InPlane``): ``square: "crop"``: the in-plane bounding box of the
+  brain over the whole volume, enlarged by ``margin`` on each side and made square
+  in physical units; ``"pad"``: the whole slice, padded to square with
+  ``pad_value`` (``"min"`` = the image minimum).  The same box for every slice,
+  resampled to ``image_size`` x ``image_size`` isotropic pixels (Gaussian
+  anti-aliasing before downsampling, linear interpolation); slices are never
+  interpolated across z.
 
 ``normalisation`` (the model config's dict) may set ``lower``, ``upper``
 (percentiles), ``clip`` (bool), ``margin`` (fraction of the brain box added
 per side) and ``mask_threshold`` (fraction of the robust maximum used by the
-automatic brain mask).  Other keys are ignored.
+automatic brain mask).  Other keys are ignored.  ``profile`` (the manifest's
+``preprocessing`` dict, see ``DEFAULT_PROFILE``) chooses the optional steps.
 """
 
 from __future__ import annotations
@@ -133,7 +161,6 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
         outside[np.unique(border)] = True
     outside[0] = True  # label 0 = mask voxels
     return mask | ~outside[lab]
-    return mask
 
 
 def _mask_on_grid(mask: sitk.Image, image: sitk.Image) -> np.ndarray:
@@ -155,27 +182,506 @@ def _mask_on_grid(mask: sitk.Image, image: sitk.Image) -> np.ndarray:
     return out
 
 
+
+# -- the preprocessing profile --------------------------------------------------------------------
+#: A model's ``preprocessing`` manifest entry; absent keys take these values (today's behaviour for
+#: models trained on skull-stripped, unregistered phantoms).
+DEFAULT_PROFILE = {
+    "registration": None,  # None | "mni152"
+    "spacing_mm": None,  # None | mm: resampling of the template space (with registration; None = 1 mm)
+    "skull_strip": "auto",  # "auto" | True | False: mask the model input (auto: strip a head first)
+    "bias_correction": "auto",  # "auto" | True | False: N4 (auto = on for inputs not skull-stripped)
+    "square": "crop",  # "crop" (brain box) | "pad" (whole slice padded to square)
+    "pad_value": "min",  # "min" | number (input units)
+    "intensity": "brain-percentile",  # "brain-percentile" | "image-percentile"
+    "slice_range": None,  # None | [lo, hi] fractions of the brain's axial extent
+}
+
+
+def _tri(value, key: str):
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"preprocessing {key} must be \"auto\", true or false, got {value!r}")
+
+
+def profile_settings(profile: dict | None = None) -> dict:
+    """``DEFAULT_PROFILE`` updated with ``profile`` (a model's ``preprocessing`` entry), validated.
+
+    Unknown keys and wrong values raise ``ValueError`` (a misspelt key must not be ignored silently).
+    """
+    p = dict(DEFAULT_PROFILE)
+    if profile is None:
+        return p
+    if not isinstance(profile, dict):
+        raise ValueError(f"preprocessing must be a dict, got {type(profile).__name__}")
+    unknown = sorted(set(profile) - set(DEFAULT_PROFILE))
+    if unknown:
+        raise ValueError(f"unknown preprocessing key(s): {', '.join(unknown)} "
+                         f"(known: {', '.join(DEFAULT_PROFILE)})")
+    p.update(profile)
+    if p["registration"] is not None and str(p["registration"]).lower() != "mni152":
+        raise ValueError(f"preprocessing registration must be null or \"mni152\", got {p['registration']!r}")
+    p["registration"] = None if p["registration"] is None else "mni152"
+    if p["spacing_mm"] is not None:
+        if isinstance(p["spacing_mm"], bool) or not isinstance(p["spacing_mm"], (int, float)) \
+                or not 0.1 <= float(p["spacing_mm"]) <= 10.0:
+            raise ValueError(f"preprocessing spacing_mm must be null or a number in [0.1, 10], "
+                             f"got {p['spacing_mm']!r}")
+        p["spacing_mm"] = float(p["spacing_mm"])
+    p["skull_strip"] = _tri(p["skull_strip"], "skull_strip")
+    p["bias_correction"] = _tri(p["bias_correction"], "bias_correction")
+    if p["square"] not in ("crop", "pad"):
+        raise ValueError(f"preprocessing square must be \"crop\" or \"pad\", got {p['square']!r}")
+    pv = p["pad_value"]
+    if not (pv == "min" or (isinstance(pv, (int, float)) and not isinstance(pv, bool) and np.isfinite(pv))):
+        raise ValueError(f"preprocessing pad_value must be \"min\" or a number, got {pv!r}")
+    if p["intensity"] not in ("brain-percentile", "image-percentile"):
+        raise ValueError(f"preprocessing intensity must be \"brain-percentile\" or \"image-percentile\", "
+                         f"got {p['intensity']!r}")
+    sr = p["slice_range"]
+    if sr is not None:
+        ok = isinstance(sr, (list, tuple)) and len(sr) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in sr)
+        if not ok or not 0.0 <= float(sr[0]) < float(sr[1]) <= 1.0:
+            raise ValueError(f"preprocessing slice_range must be null or [lo, hi] with 0 <= lo < hi <= 1, "
+                             f"got {sr!r}")
+        p["slice_range"] = [float(sr[0]), float(sr[1])]
+    return p
+
+
+# -- skull-stripped or not ------------------------------------------------------------------------
+STRIPPED_BACKGROUND_FRACTION = 0.9  # outside the foreground, this fraction at exactly the minimum
+STRIPPED_MAX_VOLUME_ML = 2200.0  # a brain (with cerebellum and stem) is below; a head is above
+
+
+def detect_skull_stripped(arr: np.ndarray, spacing, mask_threshold: float = 0.05) -> tuple[bool, dict]:
+    """(skull-stripped?, evidence) for a volume array (k, j, i) with ``spacing`` (x, y, z) mm.
+
+    Skull-stripped when at least ``STRIPPED_BACKGROUND_FRACTION`` of the voxels
+    outside the foreground component lie exactly at the image minimum (a
+    masked-out background; a raw scan's background is noise) and the foreground
+    is at most ``STRIPPED_MAX_VOLUME_ML``.
+    """
+    a = np.asarray(arr)
+    fg = compute_brain_mask(a, mask_threshold)
+    base = float(a.min())
+    bg = ~fg
+    n_bg = int(bg.sum())
+    at_min = float((a[bg] == base).mean()) if n_bg else 1.0
+    vol_ml = float(fg.sum()) * float(np.prod(spacing)) / 1000.0
+    stripped = at_min >= STRIPPED_BACKGROUND_FRACTION and vol_ml <= STRIPPED_MAX_VOLUME_ML
+    return bool(stripped), {"background_at_minimum": round(at_min, 4), "foreground_ml": round(vol_ml, 1)}
+
+
+# -- working state and grids ------------------------------------------------------------------------
+@dataclass
+class Grid:
+    """A 3-D voxel grid (SimpleITK conventions: size and spacing in (x, y, z))."""
+
+    size: tuple
+    spacing: tuple
+    origin: tuple
+    direction: tuple
+
+    @classmethod
+    def of(cls, img: sitk.Image) -> "Grid":
+        return cls(tuple(int(s) for s in img.GetSize()), tuple(img.GetSpacing()), tuple(img.GetOrigin()),
+                   tuple(img.GetDirection()))
+
+    def image(self, arr: np.ndarray) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.asarray(arr))
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(self.direction)
+        return img
+
+    def probe(self) -> sitk.Image:
+        """A 1-voxel image with this grid's geometry (no voxel data)."""
+        g = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        g.SetSpacing(self.spacing)
+        g.SetOrigin(self.origin)
+        g.SetDirection(self.direction)
+        return g
+
+    def resample(self, img: sitk.Image, transform: sitk.Transform, interpolator=sitk.sitkLinear,
+                 default: float = 0.0) -> np.ndarray:
+        """``img`` sampled on this grid at ``transform(point)`` -> float32 array (k, j, i)."""
+        f = sitk.ResampleImageFilter()
+        f.SetSize([int(s) for s in self.size])
+        f.SetOutputSpacing(self.spacing)
+        f.SetOutputOrigin(self.origin)
+        f.SetOutputDirection(self.direction)
+        f.SetTransform(transform)
+        f.SetInterpolator(interpolator)
+        f.SetDefaultPixelValue(float(default))
+        f.SetOutputPixelType(sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(f.Execute(img))
+
+
+@dataclass
+class _Work:
+    """What flows through the forward chain."""
+
+    image: sitk.Image  # the input (never modified)
+    arr: np.ndarray | None = None  # working voxels: (K, J, I), then (N, J, I), then (N, S, S)
+    grid: Grid | None = None  # grid of the working volume (3-D steps)
+    brain: np.ndarray | None = None  # bool, same shape as arr
+    permute: tuple = (0, 1, 2)
+    flip: tuple = (False, False, False)
+    stripped: bool | None = None  # the input is skull-stripped (detected or told)
+    mask_input: bool = True  # zero the model input outside the brain
+    cval: float = 0.0  # normalised value outside the image (padding)
+    box: tuple | None = None  # (j0, j1, i0, i1) brain box of the working volume
+    info: dict = field(default_factory=dict)
+
+    def current_image(self) -> sitk.Image:
+        return self.grid.image(self.arr)
+
+
+# -- the steps --------------------------------------------------------------------------------------
+INTENSITY_MAPS = ("restoration",)  # maps in image intensity units; the others are scores or masks
+
+
+class Step:
+    """One invertible preprocessing step: ``forward(work)`` records what it did, ``inverse(maps)`` undoes it.
+
+    ``maps`` is a dict name -> array on the step's output grid (``restoration``
+    in intensity units, ``anomaly`` a score, ``valid`` 1 where results exist);
+    ``inverse`` returns them on the step's input grid.
+    """
+
+    name = "step"
+
+    def forward(self, w: _Work) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse(self, maps: dict) -> dict:
+        return maps
+
+    def record(self) -> dict:
+        return {"step": self.name}
+
+
+class Reorient(Step):
+    """Input voxel order -> canonical LPS (a permutation and flips of the axes, no interpolation)."""
+
+    name = "reorient"
+
+    def forward(self, w: _Work) -> None:
+        self.permute, self.flip = orientation_of(w.image)
+        oriented = sitk.DICOMOrient(w.image, CANONICAL_ORIENTATION)
+        w.arr = sitk.GetArrayFromImage(oriented).astype(np.float32, copy=False)
+        w.grid = Grid.of(oriented)
+        w.permute, w.flip = self.permute, self.flip
+        del oriented
+
+    def inverse(self, maps: dict) -> dict:
+        return {k: unorient_array(v, self.permute, self.flip) for k, v in maps.items()}
+
+    def record(self) -> dict:
+        return {"step": self.name, "orientation": CANONICAL_ORIENTATION, "permute": list(self.permute),
+                "flip": list(self.flip)}
+
+
+class BiasCorrection(Step):
+    """N4 bias-field correction (SimpleITK): the volume is divided by the field, the restoration multiplied back."""
+
+    name = "bias_correction"
+
+    def __init__(self, iterations=(40, 30, 20), voxel_mm: float = 4.0):
+        self.iterations = tuple(int(i) for i in iterations)
+        self.voxel_mm = float(voxel_mm)
+
+    def forward(self, w: _Work) -> None:
+        self.field = n4_bias_field(w.current_image(), self.iterations, self.voxel_mm)
+        w.arr = (w.arr / self.field).astype(np.float32)
+        self.range = (float(self.field.min()), float(self.field.max()))
+
+    def inverse(self, maps: dict) -> dict:
+        out = dict(maps)
+        for k in INTENSITY_MAPS:
+            if k in out:
+                out[k] = (out[k] * self.field).astype(np.float32)
+        return out
+
+    def record(self) -> dict:
+        return {"step": self.name, "method": "N4", "iterations": list(self.iterations),
+                "field_range": [round(v, 4) for v in self.range]}
+
+
+def n4_bias_field(image: sitk.Image, iterations=(40, 30, 20), voxel_mm: float = 4.0) -> np.ndarray:
+    """The N4 bias field of ``image`` (float32 array (k, j, i), > 0), estimated on a ~``voxel_mm`` copy.
+
+    The mask is Otsu's foreground of the shrunk copy; the field is evaluated at full resolution.
+    """
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    arr = sitk.GetArrayViewFromImage(img)
+    lo = float(arr.min())
+    if lo <= 0:  # N4 needs positive intensities
+        img = img - lo + 1e-3 * max(float(arr.max()) - lo, 1e-6)
+    shrink = [max(1, int(round(voxel_mm / s))) for s in img.GetSpacing()]
+    shrink = [min(f, max(1, n // 8)) for f, n in zip(shrink, img.GetSize())]
+    small = sitk.Shrink(img, shrink)
+    mask = sitk.OtsuThreshold(small, 0, 1, 200)
+    f = sitk.N4BiasFieldCorrectionImageFilter()
+    f.SetMaximumNumberOfIterations([int(i) for i in iterations])
+    f.Execute(small, mask)
+    log_field = f.GetLogBiasFieldAsImage(img)
+    return np.exp(sitk.GetArrayFromImage(log_field)).astype(np.float32)
+
+
+class BrainMask(Step):
+    """The brain mask of the working volume: given, the foreground of a skull-stripped input, or a skull stripper.
+
+    Its inverse leaves the maps as they are: the brain mask on the input grid is
+    applied once, when the maps are composed with the input (``postprocess.to_volumes``).
+    """
+
+    name = "brain_mask"
+
+    def __init__(self, given: sitk.Image | None = None, strip: bool = False, method: str | None = None,
+                 contrast: str | None = None, mask_threshold: float = 0.05, device=None):
+        self.given = given
+        self.strip = bool(strip)
+        self.method = method
+        self.contrast = contrast
+        self.mask_threshold = float(mask_threshold)
+        self.device = device
+        self.source = None
+
+    def forward(self, w: _Work) -> None:
+        if self.given is not None:
+            brain = orient_array(_mask_on_grid(self.given, w.image), w.permute, w.flip)
+            self.source = "given"
+        elif self.strip:
+            from .skullstrip import brain_mask as strip
+
+            brain, self.source = strip(w.current_image(), contrast=self.contrast, method=self.method,
+                                       device=self.device)
+            if not brain.any():
+                raise InputError("input image: the skull stripper found no brain; pass a brain mask")
+        else:
+            brain = compute_brain_mask(w.arr, self.mask_threshold)
+            self.source = "automatic"
+            if not brain.any():
+                raise InputError("input image: no brain found by the automatic brain mask; pass a brain mask")
+        w.brain = brain
+        self.voxels = int(brain.sum())
+        self.volume_ml = float(brain.sum()) * float(np.prod(w.grid.spacing)) / 1000.0
+        self.fraction = float(brain.mean())
+        self.brain = brain
+
+    def record(self) -> dict:
+        return {"step": self.name, "source": self.source, "voxels": self.voxels,
+                "volume_ml": round(self.volume_ml, 1)}
+
+
+class Register(Step):
+    """Rigid + affine registration (mutual information) of the brain to the MNI152 2009 template.
+
+    The working volume becomes the template grid; the inverse resamples maps back
+    onto the grid the step received (linear interpolation, zero outside).
+    """
+
+    name = "register"
+
+    def __init__(self, spacing_mm: float | None = None, options: dict | None = None):
+        self.spacing_mm = spacing_mm
+        self.options = dict(options or {})
+
+    def forward(self, w: _Work) -> None:
+        from . import registration
+
+        fixed, fixed_brain = registration.mni152(self.spacing_mm)
+        moving = w.grid.image(np.where(w.brain, w.arr, 0.0).astype(np.float32))
+        self.transform, self.metric = registration.register_affine(fixed, moving, **self.options)
+        self.source = w.grid
+        self.target = Grid.of(fixed)
+        src = w.current_image()
+        w.arr = self.target.resample(src, self.transform, default=float(w.arr.min()))
+        bimg = w.grid.image(w.brain.astype(np.float32))
+        w.brain = self.target.resample(bimg, self.transform) > 0.5
+        if not w.brain.any():
+            raise InputError("registration to MNI152 moved the brain out of the template's field of view")
+        w.grid = self.target
+        self.inv = self.transform.GetInverse()
+
+    def inverse(self, maps: dict) -> dict:
+        return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), self.inv)
+                for k, v in maps.items()}
+
+    def record(self) -> dict:
+        t = self.transform
+        return {"step": self.name, "template": "MNI152 2009 (nilearn)", "metric": round(float(self.metric), 5),
+                "spacing_mm": list(self.target.spacing), "matrix": [round(v, 5) for v in t.GetMatrix()],
+                "translation": [round(v, 3) for v in t.GetTranslation()]}
+
+
+class Normalise(Step):
+    """Percentiles ``lower`` -> 0 and ``upper`` -> 1 (of the brain or of the whole volume), clipped."""
+
+    name = "normalise"
+
+    def __init__(self, lower: float, upper: float, clip: bool = True, reference: str = "brain-percentile",
+                 pad_value="min"):
+        self.lower_pct, self.upper_pct, self.clip = float(lower), float(upper), bool(clip)
+        self.reference = reference
+        self.pad_value = pad_value
+
+    def forward(self, w: _Work) -> None:
+        vals = w.arr[w.brain] if self.reference == "brain-percentile" else w.arr.ravel()
+        lo, hi = (float(v) for v in np.percentile(vals, [self.lower_pct, self.upper_pct]))
+        if hi <= lo:
+            hi = float(vals.max())
+        if hi <= lo:
+            raise InputError("input image: the intensities inside the brain mask are constant")
+        self.lo, self.hi = lo, hi
+        pad = float(w.arr.min()) if self.pad_value == "min" else float(self.pad_value)
+        w.cval = float((pad - lo) / (hi - lo))
+        arr = (w.arr - lo) / (hi - lo)
+        if self.clip:
+            np.clip(arr, 0.0, 1.0, out=arr)
+            w.cval = float(np.clip(w.cval, 0.0, 1.0))
+        if w.mask_input:
+            arr = np.where(w.brain, arr, 0.0)
+            w.cval = 0.0
+        w.arr = arr.astype(np.float32, copy=False)
+
+    def inverse(self, maps: dict) -> dict:
+        out = dict(maps)
+        for k in INTENSITY_MAPS:
+            if k in out:
+                out[k] = (self.lo + np.asarray(out[k], np.float32) * (self.hi - self.lo)).astype(np.float32)
+        return out
+
+    def record(self) -> dict:
+        return {"step": self.name, "reference": self.reference, "percentiles": [self.lower_pct, self.upper_pct],
+                "lower": self.lo, "upper": self.hi}
+
+
+class SelectSlices(Step):
+    """Keep the axial slices with brain (optionally only ``slice_range`` of the brain's axial extent)."""
+
+    name = "select_slices"
+
+    def __init__(self, slice_range=None):
+        self.slice_range = slice_range
+
+    def forward(self, w: _Work) -> None:
+        b = w.brain
+        rows = np.flatnonzero(b.any(axis=(0, 2)))
+        cols = np.flatnonzero(b.any(axis=(0, 1)))
+        w.box = (int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1]))
+        kk = np.flatnonzero(b.any(axis=(1, 2)))
+        self.brain_slices = int(len(kk))
+        if self.slice_range is not None:
+            k0, k1 = float(kk[0]), float(kk[-1])
+            lo = k0 + self.slice_range[0] * (k1 - k0)
+            hi = k0 + self.slice_range[1] * (k1 - k0)
+            sel = kk[(kk >= lo - 1e-6) & (kk <= hi + 1e-6)]
+            if sel.size == 0:
+                sel = kk[[int(np.argmin(np.abs(kk - (lo + hi) / 2.0)))]]
+            kk = sel
+        self.indices = kk.astype(np.int64)
+        self.depth = int(b.shape[0])
+        w.arr = w.arr[self.indices]
+        w.brain = w.brain[self.indices]
+
+    def inverse(self, maps: dict) -> dict:
+        out = {}
+        for k, v in maps.items():
+            vol = np.zeros((self.depth,) + tuple(v.shape[1:]), np.float32)
+            vol[self.indices] = v
+            out[k] = vol
+        return out
+
+    def record(self) -> dict:
+        return {"step": self.name, "slices": int(len(self.indices)), "brain_slices": self.brain_slices,
+                "slice_range": self.slice_range}
+
+
+class InPlane(Step):
+    """Square field of view (crop to the brain box, or pad the whole slice) resampled to S x S pixels."""
+
+    name = "in_plane"
+
+    def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True):
+        self.size, self.square, self.margin, self.clip = int(size), square, float(margin), bool(clip)
+
+    def forward(self, w: _Work) -> None:
+        from scipy import ndimage
+
+        sx, sy, _ = w.grid.spacing
+        n, J, I = w.arr.shape
+        if self.square == "crop":
+            j0, j1, i0, i1 = w.box
+            ext = max((j1 - j0 + 1) * sy, (i1 - i0 + 1) * sx)
+            fov = ext * (1.0 + 2.0 * self.margin)
+            center = ((j0 + j1) / 2.0, (i0 + i1) / 2.0)
+        else:
+            fov = max(J * sy, I * sx)
+            center = ((J - 1) / 2.0, (I - 1) / 2.0)
+        pixel = fov / self.size
+        step = (pixel / sy, pixel / sx)
+        self.shape_in = (J, I)
+        self.center, self.step, self.fov_mm, self.pixel_mm = center, step, float(fov), float(pixel)
+        norm = w.arr
+        sig = tuple(max(0.0, (st - 1.0) / 2.0) for st in step)
+        if max(sig) > 0:
+            norm = ndimage.gaussian_filter(norm, sigma=(0.0, sig[0], sig[1]), mode="constant", cval=w.cval)
+        slices = _resample_inplane(norm, center, step, self.size, cval=w.cval)
+        masks = _resample_inplane(w.brain.astype(np.float32), center, step, self.size) > 0.5
+        if self.clip:
+            np.clip(slices, 0.0, 1.0, out=slices)
+        if w.mask_input:
+            slices *= masks
+        w.arr, w.brain = slices, masks
+
+    def inverse(self, maps: dict) -> dict:
+        from scipy import ndimage
+
+        J, I = self.shape_in
+        c = (self.size - 1) / 2.0
+        (cj, ci), (dj, di) = self.center, self.step
+        out = {}
+        for k, v in maps.items():
+            v = np.asarray(v, np.float32)
+            out[k] = ndimage.affine_transform(
+                v, np.array([1.0, 1.0 / dj, 1.0 / di]), offset=np.array([0.0, c - cj / dj, c - ci / di]),
+                output_shape=(v.shape[0], J, I), order=1, mode="constant", cval=0.0, prefilter=False)
+        return out
+
+    def record(self) -> dict:
+        return {"step": self.name, "square": self.square, "fov_mm": round(self.fov_mm, 3),
+                "pixel_mm": round(self.pixel_mm, 4), "image_size": self.size}
+
+
 # -- the stack ----------------------------------------------------------------------------------
 @dataclass
 class SliceStack:
-    """Normalised axial slices and everything needed to map results back to the input grid."""
+    """Normalised axial slices and the recorded steps that map results back to the input grid."""
 
-    slices: np.ndarray  # (N, S, S) float32 in [0, 1], zero outside the brain
+    slices: np.ndarray  # (N, S, S) float32 in [0, 1] (zero outside the brain when the input is masked)
     masks: np.ndarray  # (N, S, S) bool, brain at model resolution
-    indices: np.ndarray  # (N,) axial index k of each slice in the canonical volume
+    indices: np.ndarray  # (N,) axial index k of each slice in the working (canonical or template) volume
     image_size: int
     reference: sitk.Image  # the input image (its grid is the output grid; never modified)
-    oriented_reference: sitk.Image  # geometry of the canonical (LPS) volume (1 component, no voxel data kept)
+    oriented_reference: sitk.Image  # geometry of the working volume (1 voxel, no voxel data kept)
     permute: tuple  # DICOMOrient permute order (x, y, z)
     flip: tuple  # DICOMOrient flip axes
-    brain: np.ndarray  # (K, J, I) bool brain mask of the canonical volume at the input resolution
-    center: tuple  # (cj, ci) centre of the field of view, canonical index units
-    step: tuple  # (dj, di) input voxels per model pixel along j and i
+    brain: np.ndarray  # (K, J, I) bool brain mask of the working volume
+    center: tuple  # (cj, ci) centre of the field of view, working-volume index units
+    step: tuple  # (dj, di) working voxels per model pixel along j and i
     fov_mm: float  # side of the square field of view
-    lower: float  # input intensity mapped to 0
-    upper: float  # input intensity mapped to 1
+    lower: float  # intensity mapped to 0
+    upper: float  # intensity mapped to 1
     settings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)  # the recorded Step objects, in forward order
+    input_brain: np.ndarray | None = None  # bool brain mask in the input's voxel order (z, y, x)
+    profile: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -187,9 +693,16 @@ class SliceStack:
     def denormalise(self, x01: np.ndarray) -> np.ndarray:
         return (self.lower + np.asarray(x01, np.float32) * (self.upper - self.lower)).astype(np.float32)
 
+    def invert(self, maps: dict) -> dict:
+        """Per-slice maps (N, S, S) -> arrays in the input's voxel order (z, y, x): every inverse, in reverse."""
+        out = dict(maps)
+        for st in reversed(self.steps):
+            out = st.inverse(out)
+        return out
+
     def brain_mask_array(self) -> np.ndarray:
         """Brain mask (bool) in the input's voxel order (z, y, x)."""
-        return unorient_array(self.brain, self.permute, self.flip)
+        return self.input_brain
 
     def brain_mask_image(self) -> sitk.Image:
         """Brain mask as a uint8 image on the input's grid."""
@@ -198,7 +711,7 @@ class SliceStack:
         return img
 
 
-def _resample_inplane(stack: np.ndarray, center, step, size: int, order: int = 1) -> np.ndarray:
+def _resample_inplane(stack: np.ndarray, center, step, size: int, order: int = 1, cval: float = 0.0) -> np.ndarray:
     """(N, J, I) canonical slices -> (N, S, S): output pixel (v, u) samples j = cj + (v - c) dj, i = ci + (u - c) di."""
     from scipy import ndimage
 
@@ -206,79 +719,88 @@ def _resample_inplane(stack: np.ndarray, center, step, size: int, order: int = 1
     (cj, ci), (dj, di) = center, step
     out = ndimage.affine_transform(
         stack, np.array([1.0, dj, di]), offset=np.array([0.0, cj - c * dj, ci - c * di]),
-        output_shape=(stack.shape[0], size, size), order=order, mode="constant", cval=0.0, prefilter=False)
+        output_shape=(stack.shape[0], size, size), order=order, mode="constant", cval=float(cval), prefilter=False)
     return out.astype(np.float32)
 
 
-def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None = None,
-               normalisation: dict | None = None) -> SliceStack:
-    """Volume -> ``SliceStack`` (see the module docstring for every convention)."""
-    from scipy import ndimage
+def _yes_no_auto(value, name: str):
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("auto",):
+        return "auto"
+    if v in ("yes", "true", "1", "y"):
+        return True
+    if v in ("no", "false", "0", "n"):
+        return False
+    raise ValueError(f"{name} must be auto, yes or no, got {value!r}")
 
+
+def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None = None,
+               normalisation: dict | None = None, profile: dict | None = None, skull_stripped="auto",
+               contrast: str | None = None, strip_method: str | None = None, bias_correction=None,
+               registration_options: dict | None = None, device=None) -> SliceStack:
+    """Volume -> ``SliceStack`` (see the module docstring for every convention).
+
+    ``profile``: the model's ``preprocessing`` entry (``DEFAULT_PROFILE`` for absent keys).
+    ``skull_stripped``: "auto" (detect), True or False: whether the input is skull-stripped.
+    ``contrast``: the scan's contrast (chooses the skull stripper; see ``uad.skullstrip``).
+    ``strip_method``: force a skull stripper ("deepbet" or "registration").
+    ``bias_correction``: None (the profile's), True or False: N4 switch.
+    ``registration_options``: keyword arguments of ``uad.registration.register_affine``.
+    """
     validate(image)
     size = int(image_size)
     if size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     s = normalisation_settings(normalisation)
-    info: dict = {"orientation": CANONICAL_ORIENTATION, "warnings": []}
+    prof = profile_settings(profile)
+    told = _yes_no_auto(skull_stripped, "skull_stripped")
+    w = _Work(image=image)
+    info: dict = {"orientation": CANONICAL_ORIENTATION, "warnings": [], "profile": dict(prof)}
+    steps: list = []
 
-    permute, flip = orientation_of(image)
-    oriented = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
-    arr = sitk.GetArrayFromImage(oriented).astype(np.float32, copy=False)  # (K, J, I)
-    geom = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-    geom.SetSpacing(oriented.GetSpacing())
-    geom.SetOrigin(oriented.GetOrigin())
-    geom.SetDirection(oriented.GetDirection())
-    sx, sy, _ = oriented.GetSpacing()
-    del oriented
+    def run(st: Step):
+        st.forward(w)
+        steps.append(st)
 
-    if brain_mask is not None:
-        brain = orient_array(_mask_on_grid(brain_mask, image), permute, flip)
-        info["brain_mask"] = "given"
+    run(Reorient())
+    # skull-stripped or not: told, or detected (a given brain mask is taken as the truth about the brain)
+    if told == "auto":
+        stripped, evidence = detect_skull_stripped(w.arr, w.grid.spacing, s["mask_threshold"])
+        info["skull_stripped"] = {"value": stripped, "source": "detected", **evidence}
     else:
-        brain = compute_brain_mask(arr, s["mask_threshold"])
-        info["brain_mask"] = "automatic"
-        if not brain.any():
-            raise InputError("input image: no brain found by the automatic brain mask; pass a brain mask")
-        frac = float(brain.mean())
-        if frac > 0.6:
-            info["warnings"].append(f"the automatic brain mask covers {100 * frac:.0f}% of the volume; "
-                                    f"is the input skull-stripped? Pass a brain mask otherwise")
-
-    vals = arr[brain]
-    lo, hi = (float(v) for v in np.percentile(vals, [s["lower"], s["upper"]]))
-    if hi <= lo:
-        hi = float(vals.max())
-    if hi <= lo:
-        raise InputError("input image: the intensities inside the brain mask are constant")
-
-    indices = np.flatnonzero(brain.any(axis=(1, 2)))
-    rows = np.flatnonzero(brain.any(axis=(0, 2)))
-    cols = np.flatnonzero(brain.any(axis=(0, 1)))
-    j0, j1, i0, i1 = rows[0], rows[-1], cols[0], cols[-1]
-    ext = max((j1 - j0 + 1) * sy, (i1 - i0 + 1) * sx)
-    fov = ext * (1.0 + 2.0 * s["margin"])
-    pixel = fov / size
-    center = ((j0 + j1) / 2.0, (i0 + i1) / 2.0)
-    step = (pixel / sy, pixel / sx)
-
-    sub = arr[indices]
-    bsub = brain[indices]
-    norm = (sub - lo) / (hi - lo)
-    if s["clip"]:
-        norm = np.clip(norm, 0.0, 1.0)
-    norm = np.where(bsub, norm, 0.0).astype(np.float32)
-    sig = tuple(max(0.0, (st - 1.0) / 2.0) for st in step)
-    if max(sig) > 0:
-        norm = ndimage.gaussian_filter(norm, sigma=(0.0, sig[0], sig[1]), mode="constant", cval=0.0)
-    slices = _resample_inplane(norm, center, step, size)
-    masks = _resample_inplane(bsub.astype(np.float32), center, step, size) > 0.5
-    if s["clip"]:
-        np.clip(slices, 0.0, 1.0, out=slices)
-    slices *= masks
-
-    info.update({"n_slices": int(len(indices)), "fov_mm": float(fov), "pixel_mm": float(pixel),
-                 "lower": lo, "upper": hi, "permute": list(permute), "flip": list(flip)})
-    return SliceStack(slices=slices, masks=masks, indices=indices.astype(np.int64), image_size=size,
-                      reference=image, oriented_reference=geom, permute=permute, flip=flip, brain=brain,
-                      center=center, step=step, fov_mm=float(fov), lower=lo, upper=hi, settings=s, info=info)
+        stripped = bool(told)
+        info["skull_stripped"] = {"value": stripped, "source": "told"}
+    w.stripped = stripped
+    n4 = prof["bias_correction"] if bias_correction is None else bool(bias_correction)
+    if n4 == "auto":
+        n4 = not stripped
+    if n4:
+        run(BiasCorrection())
+    strip = brain_mask is None and (prof["skull_strip"] is True or not stripped)
+    run(BrainMask(given=brain_mask, strip=strip, method=strip_method, contrast=contrast,
+                  mask_threshold=s["mask_threshold"], device=device))
+    input_brain = unorient_array(w.brain, w.permute, w.flip)
+    if steps[-1].source == "automatic" and steps[-1].fraction > 0.6:
+        info["warnings"].append(f"the automatic brain mask covers {100 * steps[-1].fraction:.0f}% of the volume; "
+                                f"is the input skull-stripped? Pass a brain mask otherwise")
+    w.mask_input = prof["skull_strip"] is not False
+    if prof["registration"] == "mni152":
+        run(Register(prof["spacing_mm"], registration_options))
+    full_brain = w.brain
+    geom = w.grid.probe()
+    run(Normalise(s["lower"], s["upper"], s["clip"], prof["intensity"], prof["pad_value"]))
+    run(SelectSlices(prof["slice_range"]))
+    run(InPlane(size, prof["square"], s["margin"], s["clip"]))
+    norm_step, sel_step, ip = steps[-3], steps[-2], steps[-1]
+    info.update({"n_slices": int(len(sel_step.indices)), "fov_mm": ip.fov_mm, "pixel_mm": ip.pixel_mm,
+                 "lower": norm_step.lo, "upper": norm_step.hi, "permute": list(w.permute), "flip": list(w.flip),
+                 "brain_mask": steps[[st.name for st in steps].index("brain_mask")].source,
+                 "steps": [st.record() for st in steps]})
+    return SliceStack(slices=w.arr, masks=w.brain, indices=sel_step.indices, image_size=size, reference=image,
+                      oriented_reference=geom, permute=w.permute, flip=w.flip, brain=full_brain,
+                      center=ip.center, step=ip.step, fov_mm=ip.fov_mm, lower=norm_step.lo, upper=norm_step.hi,
+                      settings=s, info=info, steps=steps, input_brain=input_brain, profile=prof)
