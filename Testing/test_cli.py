@@ -54,7 +54,8 @@ def test_detect_writes_outputs_on_input_grid(tiny_zoo, make_volume, tmp_path, ca
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert _files(outdir) == sorted(f"{s}_{k}" for s in ("case01_T2", "case02")
-                                    for k in ("restoration.nii.gz", "anomaly.nii.gz", "mask.nii.gz", "overview.png"))
+                                    for k in ("restoration.nii.gz", "anomaly.nii.gz", "mask.nii.gz", "brainmask.nii.gz",
+                                              "overview.png"))
     for stem, ref in (("case01_T2", img), ("case02", img2)):
         for k in ("restoration", "anomaly", "mask"):
             o = sitk.ReadImage(str(outdir / f"{stem}_{k}.nii.gz"))

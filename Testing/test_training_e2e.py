@@ -110,8 +110,9 @@ def test_train_resume_import_detect(private_zoo, tmp_path, capsys):
                "--param", "level=20", "-o", str(outdir), "--device", "cpu", "--no-progress"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert sorted(p.name for p in outdir.iterdir()) == ["case_anomaly.nii.gz", "case_mask.nii.gz",
-                                                        "case_overview.png", "case_restoration.nii.gz"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["case_anomaly.nii.gz", "case_brainmask.nii.gz",
+                                                        "case_mask.nii.gz", "case_overview.png",
+                                                        "case_restoration.nii.gz"]
     for kind in ("restoration", "anomaly", "mask"):
         o = sitk.ReadImage(str(outdir / f"case_{kind}.nii.gz"))
         assert o.GetSize() == ph.image.GetSize()

@@ -78,6 +78,7 @@ def parse_params(items) -> dict:
 # -- detect ---------------------------------------------------------------------------------------
 def _outputs(outdir: Path, stem: str) -> dict[str, Path]:
     d = {k: outdir / f"{stem}_{k}.nii.gz" for k in OUTPUT_KINDS}
+    d["brainmask"] = outdir / f"{stem}_brainmask.nii.gz"  # the brain mask used (given, automatic or stripped)
     d["overview"] = outdir / f"{stem}_overview.png"
     return d
 
@@ -94,6 +95,9 @@ def _write_all(result, image, outputs: dict[str, Path], title: str) -> None:
         for kind in OUTPUT_KINDS:
             tmps[kind] = temp_path_like(outputs[kind])
             write_image(getattr(result, kind), tmps[kind])
+        if "brainmask" in outputs and result.brain_mask is not None:
+            tmps["brainmask"] = temp_path_like(outputs["brainmask"])
+            write_image(result.brain_mask, tmps["brainmask"])
         tmps["overview"] = temp_path_like(outputs["overview"])
         write_overview(tmps["overview"], image, result.restoration, result.anomaly, result.mask,
                        brain_mask=result.brain_mask, title=title, threshold=result.info.get("threshold"))
@@ -131,6 +135,12 @@ def cmd_detect(args) -> int:
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: exists and is not a folder")
+    given = {p.resolve() for p in inputs + masks}
+    for s in stems:
+        for kind, path in _outputs(outdir, s).items():
+            if path.resolve() in given:
+                raise InputError(f"{path}: the {kind} output would overwrite an input file; "
+                                 f"choose another output folder")
 
     # 1. validate every input (and mask) before processing any
     for i, p in enumerate(inputs):
@@ -163,7 +173,9 @@ def cmd_detect(args) -> int:
         try:
             result = detect(image, method=name, model=model, device=dev, seed=args.seed,
                             batch_size=args.batch_size, preset=args.preset, params=params,
-                            threshold=args.threshold, brain_mask=bmask, progress=progress)
+                            threshold=args.threshold, brain_mask=bmask, progress=progress,
+                            skull_stripped=args.skull_stripped,
+                            bias_correction=None if args.bias_correction == "auto" else args.bias_correction == "yes")
         finally:
             bar.close()
         info = result.info
@@ -333,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method parameter overriding the preset (repeatable)")
     d.add_argument("--brain-mask", action="append", default=None, metavar="FILE",
                    help="brain mask (one, or one per input); default: automatic (skull-stripped input)")
+    d.add_argument("--skull-stripped", choices=("auto", "yes", "no"), default="auto",
+                   help="is the input skull-stripped? auto (default): detected (masked background, brain-sized "
+                        "foreground); if not, it is skull-stripped (deepbet for T1, MNI152 registration mask for "
+                        "T2/FLAIR) unless --brain-mask is given")
+    d.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
+                   help="N4 bias-field correction: auto (default: the model's profile; on for inputs that are "
+                        "not skull-stripped), yes or no")
     d.add_argument("--sample", action="store_true",
                    help="run on the bundled sample and score the anomaly map against its lesion mask")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")

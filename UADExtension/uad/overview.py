@@ -1,7 +1,8 @@
 """The overview PNG: the most anomalous axial slices, four panels each.
 
-Columns: input, restoration, anomaly heat map over the input, binary mask
-contour over the input.  Rows: the ``n_slices`` axial slices (canonical LPS
+Columns: input (brain mask used outlined in cyan), restoration, anomaly heat
+map over the input, binary mask contour (red) over the input (and the brain
+outline).  Rows: the ``n_slices`` axial slices (canonical LPS
 order, see ``uad.preprocess``) with the largest in-brain anomaly sum.  Slices
 are shown in the radiological convention (anterior up, patient's right on the
 left) with their physical aspect ratio.  Uses matplotlib's Agg canvas directly,
@@ -76,6 +77,9 @@ def write_overview(path: str | os.PathLike, image: sitk.Image, restoration: sitk
         panels[2].set_title(f"anomaly, axial {k} (max {float(a_an.max()):.3g})", fontsize=8)
         fig.colorbar(him, ax=panels[2], fraction=0.046, pad=0.02)
         panels[3].imshow(a_in, cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
+        if brain is not None and brain[k].any() and not brain[k].all():  # the brain mask used, in cyan
+            for p in (panels[0], panels[3]):
+                p.contour(brain[k].astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.6)
         if a_m.any() and not a_m.all():
             panels[3].contour(a_m.astype(np.float32), levels=[0.5], colors="red", linewidths=1.0)
         thr_txt = f" > {threshold:.3g}" if threshold is not None else ""

@@ -65,6 +65,24 @@ _LESION_INT = {
     "FLAIR": {"oedema": (1.45, 1.80), "solid": (1.20, 1.45), "necrosis": (0.35, 0.60),
               "stroke": (1.45, 1.75), "ms": (1.50, 1.90)},
 }
+# Head tissues outside the brain (``make_phantom(head=True)``), same reference as _TISSUE.
+# Cortical bone is dark in every contrast; marrow (diploe) and fat are bright on T1, intermediate
+# on T2 and FLAIR; vitreous humour is fluid (dark T1, bright T2, suppressed on FLAIR).
+_HEAD = {
+    "T1": {"bone": (0.03, 0.08), "marrow": (0.65, 0.85), "muscle": (0.45, 0.58), "fat": (1.05, 1.25),
+           "skin": (0.55, 0.70), "vitreous": (0.10, 0.18), "orbital_fat": (1.05, 1.25)},
+    "T2": {"bone": (0.02, 0.06), "marrow": (0.45, 0.60), "muscle": (0.25, 0.35), "fat": (0.70, 0.85),
+           "skin": (0.40, 0.55), "vitreous": (1.05, 1.20), "orbital_fat": (0.70, 0.85)},
+    "FLAIR": {"bone": (0.02, 0.06), "marrow": (0.60, 0.80), "muscle": (0.45, 0.60), "fat": (0.85, 1.05),
+              "skin": (0.55, 0.70), "vitreous": (0.08, 0.15), "orbital_fat": (0.85, 1.05)},
+}
+# Layers outside the brain, inside out: (tissue, mean thickness mm).  "csf" uses the phantom's CSF level.
+_HEAD_LAYERS = (("csf", 2.0), ("bone", 1.5), ("marrow", 2.5), ("bone", 1.5), ("muscle", 1.5), ("fat", 4.0),
+                ("skin", 1.5))
+# Eyeball centres in MNI RAS mm (x = +-32) and radii: vitreous, orbital fat.
+_EYE_RAS = ((32.0, 52.0, -48.0), (-32.0, 52.0, -48.0))
+_EYE_RADIUS_MM = 11.0
+_ORBIT_RADIUS_MM = 16.0
 _CONTRAST_CODE = {"T1": 1, "T2": 2, "FLAIR": 3}
 _LESION_CODE = {"none": 0, "tumour": 1, "stroke": 2, "ms": 3}
 
@@ -256,6 +274,7 @@ class Phantom:
     lesion_mask: sitk.Image  # uint8, 1 = lesion (all zero for lesion="none")
     meta: dict = field(default_factory=dict)
     tissues: dict | None = None  # with return_tissues=True: "gm", "wm", "csf" probability images (float32)
+    head_mask: sitk.Image | None = None  # with head=True: uint8, 1 = head (brain included)
 
     @property
     def lesion_voxels(self) -> int:
@@ -526,7 +545,7 @@ def _image(arr: np.ndarray, size, spacing, origin, direction) -> sitk.Image:
 
 
 def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing: float | None = None,
-                 return_tissues: bool = False) -> Phantom:
+                 return_tissues: bool = False, head: bool = False) -> Phantom:
     """One phantom (see the module docstring).
 
     ``seed``: non-negative integer; the same seed and arguments give identical arrays.
@@ -534,6 +553,11 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
     ``spacing``: output voxel size in mm (isotropic; None = the template's 1 mm grid).
     ``return_tissues``: also return the warped healthy tissue probability maps
     (``Phantom.tissues``: gm, wm, csf; partial-volume ground truth, lesions not removed).
+    ``head``: wrap the brain in a head (not skull-stripped): a CSF rim, skull (inner table,
+    marrow, outer table), muscle, subcutaneous fat and skin (layer thicknesses modulated by a
+    smooth random field), two orbits (vitreous and orbital fat), under the same bias field,
+    with Rician noise over the whole field of view (a noisy background).  The brain, its
+    mask and the lesion are those of ``head=False``; ``Phantom.head_mask`` is the head.
     """
     import torch
 
@@ -684,6 +708,21 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
     vol *= bias_d * scale_int
     ref = scale_int * levels["gm"] if contrast != "FLAIR" else scale_int * levels["wm"]
     sigma_n = noise_frac * ref
+    K, J, I = int(size[2]), int(size[1]), int(size[0])
+    bmask = np.zeros((K, J, I), np.uint8)
+    bmask[k0:k1, j0:j1, i0:i1] = brain
+    head_info: dict = {}
+    hmask = None
+    if head:
+        rng_head = np.random.default_rng([seed, 43, _CONTRAST_CODE[contrast]])
+        full, hmask, head_info = _head(rng_head, t, contrast, levels["csf"], bmask > 0, size, sp, origin,
+                                       M, shift, bias_coef)
+        full *= scale_int
+        full[k0:k1, j0:j1, i0:i1] = np.where(brain, vol, full[k0:k1, j0:j1, i0:i1])
+        vol, box_sl = full, (slice(None),) * 3
+        del full
+    else:
+        box_sl = (slice(k0, k1), slice(j0, j1), slice(i0, i1))
     n1 = rng_noise.standard_normal(vol.shape, dtype=np.float32)
     n2 = rng_noise.standard_normal(vol.shape, dtype=np.float32)
     n1 *= sigma_n
@@ -691,13 +730,11 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
     n2 *= sigma_n
     vol = np.sqrt(n1 * n1 + n2 * n2)
     del n1, n2
-    vol[~brain] = 0.0
+    if not head:
+        vol[~brain] = 0.0
 
-    K, J, I = int(size[2]), int(size[1]), int(size[0])
     img = np.zeros((K, J, I), np.float32)
-    img[k0:k1, j0:j1, i0:i1] = vol
-    bmask = np.zeros((K, J, I), np.uint8)
-    bmask[k0:k1, j0:j1, i0:i1] = brain
+    img[box_sl] = vol
     lmask = np.zeros((K, J, I), np.uint8)
     if lesion_any is not None:
         lm = np.zeros(brain.shape, bool)
@@ -726,9 +763,150 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
             full = np.zeros((K, J, I), np.float32)
             full[k0:k1, j0:j1, i0:i1] = np.clip(arr, 0.0, 1.0)
             tissues[name] = _image(full, size, sp, origin, direction)
-    return Phantom(image=_image(img, size, sp, origin, direction),
-                   brain_mask=_image(bmask, size, sp, origin, direction),
-                   lesion_mask=_image(lmask, size, sp, origin, direction), meta=meta, tissues=tissues)
+    if head:
+        meta["head"] = head_info
+        meta["head_voxels"] = int(hmask.sum())
+    ph = Phantom(image=_image(img, size, sp, origin, direction),
+                 brain_mask=_image(bmask, size, sp, origin, direction),
+                 lesion_mask=_image(lmask, size, sp, origin, direction), meta=meta, tissues=tissues)
+    if head:
+        ph.head_mask = _image(hmask.astype(np.uint8), size, sp, origin, direction)
+    return ph
+
+
+def _head(rng: np.random.Generator, t: _Template, contrast: str, csf_level: float, brain: np.ndarray, size, sp,
+          origin, M: np.ndarray, shift: np.ndarray, bias_coef: np.ndarray):
+    """Noiseless relative head intensities outside the brain on the output grid (times the bias field).
+
+    Returns (intensities (K, J, I) float32, head mask bool, info).  Layers follow
+    the distance (mm) from the brain's envelope (the brain closed by a 3 mm
+    Gaussian), with thicknesses modulated by a smooth random field; the orbits are
+    placed at the template's eye positions moved by the phantom's affine.
+    """
+    from scipy import ndimage
+
+    spz = tuple(float(s) for s in sp[::-1])  # (k, j, i) mm
+    levels = {k: float(rng.uniform(*v)) for k, v in _HEAD[contrast].items()}
+    levels["csf"] = float(csf_level)
+    sm = ndimage.gaussian_filter(brain.astype(np.float32), sigma=[3.0 / s for s in spz])
+    env = brain | (sm > 0.3)
+    dist = ndimage.distance_transform_edt(~env, sampling=spz).astype(np.float32)
+    dist -= 0.5 * min(spz)
+    np.maximum(dist, 0.0, out=dist)
+    # smooth thickness modulation in [0.7, 1.3]: coarse noise (16 mm) upsampled
+    coarse = tuple(max(2, int(math.ceil(n * s / 16.0)) + 1) for n, s in zip(brain.shape, spz))
+    mod = ndimage.zoom(rng.uniform(-1.0, 1.0, coarse), [n / c for n, c in zip(brain.shape, coarse)], order=1,
+                       grid_mode=True, mode="nearest")[:brain.shape[0], :brain.shape[1], :brain.shape[2]]
+    mod = (1.0 + 0.3 * mod).astype(np.float32)
+    edge = float(min(spz))
+
+    def s(x):
+        return np.clip(0.5 + x / edge, 0.0, 1.0)
+
+    out = np.zeros(brain.shape, np.float32)
+    inner = 0.0 * mod
+    thickness = {}
+    for name, th in _HEAD_LAYERS:
+        outer = inner + th * mod
+        occ = s(dist - inner) - s(dist - outer) if name != "csf" else 1.0 - s(dist - outer)
+        out += occ.astype(np.float32) * levels[name]
+        thickness[name] = thickness.get(name, 0.0) + th
+        inner = outer
+    head = dist < inner
+    # orbits: eye centres moved with the phantom's affine (output point P -> template point Q)
+    Minv = np.linalg.inv(M)
+    K, J, I = brain.shape
+    d = t.direction
+    ii = np.arange(I, dtype=np.float64)
+    jj = np.arange(J, dtype=np.float64)
+    kk = np.arange(K, dtype=np.float64)
+    eyes = []
+    for ras in _EYE_RAS:
+        q = np.array([-ras[0], -ras[1], ras[2]])  # template LPS
+        p = t.brain_centre + Minv @ (q - shift - t.brain_centre)
+        idx = np.linalg.solve(d * np.asarray(sp)[None, :], p - origin)  # (i, j, k) output index
+        eyes.append(idx)
+        r_box = int(math.ceil((_ORBIT_RADIUS_MM + 2) / min(spz)))
+        lo = [max(0, int(idx[a]) - r_box) for a in range(3)]
+        hi = [min(n, int(idx[a]) + r_box + 2) for a, n in zip(range(3), (I, J, K))]
+        if any(h <= l for l, h in zip(lo, hi)):
+            continue
+        sl = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+        pts = [ii[lo[0]:hi[0]][None, None, :], jj[lo[1]:hi[1]][None, :, None], kk[lo[2]:hi[2]][:, None, None]]
+        off = [(pts[a] - idx[a]) * sp[a] for a in range(3)]
+        r = np.sqrt(sum(o ** 2 for o in off))
+        away = np.clip((dist[sl] - 2.0) / edge, 0.0, 1.0)  # keep 2 mm off the brain
+        fat = s(_ORBIT_RADIUS_MM - r) * away
+        vit = s(_EYE_RADIUS_MM - r) * away
+        cover = s(_ORBIT_RADIUS_MM + 2.0 - r) * away  # skin over the orbit
+        region = out[sl]
+        region[:] = (1 - cover) * region + cover * levels["skin"]
+        region[:] = (1 - fat) * region + fat * levels["orbital_fat"]
+        region[:] = (1 - vit) * region + vit * levels["vitreous"]
+        head[sl] |= cover > 0.5
+    out[brain] = 0.0
+    # the phantom's bias field (same polynomial as in the brain), on the output grid
+    P = [origin[r] + sum(d[r, a] * (np.arange(n, dtype=np.float64) * sp[a]).reshape(
+        [-1 if b == 2 - a else 1 for b in range(3)]) for a, n in zip(range(3), (I, J, K))) for r in range(3)]
+    pn = [(P[r] - t.brain_centre[r]) / 80.0 for r in range(3)]
+    terms = [pn[0], pn[1], pn[2], pn[0] ** 2 - 0.1, pn[1] ** 2 - 0.1, pn[2] ** 2 - 0.1,
+             pn[0] * pn[1], pn[0] * pn[2], pn[1] * pn[2]]
+    out *= np.exp(sum(c * tm for c, tm in zip(bias_coef, terms))).astype(np.float32)
+    info = {"levels": {k: round(v, 4) for k, v in levels.items()},
+            "layer_thickness_mm": {k: round(v, 2) for k, v in thickness.items()},
+            "eyes_index": [[round(float(v), 1) for v in e] for e in eyes]}
+    return out, head | brain, info
+
+
+def resample_phantom(ph: Phantom, spacing=(1.0, 1.0, 1.0), rotation_deg=(0.0, 0.0, 0.0),
+                     flip=(False, False, False)) -> Phantom:
+    """The phantom as another acquisition: voxel size ``spacing`` (x, y, z mm; e.g. 4 mm slices),
+    index axes rotated by ``rotation_deg`` (about x, y, z; oblique) and flipped where ``flip``.
+
+    The new grid covers the rotated bounding box of the old one.  Thick voxels
+    are simulated by Gaussian smoothing (FWHM = the voxel size) before linear
+    resampling; the masks are resampled linearly and thresholded at 0.5.
+    """
+    img = ph.image
+    sp0 = np.array(img.GetSpacing())
+    d0 = np.array(img.GetDirection()).reshape(3, 3)
+    sp = np.array([float(s) for s in spacing])
+    d = _rotation(rotation_deg) @ d0
+    for a, f in enumerate(flip):
+        if f:
+            d[:, a] = -d[:, a]
+    size0 = np.array(img.GetSize())
+    corners = np.array([[i, j, k] for i in (-0.5, size0[0] - 0.5) for j in (-0.5, size0[1] - 0.5)
+                        for k in (-0.5, size0[2] - 0.5)])
+    phys = np.array(img.GetOrigin()) + (corners * sp0) @ d0.T
+    proj = phys @ d  # coordinates along the new axes
+    lo, hi = proj.min(0), proj.max(0)
+    size = np.maximum(np.ceil((hi - lo) / sp - 1e-6).astype(int), 1)
+    origin = d @ (lo + sp / 2.0)
+    ref = sitk.Image([int(v) for v in size], sitk.sitkUInt8)
+    ref.SetSpacing([float(v) for v in sp])
+    ref.SetOrigin([float(v) for v in origin])
+    ref.SetDirection([float(v) for v in d.ravel()])
+    sig_new = np.sqrt(np.maximum(sp ** 2 - sp0.min() ** 2, 0.0)) / 2.3548
+    overlap = np.abs(d0.T @ d)  # (old axis, new axis)
+    sig_old = (overlap * sig_new[None, :]).max(1)
+    src = sitk.Cast(img, sitk.sitkFloat32)
+    if sig_old.max() > 0:
+        src = sitk.SmoothingRecursiveGaussian(src, [float(max(s, 1e-3)) for s in sig_old])
+    out_img = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+    def mask(m):
+        if m is None:
+            return None
+        r = sitk.Resample(sitk.Cast(m, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0,
+                          sitk.sitkFloat32)
+        return sitk.Cast(r > 0.5, sitk.sitkUInt8)
+
+    meta = dict(ph.meta, resampled={"spacing_mm": sp.tolist(), "rotation_deg": list(rotation_deg),
+                                    "flip": [bool(f) for f in flip]})
+    out = Phantom(image=out_img, brain_mask=mask(ph.brain_mask), lesion_mask=mask(ph.lesion_mask), meta=meta)
+    out.head_mask = mask(ph.head_mask)
+    return out
 
 
 # ----------------------------------------------------------------------------- files
@@ -756,14 +934,15 @@ def write_phantom(ph: Phantom, outdir: str | os.PathLike, stem: str, image_dtype
 
 def generate_cohort(outdir: str | os.PathLike, n: int, contrast: str = "T2", lesion: str = "none", seed: int = 0,
                     spacing: float | None = None, progress: Callable[[int, int, dict], None] | None = None,
-                    image_dtype: str = "float32") -> list[dict]:
+                    image_dtype: str = "float32", head: bool = False) -> list[dict]:
     """Write ``n`` phantoms (seeds ``seed`` .. ``seed + n - 1``) and ``cohort.csv`` into ``outdir``.
 
     Returns one dict per phantom: stem, seed, contrast, lesion, lesion_voxels,
     lesion_ml and the three paths (image, brain_mask, lesion_mask); ``cohort.csv``
     has the same columns with the paths relative to ``outdir``.  Stems are
     ``phantom_<contrast>_<lesion>_<seed:06d>``.  ``progress(i, n, row)`` is called
-    after each volume.
+    after each volume.  ``head=True``: head phantoms (not skull-stripped; stems
+    ``phantom_head_<contrast>_<lesion>_<seed:06d>``), the brain mask stays the truth.
     """
     contrast = _check_contrast(contrast)
     lesion = _check_lesion(lesion)
@@ -775,8 +954,8 @@ def generate_cohort(outdir: str | os.PathLike, n: int, contrast: str = "T2", les
     rows = []
     for i in range(n):
         s = int(seed) + i
-        ph = make_phantom(s, contrast=contrast, lesion=lesion, spacing=spacing)
-        stem = f"phantom_{contrast}_{lesion}_{s:06d}"
+        ph = make_phantom(s, contrast=contrast, lesion=lesion, spacing=spacing, head=head)
+        stem = f"phantom_{'head_' if head else ''}{contrast}_{lesion}_{s:06d}"
         paths = write_phantom(ph, out, stem, image_dtype=image_dtype)
         row = {"stem": stem, "seed": s, "contrast": contrast, "lesion": lesion,
                "lesion_voxels": ph.lesion_voxels, "lesion_ml": ph.lesion_volume_ml,
@@ -805,7 +984,7 @@ def _cli_phantoms(args) -> int:
 
     try:
         generate_cohort(args.outdir, args.n, contrast=args.contrast, lesion=args.lesion, seed=args.seed,
-                        spacing=args.spacing, progress=report, image_dtype=args.dtype)
+                        spacing=args.spacing, progress=report, image_dtype=args.dtype, head=args.head)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}")
         return 2
@@ -847,6 +1026,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--spacing", type=float, default=None,
                    help="isotropic voxel size in mm (default: the 1 mm template grid)")
     p.add_argument("--dtype", choices=("float32", "int16"), default="float32", help="image voxel type on disk")
+    p.add_argument("--head", action="store_true",
+                   help="head phantoms (not skull-stripped): CSF rim, skull, scalp and fat, orbits, noisy "
+                        "background; the brain mask is the ground truth")
     p.set_defaults(func=_cli_phantoms)
 
 

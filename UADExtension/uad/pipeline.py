@@ -129,6 +129,18 @@ def model_threshold(model, method: str, preset: str | None) -> float | None:
         raise ModelError(f"model {model.id}: invalid threshold {t!r} in its manifest") from None
 
 
+def preprocessing_profile(model, override: dict | None = None) -> dict:
+    """The model's ``preprocessing`` profile (validated, defaults filled), updated with ``override``."""
+    from .preprocess import profile_settings
+
+    prof = model.config.get("preprocessing")
+    if prof is not None and not isinstance(prof, dict):
+        raise ValueError(f"preprocessing must be a dict, got {type(prof).__name__}")
+    merged = dict(prof or {})
+    merged.update(override or {})
+    return profile_settings(merged)
+
+
 def method_key(method: str) -> str:
     return str(method).lower().replace("-", "_")
 
@@ -137,7 +149,9 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
            batch_size: int = 16, preset: str | None = None, params: dict | None = None,
            threshold: float | None = None, brain_mask: sitk.Image | None = None,
            progress: Callable[[int, int], None] | None = None,
-           cancel: Callable[[], bool] | None = None) -> DetectionResult:
+           cancel: Callable[[], bool] | None = None, skull_stripped="auto",
+           bias_correction: bool | None = None, preprocessing: dict | None = None,
+           contrast: str | None = None) -> DetectionResult:
     """Run anomaly detection on a 3-D volume.
 
     ``model``: a ``uad.zoo.Model``, a model id, or None for the method's default
@@ -147,6 +161,13 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     the binary mask is ``threshold`` if given, else the model's calibrated
     threshold, else the 99th percentile of the in-brain anomaly values
     (``info["threshold_source"]`` says which).  The input image is not modified.
+
+    Preprocessing follows the model's ``preprocessing`` profile (``uad.preprocess.DEFAULT_PROFILE``;
+    ``preprocessing`` overrides keys of it).  ``skull_stripped``: "auto" (detected), True or False:
+    whether the input is skull-stripped (if not, it is skull-stripped, see ``uad.skullstrip``, unless
+    ``brain_mask`` is given).  ``bias_correction``: N4 on/off (None: the profile's; "auto" = on for
+    inputs that are not skull-stripped).  ``contrast``: the scan's contrast (default: the model's),
+    which chooses the skull stripper.
     """
     import torch
 
@@ -173,7 +194,13 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
 
     check_cancel()
     try:
-        stack = preprocess(image, m.image_size, brain_mask=brain_mask, normalisation=m.normalisation)
+        profile = preprocessing_profile(m, preprocessing)
+    except ValueError as e:  # the model's preprocessing profile
+        raise ModelError(f"model {m.id}: {' '.join(str(e).split())}") from None
+    try:
+        stack = preprocess(image, m.image_size, brain_mask=brain_mask, normalisation=m.normalisation,
+                           profile=profile, skull_stripped=skull_stripped, bias_correction=bias_correction,
+                           contrast=contrast or m.config.get("contrast"), device=dev)
     except ValueError as e:  # the model's image_size / normalisation settings
         raise ModelError(f"model {m.id}: {' '.join(str(e).split())}") from None
     n = len(stack)
@@ -213,8 +240,7 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
         thr = float(np.percentile(vals, FALLBACK_PERCENTILE)) if vals.size else 0.0
         source = f"fallback: {FALLBACK_PERCENTILE:g}th percentile of the in-brain anomaly (uncalibrated)"
     mask = threshold_mask(anomaly, thr, int(post.get("min_component_size") or 0))
-    brain_img = sitk.GetImageFromArray(brain.astype(np.uint8))
-    brain_img.CopyInformation(image)
+    brain_img = stack.brain_mask_image()
 
     params_used = dataclasses.asdict(meth.params) if dataclasses.is_dataclass(meth.params) else dict(params or {})
     info = {

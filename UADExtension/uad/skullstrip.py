@@ -1,0 +1,146 @@
+"""Skull stripping: the brain mask of an unprocessed head scan.
+
+Two strippers, chosen per contrast by ``STRIPPER_BY_CONTRAST`` (measured on head
+phantoms by ``benchmarks/bench_skullstrip.py``; see the README):
+
+* ``deepbet``: the deepbet network (Fisch et al. 2024, MIT licence; PyPI package
+  ``deepbet``, TorchScript weights inside the wheel, runs offline).  The scan is
+  resampled to ``DEEPBET_VOXEL_MM`` isotropic voxels in RAS order (deepbet's
+  input convention; thick slices would otherwise be squashed), deepbet's
+  probability is thresholded at 0.5, its largest component kept and its holes
+  filled, and the mask is brought back onto the scan's grid.
+* ``registration``: the MNI152 brain mask carried onto the scan by an affine
+  plus a B-spline SimpleITK registration (Mattes mutual information) of the
+  template to the scan.
+
+Both work on any orientation and spacing: they take a SimpleITK image and
+return a bool array in its voxel order (k, j, i).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import UADError
+
+METHODS = ("deepbet", "registration")
+#: The skull stripper used per contrast (unknown contrast: deepbet).  Measured on head phantoms
+#: (benchmarks/bench_skullstrip.py): deepbet is best on T1 but over-segments T2 and FLAIR (it keeps
+#: the bright CSF rim and parts of the scalp), where the registration mask is better.
+STRIPPER_BY_CONTRAST = {"T1": "deepbet", "T2": "registration", "FLAIR": "registration"}
+DEEPBET_VOXEL_MM = 1.0
+
+
+def choose_method(contrast: str | None, method: str | None = None) -> str:
+    if method is not None:
+        m = str(method).lower()
+        if m not in METHODS:
+            raise UADError(f"unknown skull stripper {method!r}; choose one of {', '.join(METHODS)}")
+        return m
+    return STRIPPER_BY_CONTRAST.get(str(contrast or "").upper(), "deepbet")
+
+
+def brain_mask(image: sitk.Image, contrast: str | None = None, method: str | None = None,
+               device=None) -> tuple[np.ndarray, str]:
+    """(bool brain mask in ``image``'s voxel order (k, j, i), "skull strip (<method>)")."""
+    m = choose_method(contrast, method)
+    if m == "deepbet":
+        mask = deepbet_mask(image, device=device)
+    else:
+        mask = registration_mask(image)
+    return mask, f"skull strip ({m})"
+
+
+def _cleanup(mask: np.ndarray) -> np.ndarray:
+    """Largest 3-D component, holes filled per axial slice (and closed cavities)."""
+    from scipy import ndimage
+
+    from .preprocess import fill_holes_per_slice
+
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    out = lab == int(np.argmax(counts))
+    return fill_holes_per_slice(ndimage.binary_fill_holes(out))
+
+
+def _iso_grid(image: sitk.Image, voxel_mm: float) -> sitk.Image:
+    """A reference image in RAS voxel order (DICOMOrient 'RAS') with ``voxel_mm`` isotropic voxels, same box."""
+    probe = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
+    probe.CopyInformation(image)
+    ras = sitk.DICOMOrient(probe, "RAS")
+    size = np.array(ras.GetSize()) * np.array(ras.GetSpacing())
+    n = np.maximum(np.round(size / voxel_mm).astype(int), 1)
+    ref = sitk.Image([int(v) for v in n], sitk.sitkUInt8)
+    ref.SetSpacing([float(voxel_mm)] * 3)
+    ref.SetDirection(ras.GetDirection())
+    # same physical box: first voxel centre half a new voxel inside the old box corner
+    d = np.array(ras.GetDirection()).reshape(3, 3)
+    corner = np.array(ras.GetOrigin()) - d @ (np.array(ras.GetSpacing()) / 2.0)
+    ref.SetOrigin([float(v) for v in corner + d @ (np.full(3, voxel_mm) / 2.0)])
+    return ref
+
+
+@functools.lru_cache(maxsize=2)
+def _deepbet(no_gpu: bool):
+    try:
+        from deepbet import BrainExtraction
+    except ImportError as e:  # pragma: no cover - a dependency of uad
+        raise UADError(f"skull stripping needs the 'deepbet' package ({e}); pip install deepbet") from None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation inside deepbet
+        return BrainExtraction(no_gpu=no_gpu)
+
+
+def deepbet_mask(image: sitk.Image, device=None, threshold: float = 0.5) -> np.ndarray:
+    """deepbet's brain mask of ``image`` (bool, its voxel order)."""
+    import torch
+
+    no_gpu = not (device is not None and str(device).startswith("cuda") and torch.cuda.is_available())
+    bet = _deepbet(no_gpu)
+    ref = _iso_grid(image, DEEPBET_VOXEL_MM)
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    iso = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, float(sitk.GetArrayViewFromImage(img).min()),
+                        sitk.sitkFloat32)
+    x = np.ascontiguousarray(sitk.GetArrayFromImage(iso).transpose(2, 1, 0))  # (i, j, k), RAS order
+    del iso
+    with torch.no_grad():
+        prob = bet.run_model(x)
+    m = prob > threshold
+    if not m.any():
+        return np.zeros(sitk.GetArrayViewFromImage(image).shape, bool)
+    m = bet.postprocess(m, 0)
+    back = sitk.GetImageFromArray(np.ascontiguousarray(m.transpose(2, 1, 0)).astype(np.float32))
+    back.CopyInformation(ref)
+    on_grid = sitk.Resample(back, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return _cleanup(sitk.GetArrayFromImage(on_grid) > 0.5)
+
+
+#: Registration-based stripper settings (affine then B-spline, template -> scan).
+REGISTRATION_MASK_OPTIONS = {"affine_iterations": (100, 60, 30), "bspline_iterations": 20, "mesh_mm": 50.0,
+                             "voxel_mm": 2.0}
+
+
+def registration_mask(image: sitk.Image, options: dict | None = None) -> np.ndarray:
+    """The MNI152 brain mask carried onto ``image`` (affine + B-spline, MI; template moving, scan fixed)."""
+    from .registration import mni152, register_affine, register_deformable
+
+    o = dict(REGISTRATION_MASK_OPTIONS, **(options or {}))
+    t1, brain = mni152(float(o["voxel_mm"]))
+    ref = _iso_grid(image, float(o["voxel_mm"]))
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    fixed = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    head = sitk.OtsuThreshold(fixed, 0, 1, 200)
+    aff, _ = register_affine(fixed, t1, iterations=o["affine_iterations"], shrink=(4, 2, 1)[:len(o["affine_iterations"])],
+                             fixed_mask=head)
+    tx = register_deformable(fixed, t1, aff, mesh_mm=float(o["mesh_mm"]), iterations=int(o["bspline_iterations"]),
+                             fixed_mask=head)
+    warped = sitk.Resample(sitk.Cast(brain, sitk.sitkFloat32), image, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return _cleanup(sitk.GetArrayFromImage(warped) > 0.5)
