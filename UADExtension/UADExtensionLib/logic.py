@@ -41,11 +41,24 @@ DEVICES = ["auto", "cuda", "mps", "cpu"]
 
 SEGMENT_NAME = "Anomaly"
 SEGMENT_COLOR = (0.2, 1.0, 0.4)
-# DICOM / Slicer terminology: Morphologically Altered Structure > Lesion.
-SEGMENT_TERMINOLOGY = ("Segmentation category and type - DICOM master list"
+# Terminology: category "Morphologically Altered Structure" (SCT 49755003), type "Lesion"
+# (SCT 52988006), region Brain (SCT 12738006).  Slicer's own lists have the category but not
+# this type, so the module ships the context below (Resources/Terminology, loaded at startup
+# by UADExtension.py); it also offers Mass, Neoplasm and Edema for the user to pick.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - UADExtension"
+TERMINOLOGY_FILE = "SegmentationCategoryTypeModifier-UADExtension.term.json"
+SEGMENT_TERMINOLOGY = (TERMINOLOGY_CONTEXT +
                        "~SCT^49755003^Morphologically Altered Structure"
                        "~SCT^52988006^Lesion~^^"
-                       "~Anatomic codes - DICOM master list~^^~^^")
+                       "~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^")
+
+
+def terminology_file_path():
+    """The shipped terminology context (``Resources/Terminology/...term.json`` of the module)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "Resources" / "Terminology" / TERMINOLOGY_FILE
+
 
 ATTR_PREFIX = "UAD."
 
@@ -339,6 +352,67 @@ class UADExtensionLogic:
         given = [n for n in (restorationVolume, heatmapVolume) if n is not None]
         if len(given) == 2 and given[0] is given[1]:
             raise InputError("the restoration and heatmap outputs must be different nodes")
+
+    # -- display helpers (Qt-free; the widget calls them) --------------------------------
+    def mostAnomalousPoint(self, result) -> tuple[float, float, float]:
+        """World RAS of the strongest score inside the largest anomalous component (or of the maximum).
+
+        The GUI jumps the slice views there (``JumpSlicesToLocation``).
+        """
+        import slicer.util
+        from scipy import ndimage
+
+        from .nodes import ijk_to_ras
+
+        heat = np.asarray(slicer.util.arrayFromVolume(result.heatmapNode), dtype=np.float64)
+        mask = self._segmentArray(result)
+        region = None
+        if mask is not None and mask.any():
+            lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            region = lab == int(np.argmax(sizes))
+        scores = np.where(region, heat, -np.inf) if region is not None else heat
+        k, j, i = np.unravel_index(int(np.argmax(scores)), heat.shape)
+        ras = ijk_to_ras(result.heatmapNode) @ np.array([i, j, k, 1.0])
+        transform = result.heatmapNode.GetParentTransformNode()
+        if transform is not None:
+            import vtk
+
+            m = vtk.vtkMatrix4x4()
+            if transform.GetMatrixTransformToWorld(m):
+                ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ras
+        return float(ras[0]), float(ras[1]), float(ras[2])
+
+    def _segmentArray(self, result):
+        """The result's segment as a (k, j, i) bool array on the heatmap grid (None if it is gone)."""
+        import vtk
+
+        import slicer.util
+
+        seg = result.segmentationNode
+        if seg is None or seg.GetSegmentation().GetSegment(result.segmentId) is None:
+            return None
+        scene = self.scene
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("UAD temporary export"))
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(result.segmentId)
+            if not self.segmentationsLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, result.heatmapNode):
+                return None
+            return np.asarray(slicer.util.arrayFromVolume(labelmap)) > 0
+        finally:
+            scene.RemoveNode(labelmap)
+
+    @staticmethod
+    def show3D(result, show: bool = True) -> None:
+        """Closed-surface representation of the anomaly segment, visible in 3D views."""
+        seg = result.segmentationNode
+        if show:
+            seg.CreateClosedSurfaceRepresentation()
+        display = seg.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility3D(bool(show))
 
     # -- live threshold ------------------------------------------------------------
     def updateThreshold(self, result_or_heatmap, threshold: float) -> int:
