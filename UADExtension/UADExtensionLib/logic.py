@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .devices import bounded_torch_threads, detect_halving_batch_on_oom
 from .nodes import node_ids, remove_nodes_not_in, set_volume_from_array, sitk_to_array_on_grid, volume_node_to_sitk
 
 # Display order in the GUI; the engine's registry (uad.methods) is the truth when importable.
@@ -40,11 +41,24 @@ DEVICES = ["auto", "cuda", "mps", "cpu"]
 
 SEGMENT_NAME = "Anomaly"
 SEGMENT_COLOR = (0.2, 1.0, 0.4)
-# DICOM / Slicer terminology: Morphologically Altered Structure > Lesion.
-SEGMENT_TERMINOLOGY = ("Segmentation category and type - DICOM master list"
+# Terminology: category "Morphologically Altered Structure" (SCT 49755003), type "Lesion"
+# (SCT 52988006), region Brain (SCT 12738006).  Slicer's own lists have the category but not
+# this type, so the module ships the context below (Resources/Terminology, loaded at startup
+# by UADExtension.py); it also offers Mass, Neoplasm and Edema for the user to pick.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - UADExtension"
+TERMINOLOGY_FILE = "SegmentationCategoryTypeModifier-UADExtension.term.json"
+SEGMENT_TERMINOLOGY = (TERMINOLOGY_CONTEXT +
                        "~SCT^49755003^Morphologically Altered Structure"
                        "~SCT^52988006^Lesion~^^"
-                       "~Anatomic codes - DICOM master list~^^~^^")
+                       "~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^")
+
+
+def terminology_file_path():
+    """The shipped terminology context (``Resources/Terminology/...term.json`` of the module)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "Resources" / "Terminology" / TERMINOLOGY_FILE
+
 
 ATTR_PREFIX = "UAD."
 
@@ -190,23 +204,51 @@ class UADExtensionLogic:
             return []
         return [e for e in entries if method is None or method in e.methods]
 
+    # -- defaults -------------------------------------------------------------
+    def defaultMethod(self, contrast: str | None = None) -> str:
+        """The method the GUI preselects (one small function, so the engine's method selection can replace it).
+
+        Today: DISYRE when a model serves it (it measures best on the bundled sample and
+        phantoms, see README), else the first method in display order that has a model,
+        else DISYRE.  ``contrast`` (e.g. "T2") restricts the models considered when given.
+        """
+        models = self.modelsForMethod(None)
+        if contrast:
+            same = [e for e in models if str(e.contrast or "").upper() == str(contrast).upper()]
+            models = same or models
+        served = {m for e in models for m in e.methods}
+        if "disyre" in served:
+            return "disyre"
+        for m in self.availableMethods():
+            if m in served:
+                return m
+        return "disyre"
+
     # -- the run --------------------------------------------------------------
     def process(self, inputVolumeNode, method: str = "anoddpm", model=None, device: str = "auto",
                 preset: str | None = None, seed: int = 0, threshold: float | None = None,
                 params: dict | None = None, progressCallback: Callable[[int, int], Any] | None = None,
-                cancel=None, brainMaskNode=None, batchSize: int = 16, namePrefix: str | None = None) -> UADResult:
-        """Detect anomalies in ``inputVolumeNode``; returns a ``UADResult``.
+                cancel=None, brainMaskNode=None, batchSize: int = 16, namePrefix: str | None = None,
+                restorationVolume=None, heatmapVolume=None, anomalySegmentation=None,
+                threads: int | None = None) -> UADResult:
+        """Detect anomalies in ``inputVolumeNode`` in this process; returns a ``UADResult``.
 
         ``model``: a model id, a ``uad.zoo.Model`` or None (the method's default model).
         ``progressCallback(done, total)``: slices finished.  ``cancel``: a callable
         (or threading.Event) polled between batches; raises ``uad.Cancelled``.
         ``brainMaskNode``: optional brain mask volume (label map) on the input grid.
+        ``restorationVolume`` / ``heatmapVolume`` / ``anomalySegmentation``: existing
+        nodes to overwrite (None: new nodes).  ``threads``: torch CPU threads during
+        the run (default ``default_thread_count()``, one core left to Slicer).
+        Out of GPU memory halves the batch and retries (``info["batch_size"]``).
         The input node and its voxels are never modified.
+        (``UADExtensionLib.runner.BackgroundRun`` does the same in a separate process.)
         """
         scene = self.scene
         self._checkInput(inputVolumeNode, scene, "input volume")
         if brainMaskNode is not None:
             self._checkInput(brainMaskNode, scene, "brain mask", allowLabelmap=True)
+        self._checkOutputs(scene, restorationVolume, heatmapVolume, anomalySegmentation)
         method = str(method).lower()
         start = time.perf_counter()
 
@@ -215,37 +257,72 @@ class UADExtensionLogic:
 
         from uad.pipeline import detect  # heavy (torch): imported only when running
 
-        det = detect(image, method=method, model=model, device=device, seed=seed, batch_size=batchSize,
-                     preset=preset, params=params, threshold=threshold, brain_mask=brain_mask,
-                     progress=progressCallback, cancel=_cancel_function(cancel))
+        with bounded_torch_threads(threads):
+            det, batchSize = detect_halving_batch_on_oom(
+                detect, image, method=method, model=model, device=device, seed=seed, batch_size=batchSize,
+                preset=preset, params=params, threshold=threshold, brain_mask=brain_mask,
+                progress=progressCallback, cancel=_cancel_function(cancel))
+        info = dict(det.info or {})
+        model_id = getattr(model, "id", None) or info.get("model") or (model if isinstance(model, str) else None)
+        info.setdefault("model", model_id)
+        result = self.buildOutputs(inputVolumeNode, det.restoration, det.anomaly, det.mask, info, method=method,
+                                   preset=preset, seed=seed, threshold=threshold, namePrefix=namePrefix,
+                                   restorationVolume=restorationVolume, heatmapVolume=heatmapVolume,
+                                   anomalySegmentation=anomalySegmentation)
+        result.info["elapsed_total_s"] = time.perf_counter() - start
+        return result
 
+    def processNodes(self, inputVolumeNodes, **kwargs) -> list:
+        """``process`` every node of a list (or of a sequence's volumes, passed as a list); one result each."""
+        for key in ("restorationVolume", "heatmapVolume", "anomalySegmentation"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key} cannot be shared by several inputs")
+        return [self.process(node, **kwargs) for node in list(inputVolumeNodes)]
+
+    def buildOutputs(self, inputVolumeNode, restoration, anomaly, mask, info: dict, method: str,
+                     preset: str | None = None, seed: int = 0, threshold: float | None = None,
+                     namePrefix: str | None = None, restorationVolume=None, heatmapVolume=None,
+                     anomalySegmentation=None) -> UADResult:
+        """Nodes from the engine's three images (SimpleITK images on the input grid); transactional.
+
+        Shared by ``process`` (in-process detection) and the background runner
+        (images read back from the ``uad detect`` output files), so both give equal nodes.
+        """
+        scene = self.scene
         # Validate every output before touching the scene.
         if inputVolumeNode.GetScene() is not scene:
             from uad import InputError
 
             raise InputError(f"the input volume {inputVolumeNode.GetName()!r} was removed from the scene during the run")
-        restoration = sitk_to_array_on_grid(det.restoration, inputVolumeNode, "restoration")
-        anomaly = sitk_to_array_on_grid(det.anomaly, inputVolumeNode, "anomaly map")
-        mask = sitk_to_array_on_grid(det.mask, inputVolumeNode, "anomaly mask") > 0
+        restoration = sitk_to_array_on_grid(restoration, inputVolumeNode, "restoration")
+        anomaly = sitk_to_array_on_grid(anomaly, inputVolumeNode, "anomaly map")
+        mask = sitk_to_array_on_grid(mask, inputVolumeNode, "anomaly mask") > 0
 
-        info = dict(det.info or {})
+        info = dict(info or {})
         thr = info.get("threshold", threshold)
-        model_id = getattr(model, "id", None) or info.get("model") or (model if isinstance(model, str) else None)
         info.setdefault("method", method)
         info.setdefault("threshold", thr)
         info["input"] = inputVolumeNode.GetName()
         info["anomalous_voxels"] = int(mask.sum())
         prefix = namePrefix or inputVolumeNode.GetName() or "volume"
+        model_id = info.get("model")
+        post = info.get("postprocess") or {}
 
         before = node_ids(scene)
         try:
-            restorationNode = self._addRestoration(scene, inputVolumeNode, restoration, f"{prefix} restoration ({method})")
-            heatmapNode = self._addHeatmap(scene, inputVolumeNode, anomaly, thr, f"{prefix} anomaly ({method})")
+            restorationNode = self._addRestoration(scene, inputVolumeNode, restoration,
+                                                   f"{prefix} restoration ({method})", restorationVolume)
+            heatmapNode = self._addHeatmap(scene, inputVolumeNode, anomaly, thr, f"{prefix} anomaly ({method})",
+                                           heatmapVolume)
             segmentationNode, segmentId = self._addSegmentation(scene, inputVolumeNode, mask,
-                                                                f"{prefix} anomaly segmentation ({method})")
+                                                                f"{prefix} anomaly segmentation ({method})",
+                                                                anomalySegmentation)
             attrs = {"method": method, "model": str(model_id or ""), "preset": str(info.get("preset", preset) or ""),
                      "seed": str(seed), "threshold": "" if thr is None else repr(float(thr)),
-                     "inputNodeID": inputVolumeNode.GetID()}
+                     "thresholdSource": str(info.get("threshold_source", "")),
+                     "minComponentSize": str(int(post.get("min_component_size") or 0)),
+                     "inputNodeID": inputVolumeNode.GetID(), "segmentID": segmentId,
+                     "heatmapNodeID": heatmapNode.GetID(), "segmentationNodeID": segmentationNode.GetID()}
             for role, node in (("restoration", restorationNode), ("anomaly", heatmapNode),
                                ("segmentation", segmentationNode)):
                 node.SetAttribute(ATTR_PREFIX + "role", role)
@@ -256,11 +333,100 @@ class UADExtensionLogic:
             logging.error(f"UAD: building the output nodes failed; removed {len(removed)} node(s) again")
             raise
         self._placeInSubjectHierarchy(scene, inputVolumeNode, (restorationNode, heatmapNode, segmentationNode))
-
-        info["elapsed_total_s"] = time.perf_counter() - start
-        logging.info(f"UAD: {method} on {prefix!r}: {info['anomalous_voxels']} anomalous voxels, "
-                     f"threshold {thr}, {info['elapsed_total_s']:.1f} s")
+        logging.info(f"UAD: {method} on {prefix!r}: {info['anomalous_voxels']} anomalous voxels, threshold {thr}")
         return UADResult(restorationNode, heatmapNode, segmentationNode, info, segmentId)
+
+    @staticmethod
+    def _checkOutputs(scene, restorationVolume, heatmapVolume, anomalySegmentation) -> None:
+        from uad import InputError
+
+        for node, cls, what in ((restorationVolume, "vtkMRMLScalarVolumeNode", "restoration volume"),
+                                (heatmapVolume, "vtkMRMLScalarVolumeNode", "heatmap volume"),
+                                (anomalySegmentation, "vtkMRMLSegmentationNode", "anomaly segmentation")):
+            if node is None:
+                continue
+            if not node.IsA(cls) or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise InputError(f"the {what} output {node.GetName()!r} is a {node.GetClassName()}, not a {cls}")
+            if node.GetScene() is not scene:
+                raise InputError(f"the {what} output {node.GetName()!r} is not in this logic's scene")
+        given = [n for n in (restorationVolume, heatmapVolume) if n is not None]
+        if len(given) == 2 and given[0] is given[1]:
+            raise InputError("the restoration and heatmap outputs must be different nodes")
+
+    # -- display helpers (Qt-free; the widget calls them) --------------------------------
+    def mostAnomalousPoint(self, result) -> tuple[float, float, float]:
+        """World RAS of the strongest score inside the largest anomalous component (or of the maximum).
+
+        The GUI jumps the slice views there (``JumpSlicesToLocation``).
+        """
+        import slicer.util
+        from scipy import ndimage
+
+        from .nodes import ijk_to_ras
+
+        heat = np.asarray(slicer.util.arrayFromVolume(result.heatmapNode), dtype=np.float64)
+        mask = self._segmentArray(result)
+        region = None
+        if mask is not None and mask.any():
+            lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            region = lab == int(np.argmax(sizes))
+        scores = np.where(region, heat, -np.inf) if region is not None else heat
+        k, j, i = np.unravel_index(int(np.argmax(scores)), heat.shape)
+        ras = ijk_to_ras(result.heatmapNode) @ np.array([i, j, k, 1.0])
+        transform = result.heatmapNode.GetParentTransformNode()
+        if transform is not None:
+            import vtk
+
+            m = vtk.vtkMatrix4x4()
+            if transform.GetMatrixTransformToWorld(m):
+                ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ras
+        return float(ras[0]), float(ras[1]), float(ras[2])
+
+    def _segmentArray(self, result):
+        """The result's segment as a (k, j, i) bool array on the heatmap grid (None if it is gone)."""
+        import vtk
+
+        import slicer.util
+
+        seg = result.segmentationNode
+        if seg is None or seg.GetSegmentation().GetSegment(result.segmentId) is None:
+            return None
+        scene = self.scene
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("UAD temporary export"))
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(result.segmentId)
+            if not self.segmentationsLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, result.heatmapNode):
+                return None
+            return np.asarray(slicer.util.arrayFromVolume(labelmap)) > 0
+        finally:
+            scene.RemoveNode(labelmap)
+
+    @staticmethod
+    def show3D(result, show: bool = True) -> None:
+        """Closed-surface representation of the anomaly segment, visible in 3D views."""
+        seg = result.segmentationNode
+        if show:
+            seg.CreateClosedSurfaceRepresentation()
+        display = seg.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility3D(bool(show))
+
+    # -- live threshold ------------------------------------------------------------
+    def updateThreshold(self, result_or_heatmap, threshold: float) -> int:
+        """Re-threshold the existing heatmap into its segment (no inference); returns the voxel count.
+
+        ``result_or_heatmap``: a ``UADResult`` or the heatmap node of one.  The
+        method's connected-component filter (``minComponentSize``) is applied as in
+        the run, so a run with ``threshold=t`` and ``updateThreshold(result, t)``
+        give the same segment.  The heatmap's transparency follows the threshold.
+        """
+        from .thresholding import rethreshold
+
+        heatmapNode = getattr(result_or_heatmap, "heatmapNode", result_or_heatmap)
+        return rethreshold(self, heatmapNode, float(threshold))
 
     # -- building blocks ------------------------------------------------------
     @staticmethod
@@ -277,8 +443,9 @@ class UADExtensionLogic:
             raise InputError(f"{what} {node.GetName()!r} is not in this logic's scene")
 
     @staticmethod
-    def _addRestoration(scene, inputNode, array, name):
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    def _addRestoration(scene, inputNode, array, name, node=None):
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
         set_volume_from_array(node, array, inputNode)
         node.CreateDefaultDisplayNodes()
         display, inputDisplay = node.GetDisplayNode(), inputNode.GetDisplayNode()
@@ -291,10 +458,11 @@ class UADExtensionLogic:
         return node
 
     @staticmethod
-    def _addHeatmap(scene, inputNode, array, threshold, name):
+    def _addHeatmap(scene, inputNode, array, threshold, name, node=None):
         from .colors import get_or_create_heat_color_node
 
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
         set_volume_from_array(node, np.asarray(array, dtype=np.float32), inputNode)
         node.CreateDefaultDisplayNodes()
         colorNode, _ = get_or_create_heat_color_node(scene)
@@ -309,11 +477,12 @@ class UADExtensionLogic:
         display.SetInterpolate(True)
         return node
 
-    def _addSegmentation(self, scene, inputNode, mask, name):
-        import vtk
-
+    def _addSegmentation(self, scene, inputNode, mask, name, node=None):
         segLogic = self.segmentationsLogic  # before any segment exists (registers the converters headless)
-        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+        else:
+            node.GetSegmentation().RemoveAllSegments()  # a reused output: its segments are replaced
         transform_id = inputNode.GetTransformNodeID()
         if transform_id:
             node.SetAndObserveTransformNodeID(transform_id)
@@ -325,15 +494,7 @@ class UADExtensionLogic:
         if not segmentId:
             raise RuntimeError("could not create the anomaly segment")
 
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("UAD temporary mask"))
-        try:
-            set_volume_from_array(labelmap, np.asarray(mask, dtype=np.uint8), inputNode)
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segmentId)
-            if not segLogic.ImportLabelmapToSegmentationNode(labelmap, node, ids):
-                raise RuntimeError("importing the anomaly mask into the segmentation failed")
-        finally:
-            scene.RemoveNode(labelmap)
+        self.importMaskIntoSegment(node, segmentId, mask, inputNode)
 
         segment = segmentation.GetSegment(segmentId)
         segment.SetName(SEGMENT_NAME)
@@ -344,6 +505,22 @@ class UADExtensionLogic:
             display.SetOpacity2DFill(0.15)
             display.SetOpacity2DOutline(1.0)
         return node, segmentId
+
+    def importMaskIntoSegment(self, segmentationNode, segmentId, mask, referenceNode) -> None:
+        """Replace the voxels of segment ``segmentId`` by ``mask`` (k, j, i on ``referenceNode``'s grid)."""
+        import vtk
+
+        scene = self.scene
+        segLogic = self.segmentationsLogic
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("UAD temporary mask"))
+        try:
+            set_volume_from_array(labelmap, np.asarray(mask, dtype=np.uint8), referenceNode)
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            if not segLogic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode, ids):
+                raise RuntimeError("importing the anomaly mask into the segmentation failed")
+        finally:
+            scene.RemoveNode(labelmap)
 
     @staticmethod
     def _placeInSubjectHierarchy(scene, inputNode, nodes) -> None:

@@ -109,7 +109,38 @@ def _write_all(result, image, outputs: dict[str, Path], title: str) -> None:
                 tmp.unlink()
 
 
+def _emit_json(event: str, **fields) -> None:
+    """``--progress-format json``: one JSON object per stdout line (read by UADExtensionLib.runner)."""
+    print(json.dumps({"event": event, **fields}, default=str), flush=True)
+
+
+class _JsonWarnings:
+    """While active, warnings logged by the engine (logger ``uad``) are also emitted as JSON events."""
+
+    def __enter__(self):
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                _emit_json("warning", message=_one_line(record.getMessage()), source=record.name)
+
+        self.handler = Handler(level=logging.WARNING)
+        self.logger = logging.getLogger(__package__)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
 def cmd_detect(args) -> int:
+    if getattr(args, "progress_format", "bar") == "json":
+        with _JsonWarnings():
+            return _cmd_detect(args, json_events=True)
+    return _cmd_detect(args)
+
+
+def _cmd_detect(args, json_events: bool = False) -> int:
     from .imageio import read_image, sample_paths, stem, validate, validate_mask
     from .pipeline import build, detect, method_class, method_key, resolve_device, resolve_model
 
@@ -161,10 +192,14 @@ def cmd_detect(args) -> int:
     for i, p in enumerate(inputs):
         image = read_image(p)
         bmask = read_image(masks[i]) if masks else None
-        bar = tqdm(total=None, desc=p.name, unit="slice", disable=args.no_progress, file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(total=None, desc=p.name, unit="slice", disable=args.no_progress or json_events,
+                   file=sys.stderr, dynamic_ncols=True)
+        if json_events:
+            _emit_json("start", input=str(p), index=i, count=len(inputs), method=name, device=str(dev))
 
         def progress(done, total, bar=bar):
+            if json_events:
+                _emit_json("progress", index=i, done=int(done), total=int(total))
             if bar.total != total:
                 bar.total = total
             bar.n = done
@@ -188,6 +223,10 @@ def cmd_detect(args) -> int:
               f"({info['threshold_source']})")
         for w in info.get("preprocess", {}).get("warnings", []):
             print(f"  warning: {w}")
+            if json_events:
+                _emit_json("warning", message=_one_line(w), source="preprocess", index=i)
+        if json_events:
+            _emit_json("result", input=str(p), index=i, info=info, outputs={k: str(v) for k, v in outputs.items()})
         for kind, path in outputs.items():
             print(f"  {kind:12s} {path}")
         if args.sample and i == 0 and lesion_path is not None:
@@ -355,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sample", action="store_true",
                    help="run on the bundled sample and score the anomaly map against its lesion mask")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--progress-format", choices=("bar", "json"), default="bar",
+                   help="bar (default): a progress bar on stderr; json: one JSON object per stdout line "
+                        "(events start, progress, warning, result) for programs such as the Slicer module")
     d.set_defaults(func=cmd_detect)
 
     m = sub.add_parser("methods", help="list the methods")
