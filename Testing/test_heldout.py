@@ -57,7 +57,7 @@ def test_heldout_seeds_are_disjoint_from_training_seeds():
     orients = {s.geometry.orientation for s in specs if s.lesion == "tumour" and s.contrast == "T2"}
     assert {"axial", "sagittal", "coronal", "oblique-axial"} <= orients
     quick = case_specs(quick=True)
-    assert len(quick) == 3 * 4 and {s.geometry.thickness for s in quick} == {4.0}
+    assert len(quick) == 3 * 4 and {s.geometry.thickness for s in quick} == {5.0}
 
 
 def test_geometry_directions_are_rotations():

@@ -30,7 +30,7 @@ the seed.  Masks are resampled with the same slice profile and thresholded at
 0.5; the image is zero outside the resampled brain mask (skull-stripped).
 
 ``--quick``: one volume per lesion type and one healthy volume per contrast,
-all axial 4 mm acquisitions (the fewest slices), for the quick benchmark.
+all axial 5 mm acquisitions (the fewest slices), for the quick benchmark.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ _GEOMETRIES = (
     ("coronal", (2.0, 3.0), (1.0, 1.2), (0.0, 0.0), "RAS"),
     ("axial", (1.5, 2.0), (1.0, 1.3), (0.0, 0.0), "RAS"),
 )
-_QUICK_GEOMETRY = ("axial", (4.0, 4.0), (1.2, 1.2), (0.0, 0.0), "LPS")
+_QUICK_GEOMETRY = ("axial", (5.0, 5.0), (1.2, 1.2), (0.0, 0.0), "LPS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _geometry(seed: int, index: int, quick: bool) -> Geometry:
 
 def case_specs(contrasts: Iterable[str] = HELDOUT_CONTRASTS, lesions: Iterable[str] = HELDOUT_LESIONS,
                n: int = 5, n_healthy: int | None = None, quick: bool = False) -> list[CaseSpec]:
-    """The cases of the held-out set (``quick``: one per lesion type plus one healthy, axial 4 mm)."""
+    """The cases of the held-out set (``quick``: one per lesion type plus one healthy, axial 5 mm)."""
     from .phantoms import _check_contrast, _check_lesion
 
     if quick:
@@ -351,5 +351,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--contrasts", nargs="+", default=list(HELDOUT_CONTRASTS), help="default: T1 T2 FLAIR")
     p.add_argument("--lesions", nargs="+", default=list(HELDOUT_LESIONS), help="default: tumour stroke ms")
     p.add_argument("--quick", action="store_true",
-                   help="one volume per lesion type + one healthy per contrast, axial 4 mm (quick benchmark)")
+                   help="one volume per lesion type + one healthy per contrast, axial 5 mm (quick benchmark)")
     p.set_defaults(func=_cli)
