@@ -85,3 +85,47 @@ def test_degenerate_cases_and_errors():
         auroc(np.array([np.nan, 1.0]), np.array([0, 1]))
     r = evaluate(np.array([0.1, 0.9]), np.array([0, 1]))
     assert r == {"ap": 1.0, "auroc": 1.0, "best_dice": 1.0, "best_dice_threshold": 0.9}
+
+
+# ----------------------------------------------------------------------------- pr_stats (one sort)
+from uad.metrics import dice_at, pr_stats, threshold_at_fpr  # noqa: E402
+
+
+def test_pr_stats_matches_sklearn_and_brute_force_sweep():
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        n = int(rng.integers(50, 400))
+        s = np.round(rng.random(n), 2 if trial % 2 else 6).astype(np.float32 if trial % 3 else np.float64)
+        y = rng.random(n) < 0.2
+        s = s + (0.3 * y * rng.random(n)).astype(s.dtype)
+        m = rng.random(n) < 0.85
+        st = pr_stats(s, y, m)
+        assert st["ap"] == pytest.approx(average_precision_score(y[m], s[m]), abs=1e-12)
+        assert st["auroc"] == pytest.approx(roc_auc_score(y[m], s[m]), abs=1e-12)
+        # closed-form best Dice == the brute-force sweep over every threshold
+        assert st["best_dice"] == pytest.approx(_brute_best_dice(s[m], y[m]), abs=1e-12)
+        assert dice(s[m] >= st["best_dice_threshold"], y[m]) == pytest.approx(st["best_dice"])
+        assert st["positives"] == int(y[m].sum()) and st["n"] == int(m.sum())
+
+
+def test_pr_stats_by_hand():
+    # ranking 0.9(+) 0.8(-) 0.8(+) 0.1(-): the tie at 0.8 is one step: P = 1, then 2/3 at R = 1
+    st = pr_stats(np.array([0.9, 0.8, 0.8, 0.1]), np.array([1, 0, 1, 0]))
+    assert st["ap"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    # best Dice: thr 0.9 -> 2*1/(1+2) = 2/3; thr 0.8 -> 2*2/(3+2) = 0.8; thr 0.1 -> 2*2/(4+2) = 2/3
+    assert st["best_dice"] == pytest.approx(0.8) and st["best_dice_threshold"] == pytest.approx(0.8)
+    # AUROC: pairs (+0.9 > -0.8, +0.9 > -0.1, +0.8 = -0.8 (1/2), +0.8 > -0.1) -> 3.5 / 4
+    assert st["auroc"] == pytest.approx(3.5 / 4)
+    empty = pr_stats(np.array([0.3, 0.2]), np.array([0, 0]))
+    assert math.isnan(empty["ap"]) and empty["best_dice"] == 1.0 and empty["best_dice_threshold"] == math.inf
+
+
+def test_threshold_at_fpr_and_dice_at():
+    h = np.arange(1000, dtype=np.float64)  # healthy scores 0..999
+    t = threshold_at_fpr(h, 0.01)
+    assert (h > t).sum() == 10 and (h > t - 1).sum() == 11  # the smallest threshold that flags at most 1 %
+    assert threshold_at_fpr([h[:500], h[500:]], 0.05) == threshold_at_fpr(h, 0.05)
+    assert (h > threshold_at_fpr(h, 0.0)).sum() == 0
+    with pytest.raises(ValueError):
+        threshold_at_fpr(h, 1.0)
+    assert dice_at(np.array([0.1, 0.6, 0.7]), np.array([0, 1, 0]), 0.5) == pytest.approx(2 * 1 / (2 + 1))

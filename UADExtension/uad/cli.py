@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     zr.add_argument("ids", nargs="+", metavar="ID")
     zr.set_defaults(func=cmd_models_remove)
 
-    for mod in ("phantoms", "training"):
+    for mod in ("phantoms", "training", "heldout", "evaluation", "benchmark"):
         full = f"{__package__}.{mod}"
         if importlib.util.find_spec(full) is not None:
             module = importlib.import_module(full)

@@ -1,0 +1,705 @@
+"""``uad benchmark``: every method and preset with its bundled model on the held-out set.
+
+    uad benchmark -o bench/ [--methods ...] [--contrasts T1 T2 FLAIR] [--presets default paper]
+                  [--device cpu] [--quick] [--precision float32|bf16|fp16] [--channels-last] [--compile]
+
+For each contrast, method and preset: the method's bundled model for that
+contrast (reported as *missing* when the zoo has none) runs on every held-out
+volume (``uad.heldout``; generated into ``OUT/heldout`` unless ``--heldout DIR``
+is given) and on its healthy volumes; the intensity-threshold floor
+(``uad.evaluation.IntensityBaseline``, fitted on separate healthy phantoms)
+sits beside them.  Scores (``uad.evaluation.evaluate_arrays``, brain voxels):
+mean per-volume AP per lesion type, pooled AP, best Dice, Dice at the model's
+calibrated threshold, false-positive volume on the healthy volumes at that
+threshold.
+
+Cost, measured in the same run: wall seconds per volume (reading + ``detect``),
+network evaluations (NFE) per slice, the **pure network time** -- every network
+call is counted by forward hooks with its input shape, and each (network,
+shape) pair is then timed alone (median of repeats, same batch size; calls made
+with autograd on, i.e. Wolleb's classifier gradient, are timed as forward +
+backward) -- and the **overhead ratio** wall / network time (everything that is
+not the network: preprocessing, perceptual maps, morphology, noise, resampling,
+I/O).  Peak memory: the largest resident-set increase sampled during the run
+(CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).  The batched pipeline is
+also compared with a plain per-slice loop (``batch_size=1``, float32) of the
+same method and model on a slab of slices.
+
+Outputs in OUT: ``benchmark.json``, ``benchmark.csv``, ``benchmark.md`` (the
+tables), ``speed.csv``, and the plots ``ap_per_lesion.png``,
+``ap_vs_seconds.png``, ``healthy_fp.png``.
+
+``--quick``: the quick held-out subset (one volume per lesion type and one
+healthy volume per contrast, axial 5 mm), default presets, contrast T2 unless
+given, per-slice comparison on 8 slices: about 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import UADError
+
+PRECISIONS = {"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LESIONS = ("tumour", "stroke", "ms")
+#: methods whose batched speed-up over the per-slice loop is the GPU goal (iterative samplers)
+ITERATIVE = ("thor", "autoddpm", "anoddpm", "wolleb")
+OVERHEAD_LIMIT = 1.3
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+def _clock(dev) -> float:
+    """CPU: this process's CPU time (robust to other processes sharing the cores); CUDA: wall time."""
+    return time.perf_counter() if isinstance(dev, torch.device) and dev.type == "cuda" else time.process_time()
+
+
+class NetworkTimer:
+    """Counts and times every call of a model's networks with forward hooks.
+
+    Calls are keyed by (role, input shapes, autograd on).  ``in_run_seconds`` is
+    the time spent inside the networks during the run (CPU time of this process
+    on the CPU, so that other processes on shared cores do not count; wall time
+    with a CUDA synchronisation on the GPU).  ``network_seconds()`` times each
+    distinct call again alone on the same inputs (same batch size; forward +
+    backward for autograd calls) and returns sum(count x time): NFE x the
+    measured forward time.
+    """
+
+    def __init__(self, model, device="cpu"):
+        self.model = model
+        self.device = torch.device(device)
+        self.counts: dict = {}
+        self.examples: dict = {}
+        self.in_run_seconds = 0.0
+        self._t0: list = []
+        self._handles = []
+
+    def __enter__(self):
+        for role, net in self.model.networks.items():
+            self._handles.append(net.register_forward_pre_hook(self._pre(role), with_kwargs=True))
+            self._handles.append(net.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, role):
+        def hook(module, args, kwargs):
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            shapes += tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor))
+            key = (role, shapes, bool(torch.is_grad_enabled()))
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if key not in self.examples:
+                with torch.inference_mode(False):
+                    self.examples[key] = (
+                        tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+            _sync(self.device)
+            self._t0.append(_clock(self.device))
+        return hook
+
+    def _post(self, module, args, output):
+        _sync(self.device)
+        if self._t0:
+            self.in_run_seconds += _clock(self.device) - self._t0.pop()
+
+    @property
+    def calls(self) -> int:
+        return int(sum(self.counts.values()))
+
+    def network_seconds(self, repeats: int = 3) -> tuple[float, list[dict]]:
+        total, parts = 0.0, []
+        for key, n in self.counts.items():
+            role, shapes, grad = key
+            net = self.model.networks[role]
+            args, kwargs = self.examples[key]
+            dev = next(net.parameters()).device
+
+            def call():
+                if grad:
+                    with torch.inference_mode(False), torch.enable_grad():
+                        a0 = args[0].detach().clone().requires_grad_(True)
+                        out = net(a0, *args[1:], **kwargs)
+                        torch.autograd.grad(out.float().sum(), a0)
+                else:
+                    with torch.inference_mode():
+                        net(*args, **kwargs)
+                _sync(dev)
+
+            call()  # warm-up
+            ts = []
+            for _ in range(max(1, int(repeats))):
+                t0 = _clock(dev)
+                call()
+                ts.append(_clock(dev) - t0)
+            t = min(ts)
+            total += n * t
+            parts.append({"network": role, "input": str(shapes[0]) if shapes else "", "autograd": grad,
+                          "calls": n, "seconds_per_call": t})
+        return total, parts
+
+
+def _sync(dev):
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not Linux
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or the largest sampled RSS increase (CPU)."""
+
+    def __init__(self, device, interval: float = 0.02):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = _rss_bytes()
+            self._max = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self._max = max(self._max, _rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss_bytes())
+            self.peak_bytes = max(0, self._max - self._base)
+
+
+def autocast(device, precision: str = "float32"):
+    """An autocast context for ``precision`` (bf16 / fp16) on ``device``, or a no-op for float32."""
+    if precision not in PRECISIONS:
+        raise UADError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    dev = torch.device(device)
+    if dev.type == "cpu" and dtype == torch.float16:
+        raise UADError("fp16 autocast needs a GPU; use --precision bf16 on the CPU")
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- models and presets
+def model_for(method: str, contrast: str):
+    """The zoo entry serving ``method`` trained on ``contrast`` (on disk), or None (missing)."""
+    from .zoo import list_models
+
+    for e in list_models():
+        if method in e.methods and (e.contrast or "").upper() == contrast.upper() and e.available:
+            return e
+    return None
+
+
+def resolve_presets(method: str, presets) -> list[str]:
+    from .pipeline import method_class
+
+    cls = method_class(method)
+    out = []
+    for p in presets:
+        name = cls.default_preset if p == "default" else p
+        if name in cls.presets and name not in out:
+            out.append(name)
+    return out
+
+
+def prepare_model(entry, device, channels_last: bool = False, compile_: bool = False):
+    from .zoo import load_model
+
+    m = load_model(entry, device=device)
+    for role, net in list(m.networks.items()):
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if compile_:
+            net = torch.compile(net)
+        m.networks[role] = net
+    return m
+
+
+# ----------------------------------------------------------------------------- one method on the set
+@dataclass
+class CaseRun:
+    case: dict
+    scores: np.ndarray
+    seconds: float
+    nfe_per_slice: int
+    slices: int
+    network_evaluations: int
+    threshold: float | None
+    threshold_source: str
+    peak_mb: float
+    clock_seconds: float = 0.0  # CPU time of this process (CPU) / wall (CUDA)
+    network_seconds: float | None = None  # NFE x isolated forward time (same clock)
+    in_run_network_seconds: float | None = None  # time inside the networks during the run (same clock)
+    network_calls: int = 0
+    parts: list = field(default_factory=list)
+
+
+def _read_case(row: dict):
+    from .imageio import read_image
+
+    return read_image(row["image"]), read_image(row["brain_mask"]), read_image(row["lesion_mask"])
+
+
+def run_case(row: dict, method: str, model, preset: str | None, device, batch_size: int = 16, seed: int = 0,
+             precision: str = "float32", time_network: bool = True, image=None, brain=None) -> CaseRun:
+    from .pipeline import detect
+
+    dev = torch.device(device)
+    t0, c0 = time.perf_counter(), _clock(dev)
+    if image is None:
+        image, brain, _ = _read_case(row)
+    timer = NetworkTimer(model, dev) if time_network else contextlib.nullcontext()
+    with PeakMemory(dev) as mem, timer, autocast(dev, precision):
+        res = detect(image, method=method, model=model, device=dev, seed=seed, batch_size=batch_size,
+                     preset=preset, brain_mask=brain)
+        _sync(dev)
+    secs = time.perf_counter() - t0
+    run = CaseRun(case=row, scores=sitk.GetArrayFromImage(res.anomaly), seconds=secs, clock_seconds=_clock(dev) - c0,
+                  nfe_per_slice=int(res.info["nfe_per_slice"]), slices=int(res.info["slices"]),
+                  network_evaluations=int(res.info["network_evaluations"]),
+                  threshold=res.info["threshold"] if res.info["threshold_source"] == "model" else None,
+                  threshold_source=res.info["threshold_source"], peak_mb=mem.peak_bytes / 2 ** 20)
+    if time_network:
+        run.network_seconds, run.parts = timer.network_seconds()
+        run.network_calls = timer.calls
+        run.in_run_network_seconds = timer.in_run_seconds
+    return run
+
+
+def _items(runs: list[CaseRun], lesions: dict) -> list[dict]:
+    out = []
+    for r in runs:
+        les, brain = lesions[r.case["case"]]
+        out.append({"name": r.case["case"], "scores": r.scores, "lesion": les, "brain": brain,
+                    "lesion_type": r.case["lesion"] if r.case["lesion"] != "none" else "none",
+                    "voxel_ml": r.case.get("_voxel_ml", 0.0)})
+    return out
+
+
+def _summarise(ev: dict, healthy_items: list[dict], thr: float | None) -> dict:
+    row = {lt: (ev["by_lesion_type"].get(lt) or {}).get("mean_ap") for lt in LESIONS}
+    row.update({"pooled_ap": ev["pooled"]["ap"], "pooled_auroc": ev["pooled"]["auroc"],
+                "best_dice": ev["mean"].get("mean_best_dice"), "pooled_best_dice": ev["pooled"]["best_dice"],
+                "dice_calibrated": ev["mean"].get("mean_dice_calibrated"),
+                "prevalence": {lt: (ev["by_lesion_type"].get(lt) or {}).get("prevalence") for lt in LESIONS},
+                "threshold": thr, "threshold_source": ev["threshold_source"]})
+    fp_ml = [h["fp_ml"] for h in ev["healthy"] if h.get("fp_ml") is not None]
+    fp_fr = [h["fp_fraction"] for h in ev["healthy"]]
+    row["healthy_fp_ml"] = float(np.mean(fp_ml)) if fp_ml else None
+    row["healthy_fp_percent"] = 100.0 * float(np.mean(fp_fr)) if fp_fr else None
+    return row
+
+
+def evaluate_runs(runs: list[CaseRun], lesions: dict, fpr: float = 0.01) -> dict:
+    from .evaluation import evaluate_arrays
+
+    les_runs = [r for r in runs if r.case["lesion"] != "none"]
+    hea_runs = [r for r in runs if r.case["lesion"] == "none"]
+    thr = next((r.threshold for r in runs if r.threshold is not None), None)
+    items, healthy = _items(les_runs, lesions), _items(hea_runs, lesions)
+    ev = evaluate_arrays(items, fpr=fpr, threshold=thr, healthy=healthy)
+    if thr is None:  # no calibrated model threshold: calibrated on the held-out healthy volumes (said so)
+        ev["threshold_source"] = "held-out healthy volumes (the model has no calibrated threshold)"
+    return {"summary": _summarise(ev, healthy, ev["threshold"]), "evaluation": ev}
+
+
+def _slab(image: sitk.Image, brain: sitk.Image, n: int):
+    """The ``n`` central axial-ish slices (along the index axis closest to superior-inferior) with brain."""
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    ax = int(np.argmax(np.abs(d[2, :])))  # index axis (x=0, y=1, z=2) most aligned with S
+    b = sitk.GetArrayViewFromImage(brain)  # (z, y, x)
+    np_ax = 2 - ax
+    occupied = np.flatnonzero(b.any(axis=tuple(a for a in range(3) if a != np_ax)))
+    c = int(occupied[len(occupied) // 2])
+    lo = max(int(occupied[0]), c - n // 2)
+    hi = min(int(occupied[-1]) + 1, lo + n)
+    idx = [slice(None)] * 3
+    idx[ax] = slice(lo, hi)
+    return image[tuple(idx)], brain[tuple(idx)]
+
+
+def loop_speedup(row: dict, method: str, model, preset: str, device, n_slices: int = 8, batch_size: int = 16,
+                 seed: int = 0) -> dict:
+    """Seconds per slice of the batched pipeline and of the plain per-slice loop (batch 1) on a slab."""
+    image, brain, _ = _read_case(row)
+    img, br = _slab(image, brain, n_slices)
+    b = run_case(row, method, model, preset, device, batch_size=min(batch_size, n_slices), seed=seed,
+                 time_network=False, image=img, brain=br)
+    one = run_case(row, method, model, preset, device, batch_size=1, seed=seed, time_network=False,
+                   image=img, brain=br)
+    same = float(np.max(np.abs(b.scores - one.scores)))
+    return {"slices": b.slices, "batched_s_per_slice": b.seconds / max(b.slices, 1),
+            "loop_s_per_slice": one.seconds / max(one.slices, 1), "speedup": one.seconds / max(b.seconds, 1e-9),
+            "max_abs_difference": same, "batch_size": min(batch_size, n_slices)}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def _hardware(device) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPU(s), torch threads {torch.get_num_threads()}"
+
+
+def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "paper"), device: str = "cpu",
+                  quick: bool = False, heldout_dir=None, n: int = 5, batch_size: int = 16, seed: int = 0,
+                  precision: str = "float32", compare_precision: str | None = None, channels_last: bool = False,
+                  compile_: bool = False, speed_slices: int | None = None, fpr: float = 0.01,
+                  log=print) -> dict:
+    from .evaluation import IntensityBaseline, healthy_reference
+    from .heldout import generate_heldout, load_heldout
+    from .methods import available_methods
+    from .pipeline import resolve_device
+
+    t_start = time.time()
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    methods = list(methods or available_methods())
+    contrasts = [c.upper() if c.upper() != "FLAIR" else "FLAIR" for c in (contrasts or (["T2"] if quick else
+                                                                                       ["T1", "T2", "FLAIR"]))]
+    if quick:
+        presets = ("default",)
+    speed_slices = int(speed_slices or (8 if quick else 16))
+    ho = Path(heldout_dir) if heldout_dir else out / "heldout"
+    if heldout_dir is None or not (ho / "heldout.json").is_file():
+        log(f"held-out set -> {ho} ({'quick subset' if quick else f'{n} per lesion type'})")
+        generate_heldout(ho, contrasts, n=n, quick=quick,
+                         progress=lambda i, k, r: log(f"  [{i}/{k}] {r['case']} {r['orientation']} {r['spacing_mm']}"))
+    rows_all = load_heldout(ho, contrasts)
+
+    results, speed, missing = [], [], []
+    for contrast in contrasts:
+        rows = [r for r in rows_all if r["contrast"] == contrast]
+        if not rows:
+            log(f"{contrast}: no held-out volumes in {ho}")
+            continue
+        lesions = {}
+        for r in rows:
+            _, b, les = _read_case(r)
+            bb = sitk.GetArrayFromImage(b) > 0
+            lesions[r["case"]] = ((sitk.GetArrayFromImage(les) > 0) & bb, bb)
+            r["_voxel_ml"] = float(np.prod(b.GetSpacing())) / 1000.0
+        # the intensity floor, fitted and calibrated on separate healthy phantoms
+        imgs, masks = healthy_reference(contrast, n=3, spacing=2.0)
+        base = IntensityBaseline().fit(imgs, masks)
+        from .metrics import threshold_at_fpr
+
+        ref_scores = [sitk.GetArrayFromImage(base.score(i, m))[sitk.GetArrayFromImage(m) > 0]
+                      for i, m in zip(imgs, masks)]
+        base_thr = threshold_at_fpr(ref_scores, fpr)
+        b_runs = []
+        for r in rows:
+            img, br, _ = _read_case(r)
+            t0 = time.perf_counter()
+            s = sitk.GetArrayFromImage(base.score(img, br))
+            b_runs.append(CaseRun(r, s, time.perf_counter() - t0, 0, 0, 0, base_thr, "model", 0.0))
+        ev = evaluate_runs(b_runs, lesions, fpr)
+        ev["summary"].update({"contrast": contrast, "method": "intensity-floor", "preset": "-", "model": "-",
+                              "status": "ok", "nfe_per_slice": 0,
+                              "seconds_per_volume": float(np.mean([r.seconds for r in b_runs]))})
+        results.append(ev["summary"])
+        log(_line(ev["summary"]))
+
+        for method in methods:
+            entry = model_for(method, contrast)
+            if entry is None:
+                missing.append({"contrast": contrast, "method": method})
+                results.append({"contrast": contrast, "method": method, "preset": "-", "model": "-",
+                                "status": "missing (no bundled model for this contrast)"})
+                log(f"{contrast:5s} {method:10s} MISSING: no bundled {contrast} model")
+                continue
+            model = prepare_model(entry, dev, channels_last, compile_)
+            for preset in resolve_presets(method, presets):
+                runs = [run_case(r, method, model, preset, dev, batch_size, seed, precision,
+                                 time_network=not compile_) for r in rows]
+                ev = evaluate_runs(runs, lesions, fpr)
+                sm = ev["summary"]
+                wall = float(np.mean([r.seconds for r in runs]))
+                clock = float(np.sum([r.clock_seconds for r in runs]))
+                net = [r.network_seconds for r in runs if r.network_seconds]
+                inrun = [r.in_run_network_seconds for r in runs if r.in_run_network_seconds]
+                sm.update({"contrast": contrast, "method": method, "preset": preset, "model": entry.id,
+                           "status": "ok", "nfe_per_slice": max(r.nfe_per_slice for r in runs),
+                           "seconds_per_volume": wall, "slices_per_volume": float(np.mean([r.slices for r in runs])),
+                           "clock": "wall" if dev.type == "cuda" else "process CPU time",
+                           "clock_seconds_per_volume": clock / len(runs),
+                           "network_seconds_per_volume": float(np.mean(net)) if net else None,
+                           "overhead": clock / float(np.sum(net)) if net else None,
+                           "overhead_in_run": clock / float(np.sum(inrun)) if inrun else None,
+                           "peak_mb": float(max(r.peak_mb for r in runs)), "precision": precision,
+                           "cases": [{"case": r.case["case"], "seconds": r.seconds, "slices": r.slices,
+                                      "clock_seconds": r.clock_seconds, "network_seconds": r.network_seconds,
+                                      "in_run_network_seconds": r.in_run_network_seconds, "calls": r.parts}
+                                     for r in runs]})
+                per_case = {x["case"]: x for x in ev["evaluation"]["per_volume"]}
+                for c in sm["cases"]:
+                    c.update({k: per_case.get(c["case"], {}).get(k) for k in ("ap", "best_dice", "dice_calibrated")})
+                if compare_precision and compare_precision != precision:
+                    alt = [run_case(r, method, model, preset, dev, batch_size, seed, compare_precision,
+                                    time_network=False) for r in rows]
+                    ev2 = evaluate_runs(alt, lesions, fpr)["summary"]
+                    sm["compare_precision"] = {"precision": compare_precision, "pooled_ap": ev2["pooled_ap"],
+                                               "delta_pooled_ap": ev2["pooled_ap"] - sm["pooled_ap"],
+                                               "seconds_per_volume": float(np.mean([r.seconds for r in alt]))}
+                results.append(sm)
+                log(_line(sm))
+                if preset == resolve_presets(method, ["default"])[0] and speed_slices > 0:
+                    healthy_rows = [r for r in rows if r["lesion"] == "none"] or rows
+                    sp = loop_speedup(healthy_rows[0], method, model, preset, dev, speed_slices, batch_size, seed)
+                    sp.update({"contrast": contrast, "method": method, "preset": preset})
+                    speed.append(sp)
+                    log(f"      per-slice loop: {sp['loop_s_per_slice']:.3f} s/slice, batched "
+                        f"{sp['batched_s_per_slice']:.3f} s/slice (batch {sp['batch_size']}): x{sp['speedup']:.2f}; "
+                        f"max |difference| {sp['max_abs_difference']:.2e}")
+
+    report = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
+              "hardware": _hardware(dev), "device": str(dev), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "quick": bool(quick), "heldout": str(ho),
+              "batch_size": batch_size, "precision": precision, "channels_last": channels_last,
+              "compile": compile_, "fpr": fpr, "results": results, "speed": speed, "missing": missing,
+              "wall_seconds": time.time() - t_start}
+    report["over_limit"] = [f"{r['method']}/{r['preset']} ({r['contrast']}): {r['overhead']:.2f}"
+                            for r in results if r.get("overhead") and r["overhead"] > OVERHEAD_LIMIT]
+    write_report(report, out)
+    return report
+
+
+def _f(v, nd=3):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def _line(r: dict) -> str:
+    aps = " ".join(f"{lt} {_f(r.get(lt))}" for lt in LESIONS)
+    extra = ""
+    if r.get("network_seconds_per_volume"):
+        extra = (f" ({_f(r.get('clock_seconds_per_volume'), 1)} s {r.get('clock')}), network "
+                 f"{r['network_seconds_per_volume']:.1f} s, overhead x{_f(r.get('overhead'), 2)} "
+                 f"(in-run x{_f(r.get('overhead_in_run'), 2)}), peak {r.get('peak_mb', 0):.0f} MB")
+    return (f"{r['contrast']:5s} {r['method']:16s} {r['preset']:6s} AP {aps} | pooled {_f(r.get('pooled_ap'))} "
+            f"| best Dice {_f(r.get('best_dice'))} Dice@cal {_f(r.get('dice_calibrated'))} | healthy FP "
+            f"{_f(r.get('healthy_fp_ml'), 1)} ml | NFE/slice {r.get('nfe_per_slice')} | "
+            f"{_f(r.get('seconds_per_volume'), 1)} s/vol{extra}")
+
+
+_COLS = ["contrast", "method", "preset", "model", "status", "tumour", "stroke", "ms", "pooled_ap", "pooled_auroc",
+         "best_dice", "dice_calibrated", "healthy_fp_ml", "healthy_fp_percent", "nfe_per_slice", "seconds_per_volume",
+         "clock_seconds_per_volume", "network_seconds_per_volume", "overhead", "overhead_in_run", "peak_mb",
+         "threshold"]
+
+
+def write_report(report: dict, out: Path) -> None:
+    out = Path(out)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    with open(out / "benchmark.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_COLS, extrasaction="ignore")
+        w.writeheader()
+        for r in report["results"]:
+            w.writerow({k: r.get(k) for k in _COLS})
+    if report["speed"]:
+        with open(out / "speed.csv", "w", newline="") as f:
+            cols = ["contrast", "method", "preset", "slices", "batch_size", "batched_s_per_slice",
+                    "loop_s_per_slice", "speedup", "max_abs_difference"]
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(report["speed"])
+    (out / "benchmark.md").write_text(markdown(report))
+    try:
+        plots(report, out)
+    except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the tables
+        print(f"warning: plots not written ({e})")
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def markdown(report: dict) -> str:
+    res = report["results"]
+    prev = next((r["prevalence"] for r in res if r.get("prevalence")), {})
+    lines = [f"Held-out phantoms ({'quick subset' if report['quick'] else 'full set'}), {report['date_utc']}, "
+             f"{report['hardware']}, device {report['device']}, batch {report['batch_size']}, "
+             f"{report['precision']}; AP = mean per-volume average precision over brain voxels; "
+             f"s/volume = wall seconds; compute s = {'wall' if report['device'].startswith('cuda') else 'process CPU'} "
+             f"seconds, network s = NFE x isolated forward time on the same clock, overhead = compute / network "
+             f"(Dice@cal and healthy FP at the model's calibrated threshold; "
+             f"prevalence: " + ", ".join(f"{lt} {_f(prev.get(lt), 4)}" for lt in LESIONS) + ").", "",
+             "| contrast | method | preset | model | tumour AP | stroke AP | MS AP | pooled AP | best Dice | "
+             "Dice@cal | healthy FP ml | NFE/slice | s/volume | compute s | network s | overhead | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['contrast']} | {r['method']} | - | - | {r['status']} ||||||||||||")
+            continue
+        lines.append(f"| {r['contrast']} | {r['method']} | {r['preset']} | {r['model']} | {_f(r.get('tumour'))} | "
+                     f"{_f(r.get('stroke'))} | {_f(r.get('ms'))} | {_f(r.get('pooled_ap'))} | "
+                     f"{_f(r.get('best_dice'))} | {_f(r.get('dice_calibrated'))} | {_f(r.get('healthy_fp_ml'), 1)} | "
+                     f"{r.get('nfe_per_slice')} | {_f(r.get('seconds_per_volume'), 1)} | "
+                     f"{_f(r.get('clock_seconds_per_volume'), 1)} | "
+                     f"{_f(r.get('network_seconds_per_volume'), 1)} | {_f(r.get('overhead'), 2)} | "
+                     f"{_f(r.get('peak_mb'), 0)} |")
+    if report["speed"]:
+        lines += ["", "Batched pipeline against a per-slice loop (batch 1, float32) of the same method and model:", "",
+                  "| contrast | method | preset | slices | per-slice loop s/slice | batched s/slice | speed-up | "
+                  "max abs difference |", "|---|---|---|---|---|---|---|---|"]
+        for s in report["speed"]:
+            lines.append(f"| {s['contrast']} | {s['method']} | {s['preset']} | {s['slices']} | "
+                         f"{s['loop_s_per_slice']:.3f} | {s['batched_s_per_slice']:.3f} | x{s['speedup']:.2f} | "
+                         f"{s['max_abs_difference']:.1e} |")
+    cmp_rows = [r for r in res if r.get("compare_precision")]
+    if cmp_rows:
+        lines += ["", "| contrast | method | preset | precision | pooled AP | change vs float32 | s/volume |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cmp_rows:
+            c = r["compare_precision"]
+            lines.append(f"| {r['contrast']} | {r['method']} | {r['preset']} | {c['precision']} | "
+                         f"{_f(c['pooled_ap'])} | {c['delta_pooled_ap']:+.4f} | {c['seconds_per_volume']:.1f} |")
+    if report.get("over_limit"):
+        lines += ["", f"Overhead above {OVERHEAD_LIMIT}: " + "; ".join(report["over_limit"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r.get("status") == "ok"]
+    contrasts = sorted({r["contrast"] for r in ok})
+    # 1. AP per method and lesion type
+    fig, axes = plt.subplots(1, len(contrasts), figsize=(6 * len(contrasts), 4), squeeze=False)
+    for ax, c in zip(axes[0], contrasts):
+        rs = [r for r in ok if r["contrast"] == c]
+        x = np.arange(len(rs))
+        for i, lt in enumerate(LESIONS):
+            ax.bar(x + (i - 1) * 0.27, [r.get(lt) or 0 for r in rs], 0.27, label=lt)
+        ax.set_xticks(x, [f"{r['method']}\n{r['preset']}" for r in rs], fontsize=7)
+        ax.set_ylabel("mean AP")
+        ax.set_title(f"{c}: AP per lesion type")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ap_per_lesion.png", dpi=110)
+    plt.close(fig)
+    # 2. AP vs seconds per volume (accuracy-cost frontier)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in ok:
+        s = max(r.get("seconds_per_volume") or 1e-3, 1e-3)
+        ax.scatter(s, r.get("pooled_ap") or 0, s=30)
+        ax.annotate(f"{r['method']}/{r['preset']} {r['contrast']}", (s, r.get("pooled_ap") or 0), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per volume")
+    ax.set_ylabel("pooled AP")
+    ax.set_title(f"accuracy against cost ({report['device']})")
+    fig.tight_layout()
+    fig.savefig(out / "ap_vs_seconds.png", dpi=110)
+    plt.close(fig)
+    # 3. false-positive volume on healthy volumes
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(ok)), 4))
+    ax.bar(np.arange(len(ok)), [r.get("healthy_fp_ml") or 0 for r in ok])
+    ax.set_xticks(np.arange(len(ok)), [f"{r['method']}/{r['preset']}\n{r['contrast']}" for r in ok],
+                  fontsize=6, rotation=60)
+    ax.set_ylabel("flagged healthy brain (ml)")
+    ax.set_title("false positives on healthy held-out volumes (calibrated threshold)")
+    fig.tight_layout()
+    fig.savefig(out / "healthy_fp.png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cli(args) -> int:
+    rep = run_benchmark(args.output, methods=args.methods, contrasts=args.contrasts,
+                        presets=args.presets, device=args.device, quick=args.quick, heldout_dir=args.heldout,
+                        n=args.n, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+                        compare_precision=args.compare_precision, channels_last=args.channels_last,
+                        compile_=args.compile, speed_slices=args.speed_slices, fpr=args.fpr)
+    print()
+    print(markdown(rep))
+    ov = [r for r in rep["results"] if r.get("overhead")]
+    if ov:
+        print("overhead (wall / pure network time): " + ", ".join(
+            f"{r['method']}/{r['preset']} {r['overhead']:.2f}" for r in ov))
+    if rep["over_limit"]:
+        print(f"above {OVERHEAD_LIMIT}: " + "; ".join(rep["over_limit"]))
+    print(f"wrote {args.output}/benchmark.md, benchmark.csv, benchmark.json and plots "
+          f"({rep['wall_seconds']:.0f} s)")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    from .heldout import HELDOUT_CONTRASTS
+
+    p = subparsers.add_parser("benchmark", help="accuracy and cost of every method on the held-out set",
+                              description=__doc__.split("\n\n")[2].strip().replace("\n", " "))
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every method")
+    p.add_argument("--contrasts", nargs="+", default=None, choices=list(HELDOUT_CONTRASTS),
+                   help="default: T1 T2 FLAIR (T2 with --quick)")
+    p.add_argument("--presets", nargs="+", default=["default", "paper"],
+                   help="preset names; 'default' = each method's default (default: default paper)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    p.add_argument("--quick", action="store_true", help="quick subset, default presets (~10 min on 2 CPU cores)")
+    p.add_argument("--heldout", default=None, metavar="DIR", help="an existing held-out folder (uad heldout)")
+    p.add_argument("--n", type=int, default=5, help="held-out volumes per lesion type when generating (default 5)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="float32", choices=list(PRECISIONS), help="autocast precision")
+    p.add_argument("--compare-precision", default=None, choices=list(PRECISIONS),
+                   help="also run every method at this precision and report the AP change")
+    p.add_argument("--channels-last", action="store_true", help="networks in channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (no network-time split)")
+    p.add_argument("--speed-slices", type=int, default=None,
+                   help="slices of the per-slice-loop comparison (default 8 quick, 16 full; 0 = off)")
+    p.add_argument("--fpr", type=float, default=0.01, help="healthy FPR for thresholds calibrated here")
+    p.set_defaults(func=_cli)
