@@ -4,6 +4,7 @@
                [--threshold X] [--batch-size B] [--param KEY=VALUE ...] [--brain-mask FILE ...] [--sample]
     uad methods
     uad models [list | info ID | verify [ID...] | import PATH [--id ID] | download ID... | remove ID...]
+    uad models import-reference thor|autoddpm FILE [--id ID] [--noise N] [--input-range R]   (uad.reference)
     uad phantoms OUTDIR ...        (uad.phantoms)
     uad train --method NAME -o RUN_DIR [--data DIR|phantoms] [--contrast C] [--config FILE] [--steps N]
               [--resume]           (uad.training; data-parallel under torchrun)
@@ -434,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     zr = zs.add_parser("remove", help="remove user-cache models (folder and manifest entry)")
     zr.add_argument("ids", nargs="+", metavar="ID")
     zr.set_defaults(func=cmd_models_remove)
+    from .reference import add_models_cli  # models import-reference (the authors' published checkpoints)
+
+    add_models_cli(zs)
 
     for mod in ("phantoms", "training", "heldout", "evaluation", "benchmark"):
         full = f"{__package__}.{mod}"

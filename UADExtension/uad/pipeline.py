@@ -103,11 +103,29 @@ def build(method: str, model, preset: str | None = None, params: dict | None = N
     """The method object; a wrong method name, preset or parameter raises ``UADError`` (one line)."""
     from .methods import build_method
 
-    method_class(method)
+    cls = method_class(method)
+    params = {**model_method_params(model, method, preset, cls, params), **dict(params or {})}
     try:
-        return build_method(method, model, preset, **dict(params or {}))
+        return build_method(method, model, preset, **params)
     except (ValueError, TypeError) as e:
         raise UADError(" ".join(str(e).split())) from None
+
+
+def model_method_params(model, method: str, preset: str | None = None, cls=None, given: dict | None = None) -> dict:
+    """The model's own parameters for ``method`` (manifest ``method_params``, e.g. the noise level of an
+    imported reference checkpoint), minus the keys the chosen preset sets.
+
+    Precedence: method defaults < model parameters < preset < the caller's ``given`` parameters.  The
+    model's parameters are one set: when the caller sets any of them (say THOR's ``level``), none of
+    the model's apply (its ``harmonization`` steps may not fit the caller's level).
+    """
+    cfg = getattr(model, "config", None) or {}
+    own = dict((cfg.get("method_params") or {}).get(method) or {})
+    if not own or set(own) & set(given or {}):
+        return {}
+    cls = cls or method_class(method)
+    preset_keys = set((cls.presets or {}).get(preset or cls.default_preset, {}) or {})
+    return {k: v for k, v in own.items() if k not in preset_keys}
 
 
 def model_threshold(model, method: str, preset: str | None) -> float | None:

@@ -544,3 +544,13 @@ __all__ = [
     "DEFAULT_DEPTH", "DEFAULT_OCTAVES", "DEFAULT_PERSISTENCE", "DEFAULT_FREQUENCY", "DEFAULT_VARIANT",
     "DEFAULT_NORMALISE",
 ]
+
+
+@register_noise("simplex-raw")
+def simplex_raw_noise(rng: BatchRNG, shape: Sequence[int]) -> torch.Tensor:
+    """The 3-D variant at the reference's raw amplitude (``normalise="none"``, std about 0.46).
+
+    The noise of the published THOR simplex checkpoint (``uad.reference``): its network was
+    trained on unscaled fields, so it must be sampled with them.
+    """
+    return simplex_noise(rng, shape, normalise="none")

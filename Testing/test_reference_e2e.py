@@ -1,0 +1,87 @@
+"""End to end: an imported THOR-layout checkpoint runs ``uad detect`` with its preprocessing profile.
+
+Needs the clinical preprocessing chain (branch ``chain``: ``make_phantom(..., head=True)``,
+the ``preprocessing`` profile applied by ``uad.preprocess``, registration to MNI152); it is
+run after that branch is merged.  The checkpoint is GenerativeModels' ``DiffusionModelUNet``
+with random weights (small channels) saved in THOR's layout (``monai-generative``; skipped
+when the package is absent), imported with ``uad models import-reference``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import uad.zoo as zoo
+from uad.cli import main
+
+from test_reference import _reference_unet, _save_checkpoint
+
+
+@pytest.fixture
+def imported(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "bundled_dirs", lambda: [])
+    monkeypatch.delenv("UAD_MODELS_DIR", raising=False)
+    monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = _save_checkpoint(_reference_unet(seed=1), tmp_path / "brain_Gaussian.pt", "thor")
+    assert main(["models", "import-reference", "thor", str(ckpt), "--id", "thor-e2e", "--input-range=-1,1",
+                 "--slice-range", "0.45,0.55"]) == 0
+    return "thor-e2e"
+
+
+@pytest.fixture
+def head_t1(tmp_path):
+    from uad.phantoms import make_phantom
+
+    ph = make_phantom(3, "T1", spacing=2.0, head=True)
+    path = tmp_path / "head_t1.nii.gz"
+    sitk.WriteImage(ph.image, str(path))
+    return ph.image, path
+
+
+FAST = {"thor": ["level=20", "steps=3", "harmonization=[10]", "vis_every=0"],
+        "autoddpm": ["level=20", "recon_steps=3", "inpaint_level=10", "inpaint_steps=3", "resample=1"]}
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
+@pytest.mark.parametrize("method", ["thor", "autoddpm"])
+def test_detect_with_imported_reference_model_applies_its_profile(imported, head_t1, tmp_path, method, capsys):
+    image, path = head_t1
+    out = tmp_path / f"out-{method}"
+    argv = ["detect", str(path), "-o", str(out), "--model", imported, "--method", method, "--device", "cpu",
+            "--no-progress", "--batch-size", "8"]
+    for p in FAST[method]:
+        argv += ["--param", p]
+    assert main(argv) == 0, capsys.readouterr()
+    capsys.readouterr()
+    for kind in ("restoration", "anomaly", "mask"):
+        res = sitk.ReadImage(str(out / f"head_t1_{kind}.nii.gz"))
+        assert _same_grid(res, image), kind  # on the input's exact grid
+    anomaly = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "head_t1_anomaly.nii.gz")))
+    assert np.isfinite(anomaly).all() and anomaly.max() > 0
+
+    from uad.pipeline import detect
+
+    params = {k: __import__("uad.cli", fromlist=["parse_value"]).parse_value(v)
+              for k, v in (p.split("=", 1) for p in FAST[method])}
+    res = detect(image, method=method, model=imported, device="cpu", seed=0, params=params)
+    info = res.info
+    assert info["image_size"] == 128
+    pre = info["preprocess"]
+    prof = pre["profile"]
+    assert prof["registration"] == "mni152" and prof["skull_strip"] is False and prof["square"] == "pad"
+    assert prof["slice_range"] == [0.45, 0.55]
+    names = [s["step"] for s in pre["steps"]]
+    assert "register" in names and "bias_correction" not in names
+    assert pre["skull_stripped"]["value"] is False  # a head, detected as such
+    assert _same_grid(res.anomaly, image) and _same_grid(res.restoration, image)
+    # only the central slab was run: most axial slices of the head have anomaly 0
+    a = sitk.GetArrayFromImage(sitk.DICOMOrient(res.anomaly, "LPS"))  # (k, j, i), k inferior -> superior
+    per_slice = a.reshape(a.shape[0], -1).max(1)
+    assert per_slice.max() > 0 and (per_slice == 0).mean() > 0.5
