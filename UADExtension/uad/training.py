@@ -97,6 +97,15 @@ class TrainConfig:
     pool_size: int = 8
     noise: str | None = None  # override the model's noise kind (gaussian | simplex)
     model_overrides: dict = field(default_factory=dict)
+    # EMA, timestep range, initialisation, learning curve (see "Converging faster" in the module docstring)
+    ema_decay: float = 0.0  # 0: off; else the validated / exported weights are an EMA with this decay
+    t_min: int = 0  # training timesteps t ~ U{t_min..t_max-1} (DDPM family only); default the full range
+    t_max: int | None = None
+    init: str | None = None  # start from this model's weights: a model id, a run folder or a .safetensors file
+    curve_every: int = 0  # 0: off; else every N steps: validation loss (+ sample AP) to curve.csv / curve.png
+    curve_methods: list = field(default_factory=list)  # methods whose AP on the bundled sample the curve tracks
+    curve_preset: str = "fast"
+    curve_slices: int = 24  # axial slices of the bundled sample (evenly spaced over the brain)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -113,10 +122,27 @@ class TrainConfig:
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "image_size", "val_every", "val_batches", "checkpoint_every",
-                     "pool_size"):
+                     "pool_size", "curve_every", "curve_slices", "t_min"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("steps", "curve_every", "t_min")
+                                                                     else 1):
                 raise UADError(f"training option {name} must be a positive integer, got {v!r}")
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
+                or not 0.0 <= float(self.ema_decay) < 1.0:
+            raise UADError(f"training option ema_decay must be a number in [0, 1) (0: no EMA), got {self.ema_decay!r}")
+        self.ema_decay = float(self.ema_decay)
+        if self.t_max is not None and (isinstance(self.t_max, bool) or not isinstance(self.t_max, int)
+                                       or self.t_max <= self.t_min):
+            raise UADError(f"training option t_max must be an integer above t_min={self.t_min}, got {self.t_max!r}")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
+            raise UADError(f"training option init must be a model id or a path, got {self.init!r}")
+        if not isinstance(self.curve_methods, list) or not all(isinstance(m, str) for m in self.curve_methods):
+            raise UADError("training option curve_methods must be a list of method names")
+        for m in self.curve_methods:
+            try:
+                get_method_class(m)
+            except ValueError as e:
+                raise UADError(f"curve method: {' '.join(str(e).split())}") from None
         if not isinstance(self.model_overrides, dict):
             raise UADError("training option model_overrides must be a JSON object")
         if str(self.contrast).upper() not in ("T1", "T2", "FLAIR"):
@@ -133,14 +159,91 @@ def default_config(method: str, **overrides) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-def model_config_for(cfg: TrainConfig) -> dict:
-    mc = get_method_class(cfg.method).default_model_config(image_size=cfg.image_size, small=cfg.small)
+def model_config_for(cfg: TrainConfig, base: dict | None = None) -> dict:
+    """The run's model config: the method's default (or ``base``, the ``init`` model's), then the overrides.
+
+    With ``cfg.init`` and no ``base``, the init model's config is read (its weights are not loaded).
+    The timestep range goes in as ``train_t_min`` / ``train_t_max`` (read by the DDPM objective).
+    """
+    if base is None and cfg.init:
+        base = resolve_init(cfg.init, cfg.method, load=False)["config"]
+    if base is not None:
+        mc = {k: v for k, v in json.loads(json.dumps(base)).items() if k not in _INIT_DROP}
+        if base.get("image_size") is not None:
+            cfg.image_size = int(base["image_size"])
+    else:
+        mc = get_method_class(cfg.method).default_model_config(image_size=cfg.image_size, small=cfg.small)
     if cfg.noise is not None:
         mc["noise"] = cfg.noise
     _deep_update(mc, cfg.model_overrides)
     mc["contrast"] = cfg.contrast
     mc["image_size"] = cfg.image_size
+    _apply_t_range(cfg, mc)
     return mc
+
+
+#: Methods whose objective is ``methods.common.ddpm_loss`` (they honour the timestep range).
+T_RANGE_METHODS = ("anoddpm", "thor", "autoddpm")
+#: Manifest keys of an init model that describe that model, not the new run's architecture.
+_INIT_DROP = ("id", "file", "sha256", "url", "training", "threshold", "calibration", "evaluation", "card",
+              "description", "license", "measurements", "train_t_min", "train_t_max")
+
+
+def _apply_t_range(cfg: TrainConfig, mc: dict) -> None:
+    if cfg.t_min == 0 and cfg.t_max is None:
+        return  # the full range: the model config says nothing
+    if cfg.method not in T_RANGE_METHODS:
+        raise UADError(f"a training timestep range (t_min / t_max) is supported for {', '.join(T_RANGE_METHODS)} "
+                       f"only, not {cfg.method!r}")
+    T = int(mc.get("schedule", {}).get("num_train_timesteps", 1000))
+    t_max = T if cfg.t_max is None else cfg.t_max
+    if t_max > T or cfg.t_min >= t_max:
+        raise UADError(f"training timesteps [{cfg.t_min}, {t_max}) do not fit the schedule's {T} timesteps")
+    mc["train_t_min"], mc["train_t_max"] = int(cfg.t_min), int(t_max)
+
+
+def resolve_init(spec: str, method: str, load: bool = True) -> dict:
+    """The model a run starts from: ``{"config", "weights", "info"}``.
+
+    ``spec``: a model id (bundled, ``$UAD_MODELS_DIR`` or imported; verified against its sha256), a
+    training run folder (its model.json + model.safetensors), or a ``.safetensors`` file (with the
+    ``<stem>.json`` manifest entry beside it if there is one; otherwise the weights must fit the run's
+    own model config, and ``config`` is None).
+    """
+    from .zoo import ModelError, find_model, verify
+
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_dir():
+            js = p / "model.json"
+            if not js.is_file():
+                raise UADError(f"--init {spec}: the folder has no model.json (give a training run folder, a "
+                               f".safetensors file or a model id)")
+            config = json.loads(js.read_text())
+            weights = p / Path(config.get("file") or "model.safetensors").name
+            name = config.get("id") or p.resolve().name
+        elif p.name.endswith(".safetensors"):
+            side = p.with_suffix(".json")
+            config = json.loads(side.read_text()) if side.is_file() else None
+            weights, name = p, (config or {}).get("id") or p.stem
+        else:
+            raise UADError(f"--init {spec}: not a .safetensors file, a run folder or a model id")
+        if not weights.is_file():
+            raise UADError(f"--init {spec}: weights file {weights} is missing")
+        if config is not None and not isinstance(config.get("networks"), dict):
+            raise UADError(f"--init {spec}: {weights.with_suffix('.json').name} is not a model manifest entry")
+        digest = sha256_file(weights)
+    else:
+        try:
+            entry = find_model(spec)
+            digest = verify(entry)
+        except ModelError as e:
+            raise UADError(f"--init {spec}: no such file or folder, and {e}") from None
+        config, weights, name = dict(entry.data), entry.weights_path, entry.id
+    if config is not None and method not in config.get("methods", [method]):
+        raise UADError(f"--init {spec}: model {name} serves {', '.join(config.get('methods', []))}, not {method!r}")
+    info = {"model": name, "sha256": digest, "steps": ((config or {}).get("training") or {}).get("steps")}
+    return {"config": config, "weights": load_weights(weights, name) if load else None, "info": info}
 
 
 def _deep_update(dst: dict, src: dict) -> None:
@@ -452,6 +555,7 @@ def state_digest(state: dict) -> str:
 def validation_loss(cls, model: Model, source, cfg: TrainConfig, device) -> float:
     """Mean objective on held-out slices with fixed randomness (comparable across steps)."""
     model = _plain(model)
+    modes = {role: net.training for role, net in model.networks.items()}
     for net in model.networks.values():
         net.eval()
     losses = []
@@ -462,9 +566,261 @@ def validation_loss(cls, model: Model, source, cfg: TrainConfig, device) -> floa
             rng = _batch_rng(cfg.seed + 7, 10_000_000 + b, x.shape[0], device)
             loss = cls.training_loss(model, x.to(device), m.to(device), rng, labels=y.to(device))
             losses.append(float(loss))
-    for net in model.networks.values():
-        net.train()
+    for role, net in model.networks.items():
+        net.train(modes[role])
     return float(np.mean(losses))
+
+
+# --------------------------------------------------------------------------- EMA / train state / curve
+class EMA:
+    """Exponential moving average of a model's weights (the weights a run validates and exports).
+
+    ``update()`` after every optimizer step: ``ema = d * ema + (1 - d) * weights`` for floating-point
+    tensors (other buffers are copied), with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates
+    (the usual warm-up, so that a fresh run's average is not dominated by its random initialisation).
+    ``state``: saved EMA weights to continue from (a resumed run); otherwise it starts at ``source``.
+    """
+
+    def __init__(self, model_cfg: dict, source: Model, decay: float, state: dict | None = None,
+                 updates: int = 0, device=None):
+        self.decay = float(decay)
+        self.updates = int(updates)
+        src = _plain(source)
+        self.model = build_model(model_cfg, state if state is not None else flat_state(src), "ema")
+        if device is not None:
+            self.model.to(device)
+        self._pairs = []
+        for role, net in self.model.networks.items():
+            mine, theirs = net.state_dict(), src.networks[role].state_dict()
+            self._pairs += [(mine[k], theirs[k]) for k in mine]
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = self.current_decay()
+        for e, w in self._pairs:
+            if e.is_floating_point():
+                e.mul_(d).add_(w.detach().to(e.dtype), alpha=1.0 - d)
+            else:
+                e.copy_(w)
+        self.updates += 1
+
+
+TRAIN_STATE = "train_state.safetensors"
+_TRAIN_STATE_FORMAT = "uad-train-state/1"
+
+
+def save_train_state(model: Model, opt, path: Path) -> None:
+    """The online (optimised) weights and the optimizer state in one safetensors file (no pickle)."""
+    from safetensors.torch import save_file
+
+    flat = {f"weights.{k}": v.detach().cpu().contiguous().clone() for k, v in flat_state(model).items()}
+    sd = opt.state_dict()
+    scalars: dict = {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                flat[f"optimizer.{i}.{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{i}.{k}"] = v
+    meta = {"format": _TRAIN_STATE_FORMAT, "param_groups": json.dumps(sd["param_groups"]),
+            "scalars": json.dumps(scalars)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flat, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_train_state(path: Path) -> tuple[dict, dict]:
+    """``(weights, optimizer_state_dict)`` from ``save_train_state``'s file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UADError(f"cannot resume: {path} is not a valid safetensors file ({e})") from None
+    if meta.get("format") != _TRAIN_STATE_FORMAT:
+        raise UADError(f"cannot resume: {path} is not a uad training state (format {meta.get('format')!r})")
+    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    for k, v in json.loads(meta.get("scalars", "{}")).items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    return weights, {"state": state, "param_groups": json.loads(meta["param_groups"])}
+
+
+def curve_sample(n_slices: int = 24) -> dict:
+    """A cheap sub-volume of the bundled sample (Resources/SampleData): ``n_slices`` axial slices evenly
+    spaced over the brain (at least one through the lesion), with its lesion and brain masks (numpy)."""
+    import SimpleITK as sitk
+
+    from .imageio import read_image, sample_paths
+
+    sp = sample_paths()
+    img = read_image(sp["image"])
+    arr = sitk.GetArrayFromImage(img)
+    lesion = sitk.GetArrayFromImage(read_image(sp["lesion"])) > 0
+    brain = sitk.GetArrayFromImage(read_image(sp["brain_mask"])) > 0
+    zs = np.nonzero(brain.reshape(len(brain), -1).any(1))[0]
+    pick = np.unique(zs[np.round(np.linspace(0, len(zs) - 1, min(int(n_slices), len(zs)))).astype(int)])
+    area = lesion.reshape(len(lesion), -1).sum(1)
+    if area[pick].sum() == 0:  # too few slices to meet the lesion: the middle one becomes its largest slice
+        pick[len(pick) // 2] = int(np.argmax(area))
+        pick = np.unique(pick)
+
+    def sub(a, like):
+        out = sitk.GetImageFromArray(np.ascontiguousarray(a[pick]))
+        out.SetSpacing(like.GetSpacing())
+        out.SetOrigin(like.GetOrigin())
+        out.SetDirection(like.GetDirection())
+        return out
+
+    return {"image": sub(arr, img), "brain_mask": sub(brain.astype(np.uint8), img), "lesion": lesion[pick],
+            "brain": brain[pick], "slices": pick.tolist()}
+
+
+def sample_ap(model: Model, method: str, preset: str, sample: dict, device) -> float:
+    """AP over brain voxels of ``method`` (``preset``) with ``model`` on a ``curve_sample``."""
+    import SimpleITK as sitk
+
+    from .metrics import average_precision
+    from .pipeline import detect
+
+    modes = {role: net.training for role, net in model.networks.items()}
+    try:
+        res = detect(sample["image"], method=method, model=model, device=device, seed=0, preset=preset,
+                     brain_mask=sample["brain_mask"], threshold=float("inf"))
+    finally:
+        for role, net in model.networks.items():
+            net.train(modes[role])
+    a = sitk.GetArrayFromImage(res.anomaly)
+    return float(average_precision(a, sample["lesion"], mask=sample["brain"]))
+
+
+class LearningCurve:
+    """curve.csv (step, seconds, val_loss, ap_<method>...) and curve.png in the run directory."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, resume: bool, step: int):
+        self.run_dir, self.cfg = run_dir, cfg
+        self.csv = run_dir / "curve.csv"
+        self.png = run_dir / "curve.png"
+        self.header = ["step", "seconds", "val_loss"] + [f"ap_{m}" for m in cfg.curve_methods]
+        self.rows: list[list[str]] = []
+        if resume and self.csv.is_file():
+            with open(self.csv, newline="") as f:
+                r = list(csv.reader(f))
+            if r and r[0] == self.header:
+                self.rows = [row for row in r[1:] if row and row[0].isdigit() and int(row[0]) <= step]
+        self._sample = None
+        self.prevalence = None
+        self._write()
+
+    def has(self, step: int) -> bool:
+        return any(int(r[0]) == step for r in self.rows)
+
+    def due(self, step: int) -> bool:
+        return self.cfg.curve_every > 0 and step % self.cfg.curve_every == 0
+
+    def record(self, step: int, seconds: float, val_loss: float, model: Model, device) -> dict:
+        aps = {}
+        if self.cfg.curve_methods:
+            if self._sample is None:
+                self._sample = curve_sample(self.cfg.curve_slices)
+                self.prevalence = float(self._sample["lesion"][self._sample["brain"]].mean())
+            for m in self.cfg.curve_methods:
+                aps[m] = sample_ap(model, m, self.cfg.curve_preset, self._sample, device)
+        self.rows.append([str(step), f"{seconds:.1f}", f"{val_loss:.6f}"]
+                         + [f"{aps[m]:.6f}" for m in self.cfg.curve_methods])
+        self._write()
+        self.plot()
+        return aps
+
+    def _write(self) -> None:
+        tmp = self.csv.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(self.header)
+            w.writerows(self.rows)
+        os.replace(tmp, self.csv)
+
+    def plot(self) -> None:
+        if self.rows:
+            plot_curve(self.csv, self.png, prevalence=self.prevalence,
+                       title=f"{self.cfg.method} ({self.cfg.curve_preset}), EMA {self.cfg.ema_decay:g}"
+                       if self.cfg.ema_decay else f"{self.cfg.method} ({self.cfg.curve_preset})")
+
+
+def plot_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike, prevalence: float | None = None,
+               title: str = "") -> Path:
+    """Validation loss and sample AP against steps, from a curve.csv, as a PNG (matplotlib, Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    ap_cols = [c for c in (rows[0].keys() if rows else []) if c.startswith("ap_")]
+    fig = Figure(figsize=(9.0, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1 = fig.add_subplot(1, 2 if ap_cols else 1, 1)
+    ax1.plot(steps, [float(r["val_loss"]) for r in rows], "o-", color="tab:blue")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("validation loss (held-out phantoms)")
+    ax1.grid(alpha=0.3)
+    if ap_cols:
+        ax2 = fig.add_subplot(1, 2, 2)
+        for c in ap_cols:
+            ax2.plot(steps, [float(r[c]) for r in rows], "o-", label=c[3:])
+        if prevalence is not None:
+            ax2.axhline(prevalence, color="grey", ls="--", label="prevalence (chance)")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("AP on the sample (brain voxels)")
+        ax2.set_ylim(bottom=0)
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(str(tmp), format="png")
+    os.replace(tmp, png_path)
+    return png_path
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM ask the (single-process) loop to checkpoint and stop; a second signal interrupts."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.requested = False
+        self._old = {}
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _load_optimizer_state(path: Path):
@@ -499,8 +855,16 @@ def _read_run(run_dir: Path, target_steps: int | None, method: str | None = None
         cfg.steps = max(int(target_steps), cfg.steps)
     state = json.loads((run_dir / "state.json").read_text())
     out = {"cfg": asdict(cfg), "model_cfg": model_cfg, "state": state,
-           "weights": load_weights(run_dir / "model.safetensors", str(run_dir)), "optimizer": None}
-    if (run_dir / "optimizer.pt").is_file():
+           "weights": load_weights(run_dir / "model.safetensors", str(run_dir)), "optimizer": None, "ema": None}
+    if (run_dir / TRAIN_STATE).is_file():  # EMA runs: model.safetensors holds the EMA weights
+        online, out["optimizer"] = load_train_state(run_dir / TRAIN_STATE)
+        if cfg.ema_decay:
+            out["ema"] = out["weights"]
+        out["weights"] = online
+    elif cfg.ema_decay:
+        raise UADError(f"cannot resume: {run_dir} is an EMA run but has no {TRAIN_STATE} (the online weights and "
+                       f"the optimizer state)")
+    elif (run_dir / "optimizer.pt").is_file():
         out["optimizer"] = _load_optimizer_state(run_dir / "optimizer.pt")
     return out
 
@@ -525,24 +889,27 @@ def _open_log(run_dir: Path, resume: bool, step: int):
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, device: str = "auto",
-          progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = True) -> Path:
+          progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = True,
+          time_limit: float | None = None) -> Path:
     """Train ``cfg.method``'s networks; returns the run directory.
 
     ``resume``: continue the run in ``run_dir`` with its saved config; the target
     is ``max(cfg.steps, saved steps)``.  ``overwrite=False`` refuses to start a
     new run in a folder that already holds one.  Under ``torchrun`` (``WORLD_SIZE``
     > 1) this trains data-parallel (see the module docstring); every process
-    must call it with the same arguments.
+    must call it with the same arguments.  ``time_limit`` (seconds of this call): checkpoint and stop
+    when it has passed (the run resumes later with ``resume=True``); a single-process run also stops
+    that way on SIGINT / SIGTERM (a second signal interrupts at once).
     """
     ctx, dev = setup_distributed(device)
     try:
-        return _train(cfg, Path(run_dir), resume, dev, ctx, progress, log, overwrite)
+        return _train(cfg, Path(run_dir), resume, dev, ctx, progress, log, overwrite, time_limit)
     finally:
         cleanup_distributed(ctx)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx: DistContext, progress: bool,
-           log: Callable[[str], None], overwrite: bool) -> Path:
+           log: Callable[[str], None], overwrite: bool, time_limit: float | None = None) -> Path:
     main = ctx.is_main
     say = log if (main and log is not None) else (lambda s: None)
 
@@ -554,8 +921,17 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
         if not overwrite and (run_dir / "config.json").is_file():
             raise UADError(f"{run_dir} already holds a training run; continue it with --resume, or choose "
                            f"another output folder")
-        return {"cfg": asdict(cfg), "model_cfg": model_config_for(cfg), "state": {"step": 0, "best_val": math.inf},
-                "weights": None, "optimizer": None}
+        state = {"step": 0, "best_val": math.inf}
+        weights = None
+        if cfg.init:
+            init = resolve_init(cfg.init, cfg.method)
+            model_cfg = model_config_for(cfg, base=init["config"])
+            build_model(model_cfg, init["weights"], init["info"]["model"])  # one clear error if they do not fit
+            weights, state["init"] = init["weights"], init["info"]
+        else:
+            model_cfg = model_config_for(cfg)
+        return {"cfg": asdict(cfg), "model_cfg": model_cfg, "state": state, "weights": weights, "optimizer": None,
+                "ema": None}
 
     plan = _share_from_main(ctx, prepare)
     cfg = TrainConfig.from_dict(plan["cfg"])
@@ -579,8 +955,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
         try:
             opt.load_state_dict(plan["optimizer"])
         except (ValueError, KeyError, TypeError) as e:
-            raise UADError(f"cannot resume: optimizer.pt does not match the model ({e})") from None
+            raise UADError(f"cannot resume: the optimizer state does not match the model ({e})") from None
+    ema = None
+    if cfg.ema_decay and main:  # only rank 0 validates and writes; every rank holds the same weights
+        ema = EMA(model_cfg, plain, cfg.ema_decay, state=plan["ema"], updates=state.get("ema_updates", 0),
+                  device=dev)
     del plan
+    stop = _StopRequest(enabled=not ctx.enabled)
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -605,6 +986,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
 
     use_amp = cfg.amp and dev.type == "cuda"
     log_f, writer = _open_log(run_dir, resume, state["step"]) if main else (None, None)
+    curve = LearningCurve(run_dir, cfg, resume, state["step"]) if main and cfg.curve_every else None
+    evaluated = ema.model if ema is not None else plain  # what is validated, evaluated and exported
     bar = None
     if progress and main and state["step"] < cfg.steps:
         from tqdm.auto import tqdm
@@ -614,12 +997,25 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
     t0 = time.time()
     seconds0 = float(state.get("seconds", 0.0))
     state["world_size"] = ctx.world_size
-    ema = None
+    smooth = None
     first_batch = None
     noise_seed = _rank_seed(cfg.seed, ctx.rank)
+    stopped = None
+
+    def curve_point() -> None:
+        val = validation_loss(cls, evaluated, val_source, cfg, dev)
+        aps = curve.record(state["step"], seconds0 + time.time() - t0, val, evaluated, dev)
+        say(f"curve: step {state['step']}, validation loss {val:.4f}"
+            + "".join(f", {m} sample AP {v:.3f}" for m, v in aps.items()))
+
     try:
+        if curve is not None and not curve.has(state["step"]):
+            curve_point()  # the starting point (a new run: the initial / init model)
         while state["step"] < cfg.steps:
             step = state["step"]
+            if not ctx.enabled and (stop.requested or (time_limit is not None and time.time() - t0 > time_limit)):
+                stopped = "on request" if stop.requested else "at the time limit"
+                break
             g = np.random.default_rng(_data_seed(cfg.seed, step, ctx.rank))
             x, m, y = source.sample_batch(cfg.batch_size, g)
             if first_batch is None:
@@ -636,14 +1032,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update()
             state["step"] = step + 1
-            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
             last = state["step"] == cfg.steps
             if not main:
                 continue
             val = ""
             if state["step"] % cfg.val_every == 0 or last:
-                val = validation_loss(cls, plain, val_source, cfg, dev)
+                val = validation_loss(cls, evaluated, val_source, cfg, dev)
                 state["best_val"] = min(state["best_val"], val)
                 state.setdefault("val_history", []).append([state["step"], val])
             state["seconds"] = seconds0 + time.time() - t0
@@ -651,11 +1049,22 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
                              f"{state['seconds']:.1f}"])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{ema:.4f}", val=f"{val:.4f}" if val != "" else "-")
+                bar.set_postfix(loss=f"{smooth:.4f}", val=f"{val:.4f}" if val != "" else "-")
             if state["step"] % cfg.checkpoint_every == 0 or last:
                 log_f.flush()
-                _checkpoint(plain, opt, state, run_dir, cfg, ctx.world_size)
+                _checkpoint(plain, opt, state, run_dir, cfg, ctx.world_size, ema)
+            if curve is not None and (curve.due(state["step"]) or last):
+                curve_point()
+        if stopped is not None:
+            log_f.flush()
+            state["seconds"] = seconds0 + time.time() - t0
+            _checkpoint(plain, opt, state, run_dir, cfg, ctx.world_size, ema)
+            if curve is not None and not curve.has(state["step"]):
+                curve_point()
+            say(f"stopped {stopped} at step {state['step']} of {cfg.steps}; checkpoint written (continue with "
+                f"--resume)")
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         if log_f is not None:
@@ -685,23 +1094,39 @@ def _debug_dump(ctx: DistContext, model: Model, state: dict, first_batch: str | 
     Path(folder, f"rank{ctx.rank}.json").write_text(json.dumps(info, indent=2))
 
 
-def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig, world_size: int = 1) -> None:
+def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig, world_size: int = 1,
+                ema: EMA | None = None) -> None:
+    """model.safetensors (the EMA weights with EMA), the optimizer state, state.json, model.json.
+
+    Without EMA the optimizer state is optimizer.pt (torch, read back weights-only); with EMA the online
+    weights and the optimizer state are train_state.safetensors.
+    """
     plain = _plain(model)  # the unwrapped modules' weights, never DDP's "module." names
     tmp = run_dir / "model.safetensors.tmp"
-    digest = save_weights(plain, tmp)
+    digest = save_weights(ema.model if ema is not None else plain, tmp)
     os.replace(tmp, run_dir / "model.safetensors")
-    torch.save(opt.state_dict(), run_dir / "optimizer.pt.tmp")
-    os.replace(run_dir / "optimizer.pt.tmp", run_dir / "optimizer.pt")
+    if ema is not None:
+        save_train_state(plain, opt, run_dir / TRAIN_STATE)
+        state["ema_updates"] = ema.updates
+    else:
+        torch.save(opt.state_dict(), run_dir / "optimizer.pt.tmp")
+        os.replace(run_dir / "optimizer.pt.tmp", run_dir / "optimizer.pt")
     (run_dir / "state.json").write_text(json.dumps(state, indent=2, default=float))
     best = state.get("best_val")
     entry = dict(model.config)
-    entry.update({
-        "file": "model.safetensors",
-        "sha256": digest,
-        "training": {"data": cfg.data, "contrast": cfg.contrast, "steps": state["step"],
-                     "batch_size": cfg.batch_size, "world_size": world_size, "lr": cfg.lr, "seed": cfg.seed,
-                     "small": cfg.small, "best_val_loss": best if best is not None and math.isfinite(best) else None},
-    })
+    training = {"data": cfg.data, "contrast": cfg.contrast, "steps": state["step"],
+                "batch_size": cfg.batch_size, "world_size": world_size, "lr": cfg.lr, "seed": cfg.seed,
+                "small": cfg.small, "best_val_loss": best if best is not None and math.isfinite(best) else None}
+    if ema is not None:
+        training["ema_decay"] = cfg.ema_decay
+        training["weights"] = "ema"
+    if "train_t_min" in entry:
+        training["timesteps"] = [entry["train_t_min"], entry["train_t_max"]]
+    if state.get("init"):
+        training["init"] = state["init"]
+    if state.get("seconds") is not None:
+        training["wall_seconds"] = round(float(state["seconds"]), 1)
+    entry.update({"file": "model.safetensors", "sha256": digest, "training": training})
     tmp = run_dir / "model.json.tmp"
     tmp.write_text(json.dumps(entry, indent=2, default=float))
     os.replace(tmp, run_dir / "model.json")
@@ -761,7 +1186,9 @@ def calibrate_threshold(model: Model, method: str, contrast: str = "T2", n_volum
 # --------------------------------------------------------------------------- CLI
 #: Command-line options that map onto TrainConfig fields (dest -> field).
 _CLI_FIELDS = {"data": "data", "contrast": "contrast", "steps": "steps", "batch_size": "batch_size",
-               "image_size": "image_size", "lr": "lr", "seed": "seed"}
+               "image_size": "image_size", "lr": "lr", "seed": "seed", "init": "init", "ema_decay": "ema_decay",
+               "t_min": "t_min", "t_max": "t_max", "curve_every": "curve_every", "curve_methods": "curve_methods",
+               "curve_preset": "curve_preset", "curve_slices": "curve_slices"}
 
 
 def add_cli(subparsers) -> None:
@@ -784,6 +1211,24 @@ def add_cli(subparsers) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--init", metavar="MODEL", help="start from this model's weights (and architecture): a model "
+                                                   "id (see 'uad models'), a run folder or a .safetensors file")
+    p.add_argument("--ema-decay", type=float, metavar="D", help="keep an EMA of the weights with this decay "
+                                                                 "(e.g. 0.999); it is what is validated and "
+                                                                 "exported (default 0: no EMA)")
+    p.add_argument("--t-min", type=int, help="smallest training timestep (DDPM family; default 0)")
+    p.add_argument("--t-max", type=int, help="training timesteps below this (DDPM family; default: all T); "
+                                             "cover the levels of the presets you use")
+    p.add_argument("--curve-every", type=int, metavar="N", help="learning curve every N steps: validation loss "
+                                                                "(+ sample AP) in curve.csv and curve.png")
+    p.add_argument("--curve-method", dest="curve_methods", action="append", metavar="METHOD",
+                   help="method whose AP on the bundled sample the learning curve tracks (repeatable)")
+    p.add_argument("--curve-preset", help="preset of the curve's methods (default fast)")
+    p.add_argument("--curve-slices", type=int, metavar="N", help="axial slices of the sample the curve uses "
+                                                                 "(default 24)")
+    p.add_argument("--time-limit", type=float, metavar="MIN", help="checkpoint and stop after MIN minutes (resume "
+                                                                  "later with --resume); SIGINT / SIGTERM also "
+                                                                  "checkpoint and stop")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda (under torchrun: the GPU of "
                                                     "LOCAL_RANK)")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR with its saved settings")
@@ -820,6 +1265,10 @@ def _cli_train(args) -> int:
     ctx = distributed_env()
     say = print if ctx.is_main else (lambda s: None)
     run = Path(args.output)
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UADError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+    if args.time_limit is not None and ctx.enabled:
+        raise UADError("--time-limit is for single-process training (under torchrun, stop the job and --resume)")
     if args.resume:
         given = [f"--{d.replace('_', '-')}" for d in _CLI_FIELDS if d != "steps" and getattr(args, d) is not None]
         if args.config:
@@ -837,7 +1286,7 @@ def _cli_train(args) -> int:
             raise UADError(f"{run}: exists and is not a folder")
     try:
         train(cfg, run, resume=args.resume, device=args.device, progress=not args.no_progress, log=say,
-              overwrite=False)
+              overwrite=False, time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
     except SharedError:
         if ctx.is_main:
             raise

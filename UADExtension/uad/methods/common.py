@@ -69,7 +69,7 @@ def ddpm_loss(model, x01: torch.Tensor, rng: BatchRNG, noise: str | None = None,
               t_max: int | None = None, reduction_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Standard denoising objective on a batch of [0, 1] slices.
 
-    t ~ U{0..t_max-1}, x_t = sqrt(ab) x0 + sqrt(1-ab) n with n Gaussian or simplex,
+    t ~ U{t_min..t_max-1} (t_min: the model config's ``train_t_min``, default 0), x_t = sqrt(ab) x0 + sqrt(1-ab) n with n Gaussian or simplex,
     MSE between the network output and the target of the model's prediction type
     (epsilon by default).  Inputs are mapped to the model's intensity range first
     (no "(pred+1)/2" on the output, unlike THOR's released trainer).
@@ -81,7 +81,8 @@ def ddpm_loss(model, x01: torch.Tensor, rng: BatchRNG, noise: str | None = None,
     x0 = x01 * (hi - lo) + lo
     kind = noise or model.noise
     n = make_noise(kind, rng, x0.shape[1:]).to(x0)
-    t = rng.randint(0, int(t_max or diffusion.T)).to(x0.device)
+    t_lo = int(model.config.get("train_t_min") or 0)  # a training run's range (uad.training t_min / t_max)
+    t = rng.randint(t_lo, int(t_max or diffusion.T)).to(x0.device)
     x_t = diffusion.q_sample(x0, t, n)
     out = call_unet(model.net("denoiser"), x_t, t)
     target = diffusion.training_target(x0, n, t)
