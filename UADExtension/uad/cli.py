@@ -354,9 +354,11 @@ def cmd_methods(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from .zoo import SUMMARY_HEADER, list_models, user_models_dir
+    from .zoo import SUMMARY_HEADER, list_models, manifest_warnings, user_models_dir
 
     entries = list_models()
+    for w in manifest_warnings():
+        print(f"warning: {w}", file=sys.stderr)
     if not entries:
         print("no models found (train one with 'uad train', then 'uad models import RUN_DIR --id NAME')")
     else:

@@ -492,9 +492,14 @@ def remove_temporaries_on_signal(signals=("SIGTERM", "SIGHUP")):
         sig = getattr(signal, name, None)
         if sig is not None:
             old[sig] = signal.signal(sig, handler)
+    blocked = set()
+    if old and hasattr(signal, "pthread_sigmask"):  # a mask inherited from the parent would hold them back
+        blocked = set(signal.pthread_sigmask(signal.SIG_UNBLOCK, list(old))) & set(old)
     try:
         yield
     finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, list(blocked))
         for sig, h in old.items():
             signal.signal(sig, h)
 
