@@ -53,9 +53,9 @@ def test_detect_writes_outputs_on_input_grid(tiny_zoo, make_volume, tmp_path, ca
     rc = main(["detect", inp, inp2, "-o", str(outdir), "--device", "cpu", "--seed", "3", "--no-progress", *FAST])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert _files(outdir) == sorted(f"{s}_{k}" for s in ("case01_T2", "case02")
-                                    for k in ("restoration.nii.gz", "anomaly.nii.gz", "mask.nii.gz", "brainmask.nii.gz",
-                                              "overview.png"))
+    assert _files(outdir) == sorted([f"{s}_{k}" for s in ("case01_T2", "case02")
+                                     for k in ("restoration.nii.gz", "anomaly.nii.gz", "mask.nii.gz",
+                                               "brainmask.nii.gz", "overview.png")] + ["summary.csv"])
     for stem, ref in (("case01_T2", img), ("case02", img2)):
         for k in ("restoration", "anomaly", "mask"):
             o = sitk.ReadImage(str(outdir / f"{stem}_{k}.nii.gz"))
@@ -105,14 +105,32 @@ def test_detect_bad_input_one_line_error_nothing_written(tiny_zoo, make_volume, 
     (tmp_path / "in").mkdir()
     inputs = _bad_inputs(tmp_path / "in", make_volume)
     outdir = tmp_path / "out"
-    good, _, _ = make_volume()
-    good_path = _write(good, tmp_path / "good.nii.gz")
-    # the bad input comes second: every input is validated before any is processed
-    rc = main(["detect", good_path, inputs[case], "-o", str(outdir), "--device", "cpu", "--no-progress", *FAST])
+    rc = main(["detect", inputs[case], "-o", str(outdir), "--device", "cpu", "--no-progress", *FAST])
     line = _assert_one_line_error(capsys, rc)
     assert EXPECTED[case] in line
     assert Path(inputs[case]).name in line
     assert _files(outdir) == []
+
+
+def test_detect_bad_input_in_a_cohort_is_an_error_row(tiny_zoo, make_volume, tmp_path, capsys):
+    """With several inputs a bad one is reported (validated before any is processed) and the rest go on."""
+    import csv
+
+    (tmp_path / "in").mkdir()
+    inputs = _bad_inputs(tmp_path / "in", make_volume)
+    good, _, _ = make_volume()
+    good_path = _write(good, tmp_path / "good.nii.gz")
+    outdir = tmp_path / "out"
+    rc = main(["detect", good_path, inputs["nan"], inputs["text"], "-o", str(outdir), "--device", "cpu",
+               "--no-progress", *FAST])
+    out, err = capsys.readouterr()
+    assert rc == 3, err
+    assert err.strip().splitlines() == [f"uad: error: 2 of 3 case(s) failed; see {outdir / 'summary.csv'}"]
+    with open(outdir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["status"]) for r in rows] == [("good", "ok"), ("nan", "error"), ("text", "error")]
+    assert "NaN" in rows[1]["error"] and "not an image" in rows[2]["error"]
+    assert (outdir / "good_anomaly.nii.gz").is_file() and not (outdir / "nan_anomaly.nii.gz").exists()
 
 
 def test_detect_usage_errors(tiny_zoo, make_volume, tmp_path, capsys):

@@ -1,7 +1,9 @@
 """The ``uad`` command line.
 
-    uad detect INPUT... -o OUTDIR [--method NAME] [--model ID] [--device D] [--seed N] [--preset P]
+    uad detect INPUT_OR_FOLDER... -o OUTDIR [--method NAME] [--model ID] [--device D] [--seed N] [--preset P]
                [--threshold X] [--batch-size B] [--param KEY=VALUE ...] [--brain-mask FILE ...] [--sample]
+               [--overwrite] [--contrast C] [--threads N]
+               (cohorts: summary.csv, exit 0 all ok / 3 some cases failed / 1 error; cases split under torchrun)
     uad methods
     uad models [list | info ID | verify [ID...] | import PATH [--id ID] | download ID... | remove ID...]
     uad models import-reference thor|autoddpm FILE [--id ID] [--noise N] [--input-range R]   (uad.reference)
@@ -77,6 +79,12 @@ def parse_params(items) -> dict:
 
 
 # -- detect ---------------------------------------------------------------------------------------
+#: Exit status of ``uad detect`` when some cases failed and others succeeded (see summary.csv).
+EXIT_PARTIAL = 3
+#: Bytes per input voxel the outputs take at most uncompressed (restoration, anomaly, mask, brain mask).
+OUTPUT_BYTES_PER_VOXEL = 10
+
+
 def _outputs(outdir: Path, stem: str) -> dict[str, Path]:
     d = {k: outdir / f"{stem}_{k}.nii.gz" for k in OUTPUT_KINDS}
     d["brainmask"] = outdir / f"{stem}_brainmask.nii.gz"  # the brain mask used (given, automatic or stripped)
@@ -84,30 +92,52 @@ def _outputs(outdir: Path, stem: str) -> dict[str, Path]:
     return d
 
 
-def _write_all(result, image, outputs: dict[str, Path], title: str) -> None:
-    """Write every output to temporary files, then rename them all; nothing half-written remains on error."""
-    from .imageio import temp_path_like, write_image
+def _write_all(result, image, outputs: dict[str, Path], title: str, input_digest: str = "") -> None:
+    """Write every output to temporary files, then rename them all; nothing half-written remains on error.
+
+    Each file carries the marker ``uad-output <kind> <input sha256>`` (NIfTI descrip, PNG text) by
+    which a later run recognises its own outputs; files get the mode the umask gives.
+    """
+    from .imageio import (_write_error, apply_umask, discard_temp, mark_png, output_marker, temp_path_like,
+                          write_image)
     from .overview import write_overview
 
     outdir = next(iter(outputs.values())).parent
-    outdir.mkdir(parents=True, exist_ok=True)
     tmps: dict[str, Path] = {}
     try:
-        for kind in OUTPUT_KINDS:
-            tmps[kind] = temp_path_like(outputs[kind])
-            write_image(getattr(result, kind), tmps[kind])
-        if "brainmask" in outputs and result.brain_mask is not None:
-            tmps["brainmask"] = temp_path_like(outputs["brainmask"])
-            write_image(result.brain_mask, tmps["brainmask"])
-        tmps["overview"] = temp_path_like(outputs["overview"])
-        write_overview(tmps["overview"], image, result.restoration, result.anomaly, result.mask,
-                       brain_mask=result.brain_mask, title=title, threshold=result.info.get("threshold"))
-        for kind, tmp in tmps.items():
-            os.replace(tmp, outputs[kind])
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            for kind in OUTPUT_KINDS:
+                tmps[kind] = temp_path_like(outputs[kind])
+                write_image(getattr(result, kind), tmps[kind], marker=output_marker(kind, input_digest))
+            if "brainmask" in outputs and result.brain_mask is not None:
+                tmps["brainmask"] = temp_path_like(outputs["brainmask"])
+                write_image(result.brain_mask, tmps["brainmask"], marker=output_marker("brainmask", input_digest))
+            tmps["overview"] = temp_path_like(outputs["overview"])
+            write_overview(tmps["overview"], image, result.restoration, result.anomaly, result.mask,
+                           brain_mask=result.brain_mask, title=title, threshold=result.info.get("threshold"))
+            mark_png(tmps["overview"], output_marker("overview", input_digest))
+            for tmp in tmps.values():
+                apply_umask(tmp)
+            for kind, tmp in tmps.items():
+                os.replace(tmp, outputs[kind])
+        except OSError as e:
+            raise _write_error(Path(getattr(e, "filename", None) or outdir), e) from None
     finally:
         for tmp in tmps.values():
-            if tmp.exists():
-                tmp.unlink()
+            discard_temp(tmp)
+
+
+def _case_row(case, index: int, **kw) -> dict:
+    row = {"_index": index, "case": case.stem, "input": str(case.path), "status": kw.pop("status", "ok")}
+    row.update(kw)
+    return row
+
+
+def _distributed_context():
+    from .training import distributed_env
+
+    return distributed_env()
 
 
 def _emit_json(event: str, **fields) -> None:
@@ -142,108 +172,220 @@ def cmd_detect(args) -> int:
 
 
 def _cmd_detect(args, json_events: bool = False) -> int:
-    from .imageio import read_image, sample_paths, stem, validate, validate_mask
-    from .pipeline import build, detect, method_class, method_key, resolve_device, resolve_model
+    import time
 
-    inputs = [Path(p) for p in args.inputs]
+    import numpy as np
+
+    from .cohort import SUMMARY_NAME, Case, check_outputs, expand_inputs, gather_rows, write_summary
+    from .imageio import (check_writable, metadata_contrast, plausibility_warnings, read_image,
+                          remove_temporaries_on_signal, sample_paths, sha256_file, validate, validate_mask)
+    from .pipeline import (build, check_params, check_threshold, configure_threads, describe_device, detect,
+                           method_class, method_key, resolve_device, resolve_model)
+
+    ctx = _distributed_context()
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    # 1. the cases: files, folders (expanded; masks and this tool's outputs skipped), the sample
+    cases, skipped = expand_inputs(args.inputs)
+    for f, why in skipped:
+        say(f"skipped {f}: {why}")
     lesion_path = None
-    masks = [Path(p) for p in (args.brain_mask or [])]
     if args.sample:
         sample = sample_paths()
-        inputs.insert(0, sample["image"])
+        cases.insert(0, Case(sample["image"], sample.get("brain_mask") if not cases and not args.brain_mask
+                             else None))
         lesion_path = sample.get("lesion")
-        if not masks and "brain_mask" in sample and len(inputs) == 1:
-            masks = [sample["brain_mask"]]
-    if not inputs:
-        raise InputError("no input image given (pass INPUT files or --sample)")
-    if masks and len(masks) != len(inputs):
-        raise InputError(f"give one --brain-mask per input ({len(inputs)} input(s), {len(masks)} mask(s))")
-    stems = [stem(p) for p in inputs]
+    if not cases:
+        raise InputError("no input image given (pass INPUT files or folders, or --sample)" if not skipped else
+                         f"no input image found ({len(skipped)} file(s) skipped: {skipped[0][0]}: {skipped[0][1]}"
+                         f"{', ...' if len(skipped) > 1 else ''})")
+    masks = [Path(p) for p in (args.brain_mask or [])]
+    if masks:
+        if len(masks) != len(cases):
+            raise InputError(f"give one --brain-mask per input ({len(cases)} input(s), {len(masks)} mask(s))")
+        for c, m in zip(cases, masks):
+            c.mask = m
+    stems = [c.stem for c in cases]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise InputError(f"several inputs have the same name stem ({', '.join(dup)}); their outputs would collide")
     params = parse_params(args.param)
-    method_class(method_key(args.method))
+    name = method_key(args.method)
+    method_class(name)
+    check_params(name, params)
+    threshold = check_threshold(args.threshold) if args.threshold is not None else None
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: exists and is not a folder")
-    given = {p.resolve() for p in inputs + masks}
-    for s in stems:
-        for kind, path in _outputs(outdir, s).items():
-            if path.resolve() in given:
-                raise InputError(f"{path}: the {kind} output would overwrite an input file; "
-                                 f"choose another output folder")
+    # 2. outputs never replace a file that is not this tool's output of the same input (before any computing)
+    check_outputs(cases, outdir, lambda c: _outputs(outdir, c.stem), overwrite=args.overwrite)
 
-    # 1. validate every input (and mask) before processing any
-    for i, p in enumerate(inputs):
-        img = read_image(p)
-        validate(img, name=str(p))
-        if masks:
-            mimg = read_image(masks[i])
-            validate_mask(mimg, img, name=str(masks[i]))
-        del img
-    # 2. the model and the method (errors before any work)
-    name = method_key(args.method)
-    dev = resolve_device(args.device)
+    # 3. validate every input (and mask) before processing any; in a cohort a bad case is an error row
+    # a cohort (several inputs, a folder, torchrun) reports failing cases in summary.csv and goes on
+    single = len(cases) == 1 and not ctx.enabled and not any(Path(x).is_dir() for x in args.inputs)
+    errors: dict[int, str] = {}
+    voxels = 0
+    for i, c in enumerate(cases):
+        try:
+            img = read_image(c.path)
+            validate(img, name=str(c.path))
+            if c.mask is not None:
+                validate_mask(read_image(c.mask), img, name=str(c.mask))
+            voxels += int(np.prod(img.GetSize(), dtype=np.int64))
+            del img
+        except UADError as e:
+            if single:
+                raise
+            errors[i] = _one_line(e)
+    if len(errors) == len(cases):
+        first = next(iter(errors.values()))
+        raise InputError(f"{first}" + (f" (and all {len(cases) - 1} other input(s) failed too)"
+                                       if len(cases) > 1 else ""))
+    # 4. the output folder takes files and has room for them
+    check_writable(outdir, voxels * OUTPUT_BYTES_PER_VOXEL + len(cases) * 2**20)
+
+    # 5. device, threads, the model and the method (errors before any work)
+    if ctx.enabled:
+        from .training import setup_distributed
+
+        ctx, dev = setup_distributed(args.device)
+    else:
+        dev = resolve_device(args.device, log=print)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size if ctx.enabled else 1) or 1)
+    configure_threads(args.threads, processes=local)
+    where = f"rank {ctx.rank}: " if ctx.enabled else ""
+    print(f"{where}device: {describe_device(dev)}" + (" (picked by --device auto)" if args.device == "auto"
+                                                      else ""))
     model = resolve_model(args.model, name, dev)
     build(name, model, args.preset, params)
+    model_contrast = (model.config.get("contrast") or "").upper() or None
 
     from tqdm import tqdm
 
-    for i, p in enumerate(inputs):
-        image = read_image(p)
-        bmask = read_image(masks[i]) if masks else None
-        bar = tqdm(total=None, desc=p.name, unit="slice", disable=args.no_progress or json_events,
-                   file=sys.stderr, dynamic_ncols=True)
-        if json_events:
-            _emit_json("start", input=str(p), index=i, count=len(inputs), method=name, device=str(dev))
+    rows = []
+    mine = [i for i in range(len(cases)) if i % ctx.world_size == ctx.rank]
+    with remove_temporaries_on_signal():
+        for i in mine:
+            c = cases[i]
+            p = c.path
+            if i in errors:
+                print(f"{p}: error: {errors[i]}")
+                rows.append(_case_row(c, i, status="error", error=errors[i]))
+                continue
+            t_case = time.perf_counter()
+            try:
+                image = read_image(p)
+                bmask = read_image(c.mask) if c.mask is not None else None
+                warnings = plausibility_warnings(image)
+                scan_contrast = (args.contrast or metadata_contrast(image, p) or "").upper() or None
+                if model_contrast and scan_contrast and scan_contrast != model_contrast:
+                    warnings.append(f"the model {model.id} is for {model_contrast} but the scan looks "
+                                    f"{scan_contrast} ({'--contrast' if args.contrast else 'metadata / file name'}); "
+                                    f"pick a {scan_contrast} model with --model")
+                bar = tqdm(total=None, desc=p.name, unit="slice", disable=args.no_progress or json_events,
+                           file=sys.stderr, dynamic_ncols=True)
+                if json_events:
+                    _emit_json("start", input=str(p), index=i, count=len(cases), method=name, device=str(dev))
 
-        def progress(done, total, bar=bar):
+                def progress(done, total, bar=bar, i=i):
+                    if json_events:
+                        _emit_json("progress", index=i, done=int(done), total=int(total))
+                    if bar.total != total:
+                        bar.total = total
+                    bar.n = done
+                    bar.refresh()
+
+                try:
+                    result = detect(image, method=name, model=model, device=dev, seed=args.seed,
+                                    batch_size=args.batch_size, preset=args.preset, params=params,
+                                    threshold=threshold, brain_mask=bmask, progress=progress, log=print,
+                                    skull_stripped=args.skull_stripped,
+                                    bias_correction=(None if args.bias_correction == "auto"
+                                                     else args.bias_correction == "yes"))
+                finally:
+                    bar.close()
+                info = result.info
+                outputs = _outputs(outdir, c.stem)
+                title = (f"{p.name}: {info['method']} ({info['preset']}), model {info['model']}, seed {info['seed']}, "
+                         f"threshold {info['threshold']:.3g} ({info['threshold_source'].split(':')[0]})")
+                _write_all(result, image, outputs, title, c.digest or sha256_file(p))
+            except (Cancelled, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - a failing case is reported and the others go on
+                if single:
+                    raise
+                msg = _one_line(e) if isinstance(e, UADError) else f"{type(e).__name__}: {_one_line(e)}"
+                print(f"{p}: error: {msg}")
+                if json_events:
+                    _emit_json("case_error", input=str(p), index=i, message=msg)
+                rows.append(_case_row(c, i, status="error", method=name, model=model.id, error=msg,
+                                      seconds=f"{time.perf_counter() - t_case:.2f}"))
+                continue
+            mask_arr = sitk_array(result.mask)
+            voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+            anom = sitk_array(result.anomaly)
+            rows.append(_case_row(c, i, method=info["method"], model=info["model"], preset=info["preset"],
+                                  anomaly_volume_ml=f"{int(np.count_nonzero(mask_arr)) * voxel_ml:.4g}",
+                                  max_score=f"{float(anom.max()) if anom.size else 0.0:.6g}",
+                                  seconds=f"{info['seconds']:.2f}", error=""))
+            print(f"{p}: {info['slices']} slices, {info['network_evaluations']} network evaluations, "
+                  f"{info['seconds']:.1f} s on {info['device']}; threshold {info['threshold']:.4g} "
+                  f"({info['threshold_source']})")
+            for w in warnings + list(info.get("preprocess", {}).get("warnings", [])):
+                print(f"  warning: {w}")
+                if json_events:
+                    _emit_json("warning", message=_one_line(w), source="preprocess", index=i)
             if json_events:
-                _emit_json("progress", index=i, done=int(done), total=int(total))
-            if bar.total != total:
-                bar.total = total
-            bar.n = done
-            bar.refresh()
+                _emit_json("result", input=str(p), index=i, info=info,
+                           outputs={k: str(v) for k, v in outputs.items()})
+            for kind, path in outputs.items():
+                print(f"  {kind:12s} {path}")
+            if args.sample and i == 0 and lesion_path is not None:
+                _score_sample(result, image, lesion_path)
+            del image, result, anom, mask_arr
 
-        try:
-            result = detect(image, method=name, model=model, device=dev, seed=args.seed,
-                            batch_size=args.batch_size, preset=args.preset, params=params,
-                            threshold=args.threshold, brain_mask=bmask, progress=progress,
-                            skull_stripped=args.skull_stripped,
-                            bias_correction=None if args.bias_correction == "auto" else args.bias_correction == "yes")
-        finally:
-            bar.close()
-        info = result.info
-        outputs = _outputs(outdir, stems[i])
-        title = (f"{p.name}: {info['method']} ({info['preset']}), model {info['model']}, seed {info['seed']}, "
-                 f"threshold {info['threshold']:.3g} ({info['threshold_source'].split(':')[0]})")
-        _write_all(result, image, outputs, title)
-        print(f"{p}: {info['slices']} slices, {info['network_evaluations']} network evaluations, "
-              f"{info['seconds']:.1f} s on {info['device']}; threshold {info['threshold']:.4g} "
-              f"({info['threshold_source']})")
-        for w in info.get("preprocess", {}).get("warnings", []):
-            print(f"  warning: {w}")
-            if json_events:
-                _emit_json("warning", message=_one_line(w), source="preprocess", index=i)
-        if json_events:
-            _emit_json("result", input=str(p), index=i, info=info, outputs={k: str(v) for k, v in outputs.items()})
-        for kind, path in outputs.items():
-            print(f"  {kind:12s} {path}")
-        if args.sample and i == 0 and lesion_path is not None:
-            from .metrics import average_precision, best_dice
+        # 6. the summary (rank 0, every rank's rows) and the exit status
+        all_rows = gather_rows(rows, ctx)
+        status = EXIT_ERROR
+        if ctx.is_main:
+            failed = sum(r["status"] != "ok" for r in all_rows)
+            summary = outdir / SUMMARY_NAME
+            if not single:
+                write_summary(summary, all_rows)
+            status = 0 if failed == 0 else (EXIT_PARTIAL if failed < len(all_rows) else EXIT_ERROR)
+            if not single:
+                print(f"summary: {summary} ({len(all_rows) - failed} ok, {failed} failed)")
+            if failed:
+                _error(f"{failed} of {len(all_rows)} case(s) failed; see {summary}")
+        if ctx.enabled:
+            import torch.distributed as dist
 
-            lesion = read_image(lesion_path)
-            brain = result.brain_mask
-            if lesion.GetSize() != image.GetSize():
-                print(f"  warning: the sample lesion mask {lesion_path.name} is not on the image grid; not scored")
-            else:
-                ap = average_precision(result.anomaly, lesion, brain)
-                bd, thr = best_dice(result.anomaly, lesion, brain, return_threshold=True)
-                print(f"  sample lesion (within the brain): AP {ap:.3f}, best Dice {bd:.3f} "
-                      f"at threshold {thr:.4g}")
-        del image, result
-    return 0
+            box = [status]
+            dist.broadcast_object_list(box, src=0)
+            status = int(box[0])
+            from .training import cleanup_distributed
+
+            cleanup_distributed(ctx)
+    return status
+
+
+def sitk_array(img):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayViewFromImage(img)
+
+
+def _score_sample(result, image, lesion_path) -> None:
+    from .imageio import read_image
+    from .metrics import average_precision, best_dice
+
+    lesion = read_image(lesion_path)
+    brain = result.brain_mask
+    if lesion.GetSize() != image.GetSize():
+        print(f"  warning: the sample lesion mask {lesion_path.name} is not on the image grid; not scored")
+        return
+    ap = average_precision(result.anomaly, lesion, brain)
+    bd, thr = best_dice(result.anomaly, lesion, brain, return_threshold=True)
+    print(f"  sample lesion (within the brain): AP {ap:.3f}, best Dice {bd:.3f} at threshold {thr:.4g}")
 
 
 # -- methods / models ---------------------------------------------------------------------------
@@ -262,9 +404,11 @@ def cmd_methods(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from .zoo import SUMMARY_HEADER, list_models, user_models_dir
+    from .zoo import SUMMARY_HEADER, list_models, manifest_warnings, user_models_dir
 
     entries = list_models()
+    for w in manifest_warnings():
+        print(f"warning: {w}", file=sys.stderr)
     if not entries:
         print("no models found (train one with 'uad train', then 'uad models import RUN_DIR --id NAME')")
     else:
@@ -370,8 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("detect", help="detect anomalies in volumes",
                        description="Writes <stem>_restoration.nii.gz, <stem>_anomaly.nii.gz, "
-                                   "<stem>_mask.nii.gz and <stem>_overview.png per input into OUTDIR.")
-    d.add_argument("inputs", nargs="*", metavar="INPUT", help="3-D volumes (NIfTI, NRRD, MHA, ...)")
+                                   "<stem>_mask.nii.gz and <stem>_overview.png per input into OUTDIR, and "
+                                   "summary.csv for several inputs. Exit status: 0 all cases ok, 1 error, "
+                                   f"{EXIT_PARTIAL} some cases failed (see summary.csv). Under torchrun the cases "
+                                   "are split across the processes.")
+    d.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="3-D volumes (NIfTI, NRRD, MHA, ...) or folders of them (masks and uad outputs in a folder "
+                        "are skipped; a folder's <stem>_brainmask file is the brain mask of <stem>)")
     d.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
     d.add_argument("--method", default="anoddpm", help="method name (see 'uad methods'; default anoddpm)")
     d.add_argument("--model", default=None, metavar="ID", help="model id (default: the method's default model)")
@@ -394,6 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "not skull-stripped), yes or no")
     d.add_argument("--sample", action="store_true",
                    help="run on the bundled sample and score the anomaly map against its lesion mask")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace existing files in OUTDIR even when they are not uad's outputs of the same input "
+                        "(inputs and brain masks of the run are never replaced)")
+    d.add_argument("--contrast", default=None, type=str.upper, choices=("T1", "T2", "FLAIR", "PD"),
+                   help="the scans' contrast (default: from the image metadata / file name); a model for another "
+                        "contrast gets a warning")
+    d.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: the cores this process may use, os.sched_getaffinity, "
+                        "shared among torchrun processes, at most $OMP_NUM_THREADS)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.add_argument("--progress-format", choices=("bar", "json"), default="bar",
                    help="bar (default): a progress bar on stderr; json: one JSON object per stdout line "
@@ -468,12 +626,19 @@ def main(argv=None) -> int:
             raise
         _error("the device ran out of memory; try a smaller --batch-size or --device cpu")
         return EXIT_ERROR
-    except (UADError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (UADError, OSError) as e:
         if isinstance(e, OSError) and getattr(e, "filename", None):
             _error(f"{e.filename}: {e.strerror}")
         else:
             _error(str(e))
         return EXIT_ERROR
+    except BaseException as e:
+        from .imageio import Terminated
+
+        if not isinstance(e, Terminated):
+            raise
+        _error(f"terminated (signal {e.signum}); temporary files removed, finished outputs kept")
+        return 128 + e.signum
     return 0 if rc is None else int(rc)
 
 

@@ -38,14 +38,64 @@ class DetectionResult:
     brain_mask: sitk.Image | None = None  # uint8 brain mask used, input grid
 
 
-def resolve_device(device: str | None = "auto"):
-    """``"auto"`` -> cuda, else mps, else cpu; an explicit device must be available (``UADError`` otherwise)."""
+def _cuda_available() -> bool:  # a seam for tests of the fallback (machines without a GPU)
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _probe(dev) -> None:
+    """Run a few kernels on ``dev`` (a convolution and a reduction): raises when the build cannot."""
+    import torch
+
+    x = torch.ones(1, 1, 8, 8, device=dev)
+    w = torch.ones(1, 1, 3, 3, device=dev)
+    float(torch.nn.functional.conv2d(x, w, padding=1).sum().item())
+
+
+def check_device_runs(dev, probe: Callable | None = None) -> None:
+    """Raise ``UADError`` with a clear message when kernels cannot run on ``dev`` (for example a CUDA
+    build without kernels for this GPU: "no kernel image is available for execution on the device")."""
+    try:
+        (probe or _probe)(dev)
+    except (RuntimeError, AssertionError) as e:
+        text = " ".join(str(e).split())
+        import torch
+
+        if "no kernel image" in text.lower() or "not compatible" in text.lower():
+            arch = ""
+            try:
+                cap = torch.cuda.get_device_capability(dev)
+                arch = f" (compute capability {cap[0]}.{cap[1]}; this build supports " \
+                       f"{' '.join(torch.cuda.get_arch_list()) or 'none'})"
+            except Exception:
+                pass
+            raise UADError(f"this PyTorch build (torch {torch.__version__}) has no kernels for the GPU {dev}{arch}; "
+                           f"install a PyTorch build for this GPU, or use --device cpu") from None
+        raise UADError(f"device {dev} cannot run ({text[:200]})") from None
+
+
+def resolve_device(device: str | None = "auto", probe: Callable | None = None,
+                   log: Callable[[str], None] | None = None):
+    """``"auto"`` -> cuda, else mps, else cpu; an explicit device must be available (``UADError`` otherwise).
+
+    A CUDA device is first probed with a few kernels: with ``"auto"`` a device that cannot run them
+    ("no kernel image") is reported through ``log`` and the CPU is used; an explicit ``cuda``
+    request raises the clear ``UADError`` instead.
+    """
     import torch
 
     name = (str(device) if device is not None else "auto").strip().lower()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+        if _cuda_available():
+            dev = torch.device("cuda")
+            try:
+                check_device_runs(dev, probe)
+                return dev
+            except UADError as e:
+                if log is not None:
+                    log(f"warning: {e}; falling back to the CPU")
+                return torch.device("cpu")
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             return torch.device("mps")
@@ -57,12 +107,13 @@ def resolve_device(device: str | None = "auto"):
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        if not _cuda_available():
             raise UADError(f"device {device!r} was requested but CUDA is not available "
                            f"(torch {torch.__version__}); use --device cpu or auto")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UADError(f"device {device!r} was requested but only {torch.cuda.device_count()} "
                            f"CUDA device(s) exist")
+        check_device_runs(dev, probe)
         return dev
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
@@ -71,6 +122,54 @@ def resolve_device(device: str | None = "auto"):
                            f"use --device cpu or auto")
         return dev
     raise UADError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def describe_device(dev) -> str:
+    """``cuda:0 (NVIDIA H200, 139.8 GiB)``, ``mps (Apple GPU)`` or ``cpu (4 threads)``."""
+    import torch
+
+    dev = torch.device(dev)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        return f"cuda:{idx} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    if dev.type == "mps":
+        return "mps (Apple GPU)"
+    return f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a cgroup / taskset limit)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(threads: int | None = None, processes: int = 1) -> int:
+    """Bound torch's intra-op threads to the cores given; returns the number set.
+
+    ``threads`` (``--threads``): at most the available cores.  Default: the available cores
+    (``os.sched_getaffinity``) divided among ``processes`` on this node, and at most
+    ``$OMP_NUM_THREADS`` when that is set.
+    """
+    import os
+
+    import torch
+
+    cores = available_cores()
+    if threads is not None:
+        if int(threads) < 1:
+            raise UADError(f"--threads must be >= 1, got {threads}")
+        n = min(int(threads), cores)
+    else:
+        n = max(1, cores // max(1, int(processes)))
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        if omp.isdigit() and int(omp) > 0:
+            n = min(n, int(omp))
+    torch.set_num_threads(n)
+    return n
 
 
 def resolve_model(model, method: str, device):
@@ -99,11 +198,57 @@ def method_class(method: str):
         raise UADError(str(e)) from None
 
 
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "list": "a list", "tuple": "a list", "dict": "an object", "None": "none"}
+
+
+def _fits(value, token: str) -> bool:
+    import numbers
+
+    if token == "None":
+        return value is None
+    if token == "bool":
+        return isinstance(value, bool)
+    if token == "int":
+        return (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or \
+            (isinstance(value, float) and value.is_integer())
+    if token == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if token == "str":
+        return isinstance(value, str)
+    if token in ("list", "tuple"):
+        return isinstance(value, (list, tuple))
+    if token == "dict":
+        return isinstance(value, dict)
+    return True
+
+
+def check_params(method: str, params: dict | None) -> None:
+    """Raise ``UADError`` naming the parameter and its expected type when a value has the wrong type
+    (``--param level=abc``: "parameter level of anoddpm expects an integer, got 'abc'")."""
+    import dataclasses
+
+    cls = method_class(method)
+    fields = {f.name: f for f in dataclasses.fields(cls.Params)} if cls.Params is not None else {}
+    for k, v in (params or {}).items():
+        f = fields.get(k)
+        if f is None or v is None:
+            continue  # unknown names are reported by the method itself
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        tokens = [t.strip() for t in str(ann).replace("Optional[", "").rstrip("]").split("|")]
+        if not all(t in _TYPE_NAMES for t in tokens):
+            continue  # e.g. callables: checked by the method
+        if not any(_fits(v, t) for t in tokens):
+            want = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in tokens if t != "None"))
+            raise UADError(f"parameter {k} of {method} expects {want}, got {v!r}")
+
+
 def build(method: str, model, preset: str | None = None, params: dict | None = None):
     """The method object; a wrong method name, preset or parameter raises ``UADError`` (one line)."""
     from .methods import build_method
 
     cls = method_class(method)
+    check_params(method, params)
     params = {**model_method_params(model, method, preset, cls, params), **dict(params or {})}
     try:
         return build_method(method, model, preset, **params)
@@ -159,6 +304,97 @@ def preprocessing_profile(model, override: dict | None = None) -> dict:
     return profile_settings(merged)
 
 
+def check_threshold(value) -> float:
+    """A usable anomaly threshold: a finite number >= 0 (NaN, inf or a negative value give an empty or a full
+    mask without saying so); ``UADError`` otherwise."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise UADError(f"threshold must be a number, got {value!r}") from None
+    if not np.isfinite(t) or t < 0:
+        raise UADError(f"threshold must be a finite number >= 0 (anomaly scores are >= 0), got {value!r}")
+    return t
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device out-of-memory error (``torch.cuda.OutOfMemoryError`` or its RuntimeError forms)."""
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(err, oom):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _free_device_memory(dev) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if getattr(dev, "type", str(dev)) == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_batches(meth, stack, dev, seed: int, batch_size: int, rest: np.ndarray, anom: np.ndarray,
+                forward: Callable | None = None, progress: Callable[[int, int], None] | None = None,
+                check_cancel: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Feed ``stack`` to ``meth`` in batches, filling ``rest`` / ``anom`` (N, S, S) in place.
+
+    Out of memory: the batch is halved and the same slices are tried again; below one slice the
+    error is a ``UADError``.  Returns the network evaluations, the batch size finally used and
+    the number of retries.
+    """
+    import torch
+
+    from .rng import BatchRNG
+
+    forward = forward or (lambda m, x, mk, rng: m(x, mk, rng))
+    n = len(stack)
+    bs = int(batch_size)
+    retries = 0
+    nfe_per_slice = total_nfe = 0
+    b0 = 0
+    with torch.inference_mode():
+        while b0 < n:
+            if check_cancel is not None:
+                check_cancel()
+            b1 = min(n, b0 + bs)
+            oom = None
+            try:
+                x = torch.from_numpy(stack.slices[b0:b1, None]).to(dev)
+                mk = torch.from_numpy(stack.masks[b0:b1, None]).to(dev)
+                rng = BatchRNG.for_slices(int(seed), stack.indices[b0:b1].tolist(), dev)
+                out = forward(meth, x, mk, rng)
+                r = out.restoration.detach().float().reshape(b1 - b0, *rest.shape[1:]).cpu().numpy()
+                a = out.anomaly.detach().float().reshape(b1 - b0, *anom.shape[1:]).cpu().numpy()
+            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled here
+                if not is_out_of_memory(e):
+                    raise
+                oom = " ".join(str(e).split())[:160]
+            if oom is not None:  # outside the except block, so the failed batch's tensors can be freed
+                x = mk = rng = None
+                _free_device_memory(dev)
+                if bs == 1:
+                    raise UADError(f"the device {dev} ran out of memory even with one slice per batch; use "
+                                   f"--device cpu or a smaller model") from None
+                bs = max(1, bs // 2)
+                retries += 1
+                if log is not None:
+                    log(f"warning: out of memory on {dev} with {b1 - b0} slices per batch; retrying with {bs}")
+                continue
+            rest[b0:b1] = r
+            anom[b0:b1] = a
+            nfe_per_slice = max(nfe_per_slice, int(out.nfe))
+            total_nfe += int(out.nfe) * (b1 - b0)
+            del out, x, mk
+            if progress is not None:
+                progress(b1, n)
+            b0 = b1
+    return {"nfe_per_slice": nfe_per_slice, "network_evaluations": total_nfe, "batch_size_used": bs,
+            "oom_retries": retries}
+
+
 def method_key(method: str) -> str:
     return str(method).lower().replace("-", "_")
 
@@ -169,7 +405,8 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
            progress: Callable[[int, int], None] | None = None,
            cancel: Callable[[], bool] | None = None, skull_stripped="auto",
            bias_correction: bool | None = None, preprocessing: dict | None = None,
-           contrast: str | None = None) -> DetectionResult:
+           contrast: str | None = None, forward: Callable | None = None,
+           log: Callable[[str], None] | None = None) -> DetectionResult:
     """Run anomaly detection on a 3-D volume.
 
     ``model``: a ``uad.zoo.Model``, a model id, or None for the method's default
@@ -186,15 +423,19 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     ``brain_mask`` is given).  ``bias_correction``: N4 on/off (None: the profile's; "auto" = on for
     inputs that are not skull-stripped).  ``contrast``: the scan's contrast (default: the model's),
     which chooses the skull stripper.
-    """
-    import torch
 
+    When the device runs out of memory the batch is halved and retried (down to one slice;
+    ``info["batch_size_used"]``, ``info["oom_retries"]``); results do not change, since every slice
+    has its own random generator.  ``forward(method, x, mask, rng)`` replaces the method call (a seam
+    for tests); ``log`` receives the retry messages.
+    """
     from .postprocess import apply_method_postprocess, threshold_mask, to_volumes
     from .preprocess import preprocess
-    from .rng import BatchRNG
 
     t0 = time.perf_counter()
     validate(image)
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     if brain_mask is not None:
         validate_mask(brain_mask, image)
     if int(batch_size) < 1:
@@ -224,22 +465,9 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     n = len(stack)
     rest = np.zeros_like(stack.slices)
     anom = np.zeros_like(stack.slices)
-    nfe_per_slice = 0
-    total_nfe = 0
-    with torch.inference_mode():
-        for b0 in range(0, n, batch_size):
-            check_cancel()
-            b1 = min(n, b0 + batch_size)
-            x = torch.from_numpy(stack.slices[b0:b1, None]).to(dev)
-            mk = torch.from_numpy(stack.masks[b0:b1, None]).to(dev)
-            rng = BatchRNG.for_slices(int(seed), stack.indices[b0:b1].tolist(), dev)
-            out = meth(x, mk, rng)
-            rest[b0:b1] = out.restoration.detach().float().reshape(b1 - b0, *rest.shape[1:]).cpu().numpy()
-            anom[b0:b1] = out.anomaly.detach().float().reshape(b1 - b0, *anom.shape[1:]).cpu().numpy()
-            nfe_per_slice = max(nfe_per_slice, int(out.nfe))
-            total_nfe += int(out.nfe) * (b1 - b0)
-            if progress is not None:
-                progress(b1, n)
+    run = run_batches(meth, stack, dev, int(seed), batch_size, rest, anom, forward=forward, progress=progress,
+                      check_cancel=check_cancel, log=log)
+    nfe_per_slice, total_nfe = run["nfe_per_slice"], run["network_evaluations"]
     check_cancel()
 
     post = dict(getattr(meth, "postprocess", {}) or {})
@@ -269,6 +497,8 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
         "device": str(dev),
         "seed": int(seed),
         "batch_size": batch_size,
+        "batch_size_used": run["batch_size_used"],
+        "oom_retries": run["oom_retries"],
         "slices": n,
         "nfe_per_slice": nfe_per_slice,
         "network_evaluations": total_nfe,

@@ -183,8 +183,22 @@ class ModelEntry:
 
     @property
     def card_path(self) -> Path | None:
+        """The model card, which must lie inside the manifest's folder (``ModelError`` otherwise)."""
         c = self.data.get("card")
-        return (self.root / c).resolve() if c else None
+        if not c:
+            return None
+        if not isinstance(c, str):
+            raise ModelError(f"model {self.id}: manifest entry: card must be a path (a string), got {c!r}")
+        p = (self.root / c).resolve()
+        if not _inside(p, self.root.resolve()):
+            raise ModelError(f"model {self.id}: the card path {c} points outside the model folder {self.root}; "
+                             f"refusing to read it")
+        return p
+
+    @property
+    def problems(self) -> list[str]:
+        """What is wrong with the entry's fields (wrong types, a card outside the folder); [] when fine."""
+        return entry_problems(self.data, self.root)
 
     @property
     def threshold_text(self) -> str:
@@ -209,6 +223,9 @@ class ModelEntry:
         return "not downloaded" if self.url else "weights missing"
 
     def summary(self) -> str:
+        bad = self.problems
+        if bad:
+            return f"{self.id:28s} (invalid: {bad[0]}{'; ...' if len(bad) > 1 else ''})  {self.location}"
         where = self.location + (f" ({self.status})" if self.status else "")
         size = self.data.get("image_size")
         return (f"{self.id:28s} {','.join(self.methods) or '-':24s} {self.contrast or '-':8s} "
@@ -216,6 +233,67 @@ class ModelEntry:
 
 
 SUMMARY_HEADER = f"{'ID':28s} {'METHODS':24s} {'CONTRAST':8s} {'SIZE':9s} {'THRESHOLD':28s} LOCATION"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def entry_problems(data: dict, root: Path | None = None) -> list[str]:
+    """Type checks of a manifest entry's fields (each problem one short sentence)."""
+    out = []
+
+    def bad(field, want):
+        out.append(f"{field} must be {want}, got {data.get(field)!r}"[:200])
+
+    if "methods" in data and not (isinstance(data["methods"], list)
+                                  and all(isinstance(m, str) for m in data["methods"])):
+        bad("methods", "a list of method names")
+    if "image_size" in data and not (isinstance(data["image_size"], int) and not isinstance(data["image_size"], bool)
+                                     and data["image_size"] >= 8):
+        bad("image_size", "an integer >= 8")
+    nets = data.get("networks", {})
+    if not isinstance(nets, dict) or not all(isinstance(v, dict) for v in nets.values()):
+        bad("networks", "an object of network configs")
+    t = data.get("threshold")
+    if t is not None and not _is_number(t):
+        if isinstance(t, dict):
+            for k, v in t.items():
+                vals = v.values() if isinstance(v, dict) else [v]
+                if not all(x is None or _is_number(x) for x in vals):
+                    out.append(f"threshold must be a number (or numbers per method / preset), got {t!r}"[:200])
+                    break
+        else:
+            bad("threshold", "a number (or numbers per method / preset)")
+    for field in ("normalisation", "schedule"):
+        if field in data and data[field] is not None and not isinstance(data[field], dict):
+            bad(field, "an object")
+    if "intensity_range" in data and not (isinstance(data["intensity_range"], (list, tuple))
+                                          and len(data["intensity_range"]) == 2
+                                          and all(_is_number(x) for x in data["intensity_range"])):
+        bad("intensity_range", "two numbers")
+    for field in ("file", "url", "sha256", "card", "contrast", "noise"):
+        if data.get(field) is not None and not isinstance(data[field], str):
+            bad(field, "a string")
+    c = data.get("card")
+    if root is not None and isinstance(c, str) and c and not _inside((root / c).resolve(), Path(root).resolve()):
+        out.append(f"the card path {c} points outside the model folder")
+    return out
+
+
+def _check_entry(entry: "ModelEntry") -> None:
+    bad = entry.problems
+    if bad:
+        raise ModelError(f"model {entry.id}: invalid manifest entry in {entry.root / MANIFEST}: {'; '.join(bad)}")
+
+
+#: Manifests that ``list_models`` could not read (path, reason); reported by ``manifest_warnings``.
+_SKIPPED_MANIFESTS: dict[str, str] = {}
+
+
+def manifest_warnings() -> list[str]:
+    """One line per manifest (or entry) skipped by the last ``list_models`` call."""
+    return [f"skipped the model manifest {p}: {why}" for p, why in _SKIPPED_MANIFESTS.items()]
 
 
 def _read_manifest(path: Path) -> dict:
@@ -287,12 +365,23 @@ class _manifest_lock:
 def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
     """All manifest entries found (first occurrence of an id wins)."""
     out: dict[str, ModelEntry] = {}
+    _SKIPPED_MANIFESTS.clear()
     for d in dirs or _candidate_dirs():
         m = Path(d) / MANIFEST
         if not m.is_file():
             continue
-        for entry in _read_manifest(m)["models"]:
-            if isinstance(entry, dict) and entry.get("id") and entry["id"] not in out:
+        try:  # one broken manifest (e.g. in the user cache) must not hide the others
+            models = _read_manifest(m)["models"]
+        except (ModelError, OSError, UnicodeDecodeError) as e:
+            _SKIPPED_MANIFESTS[str(m)] = " ".join(str(e).split()).replace(f"model manifest {m} ", "")
+            continue
+        for entry in models:
+            if not isinstance(entry, dict) or not entry.get("id"):
+                continue
+            if not isinstance(entry["id"], str):
+                _SKIPPED_MANIFESTS[str(m)] = f"an entry's id is not a string ({entry['id']!r})"
+                continue
+            if entry["id"] not in out:
                 out[entry["id"]] = ModelEntry(entry, Path(d))
     return list(out.values())
 
@@ -305,7 +394,9 @@ def find_model(model_id: str | None = None, method: str | None = None, contrast:
             if e.id == model_id:
                 return e
         known = ", ".join(e.id for e in entries) or "none"
-        raise ModelError(f"no model with id {model_id!r} (known: {known}); see 'uad models'")
+        skipped = manifest_warnings()
+        raise ModelError(f"no model with id {model_id!r} (known: {known}); see 'uad models'"
+                         + (f"; {skipped[0]}" if skipped else ""))
     cands = [e for e in entries if method is None or method in e.methods]
     if contrast:
         same = [e for e in cands if (e.contrast or "").upper() == contrast.upper()]
@@ -319,6 +410,7 @@ def find_model(model_id: str | None = None, method: str | None = None, contrast:
 
 def verify(entry: ModelEntry) -> str:
     """Check the weights file against the manifest sha256; returns the digest."""
+    _check_entry(entry)
     p = entry.weights_path
     if not p.is_file():
         if entry.url:

@@ -62,6 +62,11 @@ class AnoDDPM(Method):
         self.diffusion = Diffusion(self.model.schedule)
         self.noise_kind = p.noise or self.model.noise
 
+    def ignored_parameters(self) -> dict[str, str]:
+        if self.params.sampler == "ddim":
+            return {"variance": "only the ddpm sampler draws noise with a step variance"}
+        return {}
+
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         p = self.params
         net = self.model.net("denoiser")

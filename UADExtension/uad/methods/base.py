@@ -59,10 +59,19 @@ class Method:
         values.update({k: v for k, v in overrides.items() if v is not None})
         self.params = self.Params(**values)
         self.validate()
+        ignored = {k: why for k, why in self.ignored_parameters().items() if overrides.get(k) is not None}
+        if ignored:
+            k, why = next(iter(ignored.items()))
+            raise ValueError(f"method {self.name}: parameter {k} has no effect with preset {self.preset!r} and "
+                             f"these settings ({why}); leave it out")
 
     # -- hooks --------------------------------------------------------------
     def validate(self) -> None:
         """Raise ValueError for inconsistent parameters."""
+
+    def ignored_parameters(self) -> dict[str, str]:
+        """Parameters that have no effect with the current settings -> why (setting one is an error)."""
+        return {}
 
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         raise NotImplementedError

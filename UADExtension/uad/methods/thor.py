@@ -146,6 +146,11 @@ class THOR(Method):
             _normalise(p.perceptual)  # raises for unknown names
         self.params = dataclasses.replace(p, level=level, harmonization=harm)
 
+    def ignored_parameters(self) -> dict[str, str]:
+        if self.params.sampler == "ddpm":
+            return {"steps": "the ddpm sampler runs every timestep from level to 0"}
+        return {}
+
     # -- schedule --------------------------------------------------------------
     def checkpoints(self) -> list[int]:
         """Timesteps where a mask is computed and saved: H plus V (every vis_every steps, L and 0)."""
