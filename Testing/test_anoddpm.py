@@ -123,7 +123,7 @@ def test_initial_noising_uses_the_model_noise(model):
     meth = build_method("anoddpm", model, preset="fast", level=1, steps=1)
     out = meth(x, mask, BatchRNG([3, 4]))
     rng = BatchRNG([3, 4])
-    eps = make_noise(model.noise, rng, x.shape[1:])
+    eps = make_noise(model.noise, rng, x.shape[1:], **model.noise_options)
     d = Diffusion(model.schedule)
     x_t = d.q_sample(2 * x - 1, 0, eps)
     with torch.no_grad():

@@ -159,7 +159,8 @@ def test_octave_statistics_and_spectrum_match_reference(variant):
     # the multi-octave field from the public entry point (raw amplitude) vs the reference octave sum
     ref_fields = (comps * (0.8 ** np.arange(6))[None, :, None, None]).sum(1)
     rng = BatchRNG(range(48))
-    ours = simplex.simplex_noise(rng, (1, size, size), variant=variant, normalise="none")[:, 0].numpy()
+    ours = simplex.simplex_noise(rng, (1, size, size), variant=variant, normalise="none",
+                                 frequency=64.0)[:, 0].numpy()
     np.testing.assert_allclose(ours, (ours_comps * (0.8 ** np.arange(6))[None, :, None, None]).sum(1), atol=1e-5)
     bands = [(1, 3), (3, 6), (6, 12), (12, 24), (24, 46)]
     s_ref = radial_spectrum(ref_fields, bands)
@@ -202,23 +203,91 @@ def test_determinism_and_batch_independence():
     assert not torch.allclose(simplex.simplex_noise(rng, (1, 48, 48)), simplex.simplex_noise(rng, (1, 48, 48)))
     # the seed comes from the item's generator: the first draw of generator 5
     seed = torch.randint(0, simplex.SEED_HIGH, (1,), generator=torch.Generator().manual_seed(5)).item()
-    raw = simplex.octave_noise([seed], 48, 48)
-    torch.testing.assert_close(a[0, 0], simplex.normalise_fields(raw)[0])
+    torch.testing.assert_close(a[0, 0], simplex.octave_noise([seed], 48, 48, frequency=24.0)[0])
 
 
 def test_normalisation_as_documented():
     rng = BatchRNG(range(6))
-    f = simplex.simplex_noise(rng, (1, 64, 64))  # default: "unit"
+    f = simplex.simplex_noise(rng, (1, 64, 64), normalise="unit")  # explicit option
     m = f.mean(dim=(-2, -1))
     s = f.std(dim=(-2, -1), unbiased=False)
-    assert simplex.DEFAULT_NORMALISE == "unit"
+    assert simplex.DEFAULT_NORMALISE == "none"  # the reference amplitude by default
     assert m.abs().max() < 1e-5 and (s - 1).abs().max() < 1e-4
-    raw = simplex.simplex_noise(BatchRNG(range(6)), (1, 64, 64), normalise="none")
+    raw = simplex.simplex_noise(BatchRNG(range(6)), (1, 64, 64))
     rs = raw.std(dim=(-2, -1), unbiased=False)
-    assert (rs < 0.9).all()  # the reference amplitude is well below 1
+    assert (rs < 0.75).all() and (rs > 0.25).all()  # the reference amplitude is well below 1
     torch.testing.assert_close(f, (raw - raw.mean(dim=(-2, -1), keepdim=True)) / rs[..., None, None])
     with pytest.raises(ValueError):
         simplex.simplex_noise(BatchRNG([1]), (1, 8, 8), normalise="bogus")
+    with pytest.raises(ValueError):
+        simplex.simplex_noise(BatchRNG([1]), (1, 8, 8), frequency="bogus")
+
+
+@pytest.mark.parametrize("variant,kind,lo,hi", [("3d", "simplex", 0.33, 0.53), ("2d", "simplex2d", 0.44, 0.66)])
+def test_reference_settings_std_and_spectrum_against_opensimplex(variant, kind, lo, hi):
+    """make_noise's default at 128 px is the reference field (6 octaves, persistence 0.8, feature size 64
+    px, raw amplitude): the same field as opensimplex for the drawn seed, and std / spectrum of fields
+    from other seeds as those of opensimplex fields."""
+    size = 128
+    assert simplex.resolve_frequency("scaled", size, size) == 64.0
+    rng = BatchRNG(range(32))
+    ours = make_noise(kind, rng, (1, size, size))[:, 0].numpy()
+    # exactly the opensimplex octave sum for the seed the first item drew
+    seed0 = int(BatchRNG(range(32)).integers(simplex.SEED_HIGH)[0])
+    ref0 = (reference_octaves(seed0, size, variant) * (0.8 ** np.arange(6))[:, None, None]).sum(0)
+    assert np.abs(ours[0] - ref0).max() < 1e-4
+    # statistics against opensimplex fields of other seeds
+    ref_seeds = [int(s) for s in np.random.default_rng(11).integers(0, 2 ** 62, 1)]
+    ref = np.stack([(reference_octaves(s, size, variant) * (0.8 ** np.arange(6))[:, None, None]).sum(0)
+                    for s in ref_seeds] + [ref0])
+    std_ours = ours.std(axis=(1, 2))
+    std_ref = ref.std(axis=(1, 2))
+    assert lo < std_ours.mean() < hi and lo < std_ref.mean() < hi, (std_ours.mean(), std_ref.mean())
+    assert abs(std_ours.mean() / std_ref.mean() - 1) < 0.2
+    bands = [(2, 4), (4, 8), (8, 16), (16, 32), (32, 64)]
+    rel = np.abs(radial_spectrum(ours, bands) / radial_spectrum(ref, bands) - 1)
+    assert rel[0] < 0.6 and (rel[1:] < 0.3).all(), rel
+    # unit std stays available as an explicit option
+    unit = make_noise(kind, BatchRNG(range(4)), (1, size, size), normalise="unit")
+    assert (unit.std(dim=(-2, -1), unbiased=False) - 1).abs().max() < 1e-4
+
+
+def test_frequency_scales_with_the_model_resolution():
+    assert simplex.resolve_frequency("scaled", 64, 64) == 32.0
+    assert simplex.resolve_frequency("scaled", 256, 256) == 128.0
+    assert simplex.resolve_frequency(16, 64, 64) == 16.0
+    seeds = BatchRNG([7]).integers(simplex.SEED_HIGH)
+    a = make_noise("simplex", BatchRNG([7]), (1, 64, 64))[0, 0]
+    torch.testing.assert_close(a, simplex.octave_noise(seeds, 64, 64, frequency=32.0)[0])
+    # a field at 64 px has the same relative feature size as one at 128 px: the power in the lowest
+    # band (in cycles per field) agrees within the seed-to-seed spread
+    bands = [(1, 3), (3, 6), (6, 12)]
+    f64 = make_noise("simplex", BatchRNG(range(24)), (1, 64, 64))[:, 0].numpy()
+    f128 = make_noise("simplex", BatchRNG(range(100, 124)), (1, 128, 128))[:, 0].numpy()
+    p64 = radial_spectrum(f64, bands) / 64 ** 2  # the same fraction of the variance per band
+    p128 = radial_spectrum(f128, bands) / 128 ** 2
+    assert (np.abs(p64 / p128 - 1) < 0.2).all(), p64 / p128
+    # a fixed 64-px feature size at 64 px (the old behaviour) has another relative spectrum
+    fixed = make_noise("simplex", BatchRNG(range(24)), (1, 64, 64), frequency=64.0)[:, 0].numpy()
+    p_fixed = radial_spectrum(fixed, bands) / 64 ** 2
+    assert (p_fixed / p128)[1:].max() < 0.8, p_fixed / p128  # 25-30 % less mid/high-frequency power
+
+
+def test_model_noise_options_new_and_legacy():
+    from uad.methods.anoddpm import AnoDDPM
+    from uad.noise import REFERENCE_OPTIONS, options_for
+
+    new = AnoDDPM.default_model_config(32, noise="simplex")
+    assert new["noise_options"] == REFERENCE_OPTIONS
+    assert options_for(new) == {"normalise": "none", "frequency": "scaled"}
+    legacy = {k: v for k, v in new.items() if k != "noise_options"}
+    assert options_for(legacy) == {"normalise": "unit", "frequency": 64.0}  # trained before the fix
+    assert options_for({"noise": "gaussian"}) == {}
+    assert options_for(legacy, "simplex2d") == REFERENCE_OPTIONS  # another kind than the model's
+    f_new = make_noise("simplex", BatchRNG(range(4)), (1, 32, 32), **options_for(new))
+    f_old = make_noise("simplex", BatchRNG(range(4)), (1, 32, 32), **options_for(legacy))
+    assert (f_new.std(dim=(-2, -1)) < 0.7).all()
+    assert ((f_old.std(dim=(-2, -1), unbiased=False) - 1).abs() < 1e-4).all()
 
 
 def test_registered_noise_kinds():

@@ -45,8 +45,8 @@ statistical effect (AnoDDPM issue #10); a fixed ``depth`` (``DEFAULT_DEPTH``)
 is used here so that the sampling operator can be cached.
 
 Registered noise kinds (``uad.noise.make_noise``): ``"simplex"`` = 3-D fixed-depth
-variant (AnoDDPM, THOR), ``"simplex2d"`` = 2-D variant (pDDPM); both with the
-default octaves / persistence / frequency / normalisation.
+variant (AnoDDPM, THOR), ``"simplex2d"`` = 2-D variant (pDDPM); options
+``normalise`` and ``frequency`` (below) pass through ``make_noise(..., **options)``.
 
 One field per image
 -------------------
@@ -55,18 +55,28 @@ seed from that item's generator (``BatchRNG.integers``), so items get
 independent fields and a result never depends on the batch composition.  (The
 reference code draws one field and repeats it over the batch.)
 
-Normalisation (a decision, documented here)
--------------------------------------------
-The reference fields are not unit variance (std about 0.45-0.5 for the 3-D
-variant and 0.55-0.6 for the 2-D one at 96-256 px), so the signal-to-noise
-ratio of ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` at a given t differs from the
-Gaussian case and depends on the variant and image size.  The default
-``normalise="unit"`` rescales every field to zero mean and unit standard
-deviation (over its H x W pixels), so that a noise level means the same SNR for
-Gaussian and simplex noise and the same for every resolution.
-``normalise="none"`` keeps the raw amplitude of the reference.  Models must be
-trained and used with the same choice; ``make_noise("simplex", ...)`` always
-uses the default.
+Amplitude and frequency (as the reference code, by default)
+-----------------------------------------------------------
+The reference fields are *not* unit variance: the octave sum has std about
+0.33-0.53 for the 3-D variant and 0.44-0.66 for the 2-D one (methods.md section
+2.1), and the noise levels of the papers (AnoDDPM lambda = 250, THOR L = 250,
+pDDPM t = 499) were chosen with that amplitude.  ``normalise="none"`` (the
+default) keeps it, so those levels destroy as much signal here as there.
+``normalise="unit"`` rescales every field to zero mean and unit std over its
+H x W pixels (then the SNR of a level equals the Gaussian one; at the
+reference amplitude t = 130 with unit fields destroys about as much as
+t = 250 with reference fields).
+
+``frequency`` is the starting feature size in pixels (64 in every reference
+config, at 128 px for THOR).  ``frequency="scaled"`` (the default of
+``simplex_noise``) scales it with the field size: ``64 * min(H, W) / 128`` (32
+at 64 px, 64 at 128 px, 128 at 256 px), so that the noise blobs cover the same
+anatomy whatever the model resolution; a number fixes it.
+
+Models record their choice in the config key ``noise_options``
+(``uad.zoo.Model.noise_options``); model configs without the key were trained
+before this fix, with unit-std fields at a fixed 64-px feature size
+(``LEGACY_OPTIONS``), and keep being served with exactly that.
 """
 
 from __future__ import annotations
@@ -111,7 +121,10 @@ DEFAULT_PERSISTENCE = 0.8
 DEFAULT_FREQUENCY = 64.0
 DEFAULT_VARIANT = "3d"
 DEFAULT_DEPTH = 1000.0  # the depth THOR's trainer uses; any fixed value is statistically equivalent
-DEFAULT_NORMALISE = "unit"
+DEFAULT_NORMALISE = "none"  # the reference amplitude
+REFERENCE_SIZE = 128  # the image size at which the reference feature size (64 px) applies
+DEFAULT_SCALED_FREQUENCY = "scaled"
+LEGACY_OPTIONS = {"normalise": "unit", "frequency": DEFAULT_FREQUENCY}  # models trained before the fix
 SEED_HIGH = 2 ** 62  # seeds are drawn in [0, SEED_HIGH)
 
 _MASK64 = (1 << 64) - 1
@@ -495,6 +508,18 @@ def octave_noise(seeds: Sequence[int], height: int, width: int, octaves: int = D
     return op.apply(list(seeds), device, dtype).reshape(len(seeds), height, width)
 
 
+def resolve_frequency(frequency, height: int, width: int) -> float:
+    """The starting feature size in px: a number as is, ``"scaled"`` = 64 * min(H, W) / 128."""
+    if isinstance(frequency, str):
+        if frequency != "scaled":
+            raise ValueError(f"simplex frequency must be a number of pixels or 'scaled', got {frequency!r}")
+        return DEFAULT_FREQUENCY * min(int(height), int(width)) / REFERENCE_SIZE
+    f = float(frequency)
+    if not f > 0:
+        raise ValueError("frequency (starting feature size in pixels) must be > 0")
+    return f
+
+
 def normalise_fields(fields: torch.Tensor, mode: str = DEFAULT_NORMALISE) -> torch.Tensor:
     """``"unit"``: zero mean and unit std over the last two dims of every field; ``"none"``: as is."""
     if mode in ("none", None, False):
@@ -508,10 +533,13 @@ def normalise_fields(fields: torch.Tensor, mode: str = DEFAULT_NORMALISE) -> tor
 
 @register_noise("simplex")
 def simplex_noise(rng: BatchRNG, shape: Sequence[int], octaves: int = DEFAULT_OCTAVES,
-                  persistence: float = DEFAULT_PERSISTENCE, frequency: float = DEFAULT_FREQUENCY,
+                  persistence: float = DEFAULT_PERSISTENCE, frequency="scaled",
                   variant: str = DEFAULT_VARIANT, depth: float = DEFAULT_DEPTH,
                   normalise: str = DEFAULT_NORMALISE, dtype=torch.float32) -> torch.Tensor:
     """Simplex noise of shape (B, C, H, W) (``shape`` = (C, H, W) or (H, W)), on ``rng.device``.
+
+    Defaults as the reference code: raw amplitude (``normalise="none"``) and a
+    feature size of 64 px at 128 px (``frequency="scaled"``); see the module doc.
 
     Every item and channel gets its own field, seeded from the item's generator
     (C seeds drawn in channel order), so items are independent and the result
@@ -523,6 +551,9 @@ def simplex_noise(rng: BatchRNG, shape: Sequence[int], octaves: int = DEFAULT_OC
     if len(shape) != 3:
         raise ValueError(f"simplex noise needs a (C, H, W) or (H, W) shape, got {shape}")
     c, h, w = shape
+    frequency = resolve_frequency(frequency, h, w)
+    if normalise not in ("none", "unit", None, False):
+        raise ValueError(f"normalise must be 'unit' or 'none', got {normalise!r}")
     per_channel = [rng.integers(SEED_HIGH) for _ in range(c)]  # c lists of B seeds
     seeds = [per_channel[j][b] for b in range(len(rng)) for j in range(c)]
     if not seeds:
@@ -533,16 +564,16 @@ def simplex_noise(rng: BatchRNG, shape: Sequence[int], octaves: int = DEFAULT_OC
 
 
 @register_noise("simplex2d")
-def simplex2d_noise(rng: BatchRNG, shape: Sequence[int]) -> torch.Tensor:
+def simplex2d_noise(rng: BatchRNG, shape: Sequence[int], **options) -> torch.Tensor:
     """The 2-D octave variant (pDDPM's training and test noise), otherwise as ``simplex_noise``."""
-    return simplex_noise(rng, shape, variant="2d")
+    return simplex_noise(rng, shape, variant="2d", **options)
 
 
 __all__ = [
     "simplex2d_noise",
     "simplex_noise", "octave_noise", "noise2_grid", "noise3_grid", "normalise_fields", "permutation_tables",
     "DEFAULT_DEPTH", "DEFAULT_OCTAVES", "DEFAULT_PERSISTENCE", "DEFAULT_FREQUENCY", "DEFAULT_VARIANT",
-    "DEFAULT_NORMALISE",
+    "DEFAULT_NORMALISE", "LEGACY_OPTIONS", "REFERENCE_SIZE", "resolve_frequency",
 ]
 
 

@@ -175,6 +175,10 @@ def model_config_for(cfg: TrainConfig, base: dict | None = None) -> dict:
         mc = get_method_class(cfg.method).default_model_config(image_size=cfg.image_size, small=cfg.small)
     if cfg.noise is not None:
         mc["noise"] = cfg.noise
+    if str(mc.get("noise", "")).startswith("simplex"):  # new models: simplex amplitude / frequency as the reference
+        from .noise import REFERENCE_OPTIONS
+
+        mc.setdefault("noise_options", dict(REFERENCE_OPTIONS))
     _deep_update(mc, cfg.model_overrides)
     mc["contrast"] = cfg.contrast
     mc["image_size"] = cfg.image_size

@@ -449,6 +449,13 @@ class Model:
         return self.config.get("noise", "gaussian")
 
     @property
+    def noise_options(self) -> dict:
+        """Options of the training noise (simplex amplitude / frequency; ``uad.noise.options_for``)."""
+        from .noise import options_for
+
+        return options_for(self.config)
+
+    @property
     def threshold(self) -> float | None:
         """The calibrated threshold when it is one number (per-method dicts: ``uad.pipeline.model_threshold``)."""
         t = self.config.get("threshold")

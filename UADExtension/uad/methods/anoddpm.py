@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion import Diffusion, partial_timesteps
-from ..noise import make_noise
+from ..noise import REFERENCE_OPTIONS, make_noise, options_for
 from ..rng import BatchRNG
 from .base import Method, MethodOutput
 from .common import ddpm_loss, reverse_chain
@@ -61,6 +61,7 @@ class AnoDDPM(Method):
             raise ValueError(f"anoddpm: error must be 'squared' or 'abs', got {p.error!r}")
         self.diffusion = Diffusion(self.model.schedule)
         self.noise_kind = p.noise or self.model.noise
+        self.noise_options = options_for(self.model.config, self.noise_kind)
 
     def ignored_parameters(self) -> dict[str, str]:
         if self.params.sampler == "ddim":
@@ -72,11 +73,12 @@ class AnoDDPM(Method):
         net = self.model.net("denoiser")
         x_m = self.to_model(x)
         t_start = p.level - 1
-        eps = make_noise(self.noise_kind, rng, x.shape[1:]).to(x)
+        eps = make_noise(self.noise_kind, rng, x.shape[1:], **self.noise_options).to(x)
         x_t = self.diffusion.q_sample(x_m, t_start, eps)
         ts = partial_timesteps(t_start, p.steps)
         rec_m, _, nfe = reverse_chain(self.diffusion, net, x_t, ts, rng, sampler=p.sampler,
-                                      noise=self.noise_kind, variance=p.variance)
+                                      noise=self.noise_kind, variance=p.variance,
+                                      noise_options=self.noise_options)
         lo, hi = self.model.intensity_range
         rec_m = rec_m.clamp(lo, hi)
         rec = self.from_model(rec_m)
@@ -104,6 +106,7 @@ class AnoDDPM(Method):
             "image_size": image_size,
             "intensity_range": [-1.0, 1.0],
             "noise": noise,
+            "noise_options": dict(REFERENCE_OPTIONS),
             "schedule": {"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4,
                          "beta_end": 2e-2, "prediction_type": "epsilon", "clip_sample": True},
             "networks": {"denoiser": net},

@@ -49,7 +49,7 @@ import torch
 from ..diffusion import Diffusion, partial_timesteps
 from ..morphology import binary_dilation, scaled_kernel
 from ..networks import call_unet
-from ..noise import make_noise
+from ..noise import make_noise, options_for
 from ..rng import BatchRNG
 from .base import Method, MethodOutput
 from .common import ddpm_loss, reverse_chain
@@ -103,6 +103,7 @@ class AutoDDPM(Method):
         self.diffusion = Diffusion(self.model.schedule)
         T = self.diffusion.T
         self.noise_kind = p.noise or self.model.noise
+        self.noise_options = options_for(self.model.config, self.noise_kind)
         for name, lvl in (("level", p.level), ("inpaint_level", p.inpaint_level)):
             if not 1 <= int(lvl) <= T - 1:
                 raise ValueError(f"autoddpm: {name} must be in [1, {T - 1}], got {lvl}")
@@ -165,7 +166,7 @@ class AutoDDPM(Method):
         b = binary.to(x_m.dtype)
 
         def noise():
-            return make_noise(self.noise_kind, rng, shape).to(x_m)
+            return make_noise(self.noise_kind, rng, shape, **self.noise_options).to(x_m)
 
         x_t = d.q_sample(x_rec_m, ts[0], noise())
         nfe = 0
@@ -197,11 +198,12 @@ class AutoDDPM(Method):
         perceptual, pname = self._perceptual(x.device)
 
         x_m = self.to_model(x)
-        eps = make_noise(self.noise_kind, rng, x.shape[1:]).to(x)
+        eps = make_noise(self.noise_kind, rng, x.shape[1:], **self.noise_options).to(x)
         ts = partial_timesteps(p.level, p.recon_steps)
         x_t = self.diffusion.q_sample(x_m, ts[0], eps)
         rec_m, _, nfe1 = reverse_chain(self.diffusion, net, x_t, ts, rng, sampler=p.recon_sampler,
-                                       noise=self.noise_kind, variance="fixed_small", eta=0.0)
+                                       noise=self.noise_kind, variance="fixed_small", eta=0.0,
+                                       noise_options=self.noise_options)
         rec_m = rec_m.clamp(lo, hi)
         x_rec = self.from_model(rec_m)
         st = self.masks(x, x_rec, mask, perceptual)

@@ -27,13 +27,14 @@ def reverse_chain(
     eta: float = 0.0,
     hook: StepHook | None = None,
     class_labels: torch.Tensor | None = None,
+    noise_options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Denoise ``x_t`` (at ``timesteps[0]``) through ``timesteps`` down to a clean image.
 
     At every listed t the network is evaluated once and the sample moves to the
     next listed timestep (or to the clean image after the last).  ``sampler``
     "ddpm" needs consecutive timesteps and adds ``noise`` ("gaussian" or
-    "simplex") at every step; "ddim" accepts any stride (eta=0: deterministic).
+    "simplex", with ``noise_options``) at every step; "ddim" accepts any stride (eta=0: deterministic).
     Returns (x_clean, last x0_hat, network evaluations).
     """
     ts = [int(t) for t in timesteps]
@@ -42,18 +43,19 @@ def reverse_chain(
     x, x0 = x_t, x_t
     nfe = 0
     shape = tuple(x.shape[1:])
+    opts = dict(noise_options or {})
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         out = call_unet(net, x, t, class_labels)
         nfe += 1
         if sampler == "ddpm":
-            z = make_noise(noise, rng, shape).to(x) if t > 0 else None
+            z = make_noise(noise, rng, shape, **opts).to(x) if t > 0 else None
             x_new, x0 = diffusion.ddpm_step(out, t, x, z, variance=variance)
             if t_next == -1 and t > 0:
                 # the chain stops early (a hook moved it); finish with the prediction
                 x_new = x0
         elif sampler == "ddim":
-            z = make_noise(noise, rng, shape).to(x) if (eta > 0 and t_next >= 0) else None
+            z = make_noise(noise, rng, shape, **opts).to(x) if (eta > 0 and t_next >= 0) else None
             x_new, x0 = diffusion.ddim_step(out, t, t_next, x, eta=eta, noise=z)
         else:
             raise ValueError(f"unknown sampler {sampler!r}")
@@ -80,7 +82,9 @@ def ddpm_loss(model, x01: torch.Tensor, rng: BatchRNG, noise: str | None = None,
     lo, hi = model.intensity_range
     x0 = x01 * (hi - lo) + lo
     kind = noise or model.noise
-    n = make_noise(kind, rng, x0.shape[1:]).to(x0)
+    from ..noise import options_for
+
+    n = make_noise(kind, rng, x0.shape[1:], **options_for(model.config, kind)).to(x0)
     t_lo = int(model.config.get("train_t_min") or 0)  # a training run's range (uad.training t_min / t_max)
     t = rng.randint(t_lo, int(t_max or diffusion.T)).to(x0.device)
     x_t = diffusion.q_sample(x0, t, n)

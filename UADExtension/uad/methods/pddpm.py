@@ -22,7 +22,12 @@ Differences from the reference code (deliberate):
 * ``error="l2"`` really is the squared error (the reference computes L1 for
   both, ``if cfg.get('residualmode', 'l1')`` being truthy for ``'l2'``).
 * One simplex field per image (the reference shares one field over the batch).
-* Simplex noise is unit-variance (see ``uad.simplex``), 2-D variant.
+* Simplex noise has the reference amplitude (std ~0.44-0.66, 2-D variant) and
+  feature size (64 px at 128 px, scaled with the model resolution) for models
+  with ``noise_options`` in their config; models trained before that fix
+  (no key) keep their unit-std, 64-px fields (``uad.noise.options_for``).  At
+  the reference amplitude t = 499 destroys what it destroys in the paper; with
+  unit-std fields it acted like a stronger level.
 * The cosine schedule of the reference code is used (the paper's text says linear).
 
 Presets
@@ -51,7 +56,7 @@ import torch
 
 from ..diffusion import Diffusion
 from ..networks import call_unet
-from ..noise import make_noise
+from ..noise import REFERENCE_OPTIONS, make_noise, options_for
 from ..rng import BatchRNG
 from .base import Method, MethodOutput
 
@@ -135,6 +140,7 @@ class PDDPM(Method):
         if p.patches is not None and len(p.patches) == 0:
             raise ValueError("pddpm: patches, when given, must list at least one grid cell")
         self.noise_kind = p.noise or self.model.noise
+        self.noise_options = options_for(self.model.config, self.noise_kind)
         # the reference erodes the brain mask W // 25 times (3 at 96 px): same rule at the model resolution
         self.postprocess = dict(type(self).postprocess, erode_mask_iterations=max(1, size // 25))
 
@@ -158,7 +164,8 @@ class PDDPM(Method):
         boxes = self.boxes(h, w)
         x_m = self.to_model(x)
         t = int(p.level) - 1
-        eps = make_noise(self.noise_kind, rng, x.shape[1:]).to(x_m)  # one field per image, shared by its patches
+        # one field per image, shared by its patches
+        eps = make_noise(self.noise_kind, rng, x.shape[1:], **self.noise_options).to(x_m)
         x_t = self.diffusion.q_sample(x_m, t, eps)
         acc = torch.zeros_like(x_m)
         cnt = torch.zeros_like(x_m)
@@ -193,7 +200,7 @@ class PDDPM(Method):
         patch = int(model.config.get("patch_size") or max(min(h, w) // 2, 1))
         stride = int(model.config.get("patch_stride") or patch)
         boxes = grid_boxes(h, w, patch, stride)
-        n = make_noise(model.noise, rng, x0.shape[1:]).to(x0)
+        n = make_noise(model.noise, rng, x0.shape[1:], **model.noise_options).to(x0)
         t = rng.randint(0, diffusion.T).to(x0.device)
         k = rng.randint(0, len(boxes)).tolist()
         m = box_mask(h, w, [boxes[i] for i in k], patch, device=x0.device)
@@ -221,6 +228,7 @@ class PDDPM(Method):
             "image_size": image_size,
             "intensity_range": [-1.0, 1.0],
             "noise": "simplex2d",
+            "noise_options": dict(REFERENCE_OPTIONS),
             "patch_size": max(image_size // 2, 1),
             "schedule": {"num_train_timesteps": 1000, "schedule": "cosine", "prediction_type": "sample",
                          "clip_sample": True},

@@ -52,7 +52,7 @@ import torch
 
 from ..diffusion import Diffusion, partial_timesteps
 from ..morphology import gaussian_blur, grey_closing, grey_dilation, scaled_kernel
-from ..noise import make_noise
+from ..noise import make_noise, options_for
 from ..rng import BatchRNG
 from .base import Method, MethodOutput
 from .common import ddpm_loss, reverse_chain
@@ -116,6 +116,7 @@ class THOR(Method):
         self.diffusion = Diffusion(self.model.schedule)
         T = self.diffusion.T
         self.noise_kind = p.noise or self.model.noise
+        self.noise_options = options_for(self.model.config, self.noise_kind)
         d_level, d_harm = PAPER_DEFAULTS.get(self.noise_kind, PAPER_DEFAULTS["gaussian"])
         level = int(p.level) if p.level is not None else d_level
         if not 1 <= level <= T - 1:
@@ -187,7 +188,7 @@ class THOR(Method):
         perceptual, pname = self._perceptual(x.device)
 
         x_m = self.to_model(x)
-        eps0 = make_noise(self.noise_kind, rng, x.shape[1:]).to(x)
+        eps0 = make_noise(self.noise_kind, rng, x.shape[1:], **self.noise_options).to(x)
         ts = self.timesteps()
         checks = set(self.checkpoints())
         harm = set(p.harmonization)
@@ -211,7 +212,8 @@ class THOR(Method):
 
         x_t = self.diffusion.q_sample(x_m, ts[0], eps0)
         rec_m, _, nfe = reverse_chain(self.diffusion, net, x_t, ts, rng, sampler=p.sampler,
-                                      noise=self.noise_kind, variance="fixed_small", eta=0.0, hook=hook)
+                                      noise=self.noise_kind, variance="fixed_small", eta=0.0, hook=hook,
+                                      noise_options=self.noise_options)
         rec = self.from_model(rec_m.clamp(lo, hi))
         stacked = torch.stack(maps)  # (n, B, 1, H, W)
         amap = harmonic_mean(stacked, 0).clamp(0.0, 0.999)
