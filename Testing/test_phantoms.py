@@ -322,6 +322,92 @@ def test_cli_subcommand(tmp_path, capsys):
         parser.parse_args(["phantoms", str(tmp_path), "--lesion", "cyst"])
 
 
+# ----------------------------------------------------------------------------- head phantoms
+HEAD_SP = 2.0  # the 1.5 mm bone tables need voxels this small to be resolved
+
+
+def head_ph(seed, contrast, lesion="none"):
+    key = ("head", seed, contrast, lesion)
+    if key not in _CACHE:
+        _CACHE[key] = make_phantom(seed, contrast, lesion, spacing=HEAD_SP, head=True)
+    return _CACHE[key]
+
+
+def _shells(p):
+    """(brain median, vitreous median, darkest shell median, background) measured on the image."""
+    img, b, h = arr(p.image), arr(p.brain_mask) > 0, arr(p.head_mask) > 0
+    d = ndimage.distance_transform_edt(~b, sampling=HEAD_SP)
+    shells = [np.median(img[h & ~b & (d > r) & (d <= r + HEAD_SP)]) for r in np.arange(0.0, 14.0, HEAD_SP)]
+    eye = np.array(p.meta["head"]["eyes_index"][0])  # (i, j, k) of one eyeball's centre
+    k, j, i = np.round(eye[::-1]).astype(int)
+    vit = np.median(img[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2])
+    return float(np.median(img[b])), float(vit), shells, img[~h]
+
+
+@pytest.mark.parametrize("contrast", ["T1", "T2", "FLAIR"])
+def test_head_phantom_wraps_the_same_brain(contrast):
+    brain_only = make_phantom(6, contrast, "tumour", spacing=HEAD_SP)
+    p = head_ph(6, contrast, "tumour")
+    # the ground truth is the brain of the skull-stripped phantom of the same seed
+    assert np.array_equal(arr(p.brain_mask), arr(brain_only.brain_mask))
+    assert np.array_equal(arr(p.lesion_mask), arr(brain_only.lesion_mask))
+    b, h = arr(p.brain_mask) > 0, arr(p.head_mask) > 0
+    assert np.all(h[b]) and (h & ~b).sum() > 0.6 * b.sum()  # a head around the brain
+    img = arr(p.image)
+    # everything outside the brain is filled (head) or noise (background), nothing is exactly zero
+    assert (img[~b] == 0).mean() < 0.01
+    brain_med, vit, shells, bg = _shells(p)
+    # background: Rician (Rayleigh) noise, far below tissue
+    assert 0 < np.median(bg) < 0.1 * brain_med and bg.std() > 0
+    # a dark skull (cortical bone) between the brain and the scalp, in every contrast
+    assert min(shells) < 0.45 * brain_med
+    assert max(shells) > 2.0 * min(shells)  # and bright tissue (marrow, fat) around it
+    # vitreous humour: bright on T2, dark on T1 and FLAIR
+    if contrast == "T2":
+        assert vit > 1.2 * brain_med
+    else:
+        assert vit < 0.5 * brain_med
+
+
+def test_head_phantom_fat_is_bright_on_t1():
+    t1, t2 = head_ph(6, "T1"), head_ph(6, "T2")
+    lv1, lv2 = t1.meta["head"]["levels"], t2.meta["head"]["levels"]
+    assert lv1["fat"] > lv1["muscle"] > lv1["csf"] > lv1["bone"]
+    assert lv2["csf"] > lv2["fat"] > lv2["muscle"] > lv2["bone"]
+    # measured: the outer shells (fat) relative to the brain are brighter on T1 than on T2
+    r1 = max(_shells(t1)[2]) / _shells(t1)[0]
+    r2 = max(_shells(t2)[2][2:]) / _shells(t2)[0]
+    assert r1 > r2
+
+
+def test_resample_phantom_geometry():
+    from uad.phantoms import resample_phantom
+
+    p = head_ph(6, "T2")
+    r = resample_phantom(p, spacing=(4.0, 4.0, 6.0), rotation_deg=(0.0, 0.0, 20.0), flip=(True, False, False))
+    d = np.array(r.image.GetDirection()).reshape(3, 3)
+    d0 = np.array(p.image.GetDirection()).reshape(3, 3)
+    assert np.allclose(d.T @ d, np.eye(3)) and np.sign(d[0, 0]) == -np.sign(d0[0, 0])  # i axis flipped
+    np.testing.assert_allclose(r.image.GetSpacing(), [4.0, 4.0, 6.0])
+    vol = lambda m: arr(m).sum() * np.prod(m.GetSpacing())  # noqa: E731
+    assert vol(r.brain_mask) == pytest.approx(vol(p.brain_mask), rel=0.05)
+    assert vol(r.head_mask) == pytest.approx(vol(p.head_mask), rel=0.05)
+
+
+def test_cli_head_phantoms(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="uad")
+    sub = parser.add_subparsers(dest="command")
+    phantoms.add_cli(sub)
+    args = parser.parse_args(["phantoms", str(tmp_path), "--contrast", "FLAIR", "--seed", "2", "--spacing", "4",
+                              "--head"])  # 4 mm: fast
+    assert args.func(args) == 0
+    img = sitk.ReadImage(str(tmp_path / "phantom_head_FLAIR_none_000002.nii.gz"))
+    bm = sitk.ReadImage(str(tmp_path / "phantom_head_FLAIR_none_000002_brainmask.nii.gz"))
+    a, b = arr(img), arr(bm) > 0
+    assert (a[~b] > 0).mean() > 0.99  # not skull-stripped
+    assert np.array_equal(b, arr(make_phantom(2, "FLAIR", spacing=4.0).brain_mask) > 0)
+
+
 # ----------------------------------------------------------------------------- training stream
 def test_training_slice_source_healthy():
     src = TrainingSliceSource("T2", image_size=32, seed=3, pool_size=2, refresh_every=2, spacing=3.0, prefetch=False)

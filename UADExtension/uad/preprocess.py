@@ -19,8 +19,8 @@ Conventions
   (the voxel grid itself is never rotated unless the profile registers).
 * Skull-stripped or not (``detect_skull_stripped``): an input is taken as
   skull-stripped when at least 90% of the voxels outside its foreground
-  component lie exactly at the image minimum (a masked background; raw scans
-  have a noisy one) and the foreground is at most 2200 ml (a brain, not a
+  component lie at the image minimum (within 1% of the foreground's 99th
+  percentile: a masked background; raw scans have a noisy one) and the foreground is at most 2900 ml (a brain, not a
   head).  ``skull_stripped=True/False`` overrides the detector.
 * Bias field (``BiasCorrection``): SimpleITK N4 on a shrunk copy (head mask:
   Otsu), the full-resolution field divides the volume; its inverse multiplies
@@ -252,24 +252,27 @@ def profile_settings(profile: dict | None = None) -> dict:
 
 
 # -- skull-stripped or not ------------------------------------------------------------------------
-STRIPPED_BACKGROUND_FRACTION = 0.9  # outside the foreground, this fraction at exactly the minimum
-STRIPPED_MAX_VOLUME_ML = 2200.0  # a brain (with cerebellum and stem) is below; a head is above
+STRIPPED_BACKGROUND_FRACTION = 0.9  # outside the foreground, this fraction at the minimum
+STRIPPED_TOLERANCE = 0.01  # "at the minimum": within this fraction of the foreground's 99th percentile
+STRIPPED_MAX_VOLUME_ML = 2900.0  # a brain mask (the MNI152 one: ~2300 ml with CSF) is below; a head above
 
 
 def detect_skull_stripped(arr: np.ndarray, spacing, mask_threshold: float = 0.05) -> tuple[bool, dict]:
     """(skull-stripped?, evidence) for a volume array (k, j, i) with ``spacing`` (x, y, z) mm.
 
     Skull-stripped when at least ``STRIPPED_BACKGROUND_FRACTION`` of the voxels
-    outside the foreground component lie exactly at the image minimum (a
-    masked-out background; a raw scan's background is noise) and the foreground
-    is at most ``STRIPPED_MAX_VOLUME_ML``.
+    outside the foreground component lie at the image minimum (within
+    ``STRIPPED_TOLERANCE`` of the foreground's 99th percentile: a masked-out
+    background, also after resampling; a raw scan's background is noise) and
+    the foreground is at most ``STRIPPED_MAX_VOLUME_ML``.
     """
     a = np.asarray(arr)
     fg = compute_brain_mask(a, mask_threshold)
     base = float(a.min())
     bg = ~fg
     n_bg = int(bg.sum())
-    at_min = float((a[bg] == base).mean()) if n_bg else 1.0
+    tol = STRIPPED_TOLERANCE * (float(np.percentile(a[fg], 99.0)) - base) if fg.any() else 0.0
+    at_min = float((a[bg] <= base + tol).mean()) if n_bg else 1.0
     vol_ml = float(fg.sum()) * float(np.prod(spacing)) / 1000.0
     stripped = at_min >= STRIPPED_BACKGROUND_FRACTION and vol_ml <= STRIPPED_MAX_VOLUME_ML
     return bool(stripped), {"background_at_minimum": round(at_min, 4), "foreground_ml": round(vol_ml, 1)}
@@ -390,7 +393,7 @@ class BiasCorrection(Step):
 
     name = "bias_correction"
 
-    def __init__(self, iterations=(40, 30, 20), voxel_mm: float = 4.0):
+    def __init__(self, iterations=(20, 20, 10), voxel_mm: float = 8.0):
         self.iterations = tuple(int(i) for i in iterations)
         self.voxel_mm = float(voxel_mm)
 
@@ -411,7 +414,7 @@ class BiasCorrection(Step):
                 "field_range": [round(v, 4) for v in self.range]}
 
 
-def n4_bias_field(image: sitk.Image, iterations=(40, 30, 20), voxel_mm: float = 4.0) -> np.ndarray:
+def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 8.0) -> np.ndarray:
     """The N4 bias field of ``image`` (float32 array (k, j, i), > 0), estimated on a ~``voxel_mm`` copy.
 
     The mask is Otsu's foreground of the shrunk copy; the field is evaluated at full resolution.
@@ -432,11 +435,19 @@ def n4_bias_field(image: sitk.Image, iterations=(40, 30, 20), voxel_mm: float = 
     return np.exp(sitk.GetArrayFromImage(log_field)).astype(np.float32)
 
 
+#: With a skull stripper's mask, anomalies closer than this to the mask's boundary are zeroed: the
+#: stripper's boundary is uncertain to about a voxel, and what lies just outside the brain (CSF
+#: rim, bone) looks anomalous to a model of brain tissue.
+STRIP_MARGIN_MM = 3.0
+
+
 class BrainMask(Step):
     """The brain mask of the working volume: given, the foreground of a skull-stripped input, or a skull stripper.
 
-    Its inverse leaves the maps as they are: the brain mask on the input grid is
-    applied once, when the maps are composed with the input (``postprocess.to_volumes``).
+    Its inverse zeroes the anomaly within ``STRIP_MARGIN_MM`` of the boundary of a
+    skull stripper's mask (other maps unchanged); the brain mask on the input
+    grid is applied once, when the maps are composed with the input
+    (``postprocess.to_volumes``).
     """
 
     name = "brain_mask"
@@ -468,14 +479,30 @@ class BrainMask(Step):
             if not brain.any():
                 raise InputError("input image: no brain found by the automatic brain mask; pass a brain mask")
         w.brain = brain
+        self.core = None
+        if self.source.startswith("skull strip") and STRIP_MARGIN_MM > 0:
+            from scipy import ndimage
+
+            depth = ndimage.distance_transform_edt(brain, sampling=tuple(w.grid.spacing[::-1]))
+            self.core = depth > STRIP_MARGIN_MM
+            del depth
         self.voxels = int(brain.sum())
         self.volume_ml = float(brain.sum()) * float(np.prod(w.grid.spacing)) / 1000.0
         self.fraction = float(brain.mean())
         self.brain = brain
 
+    def inverse(self, maps: dict) -> dict:
+        if self.core is None or "anomaly" not in maps:
+            return maps
+        out = dict(maps)
+        out["anomaly"] = np.where(self.core, out["anomaly"], 0.0).astype(np.float32)
+        return out
+
     def record(self) -> dict:
-        return {"step": self.name, "source": self.source, "voxels": self.voxels,
-                "volume_ml": round(self.volume_ml, 1)}
+        r = {"step": self.name, "source": self.source, "voxels": self.voxels, "volume_ml": round(self.volume_ml, 1)}
+        if self.core is not None:
+            r["boundary_margin_mm"] = STRIP_MARGIN_MM
+        return r
 
 
 class Register(Step):

@@ -1,0 +1,181 @@
+"""The preprocessing chain: invertible steps, the model's preprocessing profile, skull-stripped detection,
+N4, registration to MNI152, and its inverse onto the input's exact grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import uad
+from uad.postprocess import to_volumes
+from uad.preprocess import (DEFAULT_PROFILE, BiasCorrection, detect_skull_stripped, n4_bias_field, preprocess,
+                            profile_settings)
+
+S = 32
+#: small registration settings: these tests check the geometry of the chain, not registration accuracy
+FAST_REG = {"iterations": (20, 10), "shrink": (4, 2), "smoothing_mm": (4.0, 2.0), "sampling": 0.05}
+
+
+def _arr(img):
+    return sitk.GetArrayFromImage(img)
+
+
+# -- profile ---------------------------------------------------------------------------------------
+def test_profile_defaults_and_validation(tiny_model):
+    from uad.pipeline import preprocessing_profile
+
+    assert profile_settings(None) == DEFAULT_PROFILE
+    assert DEFAULT_PROFILE == {"registration": None, "spacing_mm": None, "skull_strip": "auto",
+                               "bias_correction": "auto", "square": "crop", "pad_value": "min",
+                               "intensity": "brain-percentile", "slice_range": None}
+    p = profile_settings({"registration": "mni152", "spacing_mm": 1, "skull_strip": False, "square": "pad",
+                          "pad_value": 0.0, "intensity": "image-percentile", "slice_range": [0.35, 0.65]})
+    assert p["registration"] == "mni152" and p["spacing_mm"] == 1.0 and p["slice_range"] == [0.35, 0.65]
+    bad = [{"registration": "talairach"}, {"skull_strip": "maybe"}, {"square": "stretch"},
+           {"slice_range": [0.7, 0.3]}, {"slice_range": [0, 2]}, {"intensity": "zscore"}, {"pad_value": "max"},
+           {"spacing_mm": 0.0}, {"bias_corection": True}]
+    for b in bad:
+        with pytest.raises(ValueError):
+            profile_settings(b)
+    # the model's manifest entry is read, with an override on top
+    assert preprocessing_profile(tiny_model) == DEFAULT_PROFILE
+    tiny_model.config["preprocessing"] = {"square": "pad"}
+    assert preprocessing_profile(tiny_model)["square"] == "pad"
+    assert preprocessing_profile(tiny_model, {"slice_range": [0.4, 0.6]})["slice_range"] == [0.4, 0.6]
+
+
+def test_detect_rejects_a_bad_profile(tiny_model, fast_params, make_volume):
+    img, _, _ = make_volume()
+    tiny_model.config["preprocessing"] = {"squar": "pad"}
+    with pytest.raises(uad.ModelError, match="unknown preprocessing key"):
+        uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params)
+
+
+# -- the chain ---------------------------------------------------------------------------------------
+def test_default_chain_steps_and_inverse_order(make_volume):
+    img, _, brain = make_volume()
+    st = preprocess(img, S)
+    names = [s.name for s in st.steps]
+    assert names == ["reorient", "brain_mask", "normalise", "select_slices", "in_plane"]
+    assert [r["step"] for r in st.info["steps"]] == names
+    assert st.info["skull_stripped"]["value"] is True and st.info["skull_stripped"]["source"] == "detected"
+    # the inverses are replayed in reverse order: each sees its own output shape
+    seen = []
+    for s in st.steps:
+        orig = s.inverse
+
+        def spy(maps, s=s, orig=orig):
+            seen.append((s.name, next(iter(maps.values())).shape))
+            return orig(maps)
+
+        s.inverse = spy
+    out = st.invert({"anomaly": st.slices.copy()})
+    assert [n for n, _ in seen] == names[::-1]
+    assert seen[0][1] == (len(st), S, S)  # in_plane gets model-resolution slices
+    assert seen[1][1][1:] == st.brain.shape[1:] and seen[1][1][0] == len(st)  # select_slices: N full slices
+    assert out["anomaly"].shape == _arr(img).shape
+
+
+def test_pad_to_square_and_slice_range(make_volume):
+    img, _, brain = make_volume((20, 40, 30), (1.0, 1.0, 2.0))
+    b = _arr(brain) > 0
+    st = preprocess(img, S, profile={"square": "pad", "slice_range": [0.25, 0.75]})
+    # pad: the whole slice (40 x 30 mm) padded to a 40 mm square
+    assert st.fov_mm == pytest.approx(40.0)
+    kk = np.flatnonzero(b.any(axis=(1, 2)))
+    lo, hi = kk[0] + 0.25 * (kk[-1] - kk[0]), kk[0] + 0.75 * (kk[-1] - kk[0])
+    assert np.array_equal(st.indices, kk[(kk >= lo) & (kk <= hi)])
+    rest, anom = to_volumes(st, st.slices, np.ones_like(st.slices))
+    a, r, x = _arr(anom), _arr(rest), _arr(img)
+    outside = np.ones(len(b), bool)
+    outside[st.indices] = False
+    assert np.all(a[outside] == 0) and a[st.indices][b[st.indices]].min() > 0.9
+    assert np.array_equal(r[outside], x[outside])  # unprocessed slices: the input
+
+
+def test_image_percentile_and_unmasked_input(make_volume):
+    img, _, brain = make_volume()
+    x = _arr(img)
+    st = preprocess(img, S, profile={"intensity": "image-percentile", "skull_strip": False},
+                    normalisation={"lower": 0.0, "upper": 99.5})
+    assert st.lower == pytest.approx(np.percentile(x, 0.0)) and st.upper == pytest.approx(np.percentile(x, 99.5))
+    with_mask = preprocess(img, S)
+    assert st.lower != with_mask.lower
+
+
+def test_detect_skull_stripped_on_brains_and_heads(make_volume):
+    from uad.phantoms import make_phantom
+
+    img, _, _ = make_volume()
+    assert detect_skull_stripped(_arr(img), img.GetSpacing())[0] is True
+    brain_only = make_phantom(2, "T2", spacing=4.0)
+    ok, ev = detect_skull_stripped(_arr(brain_only.image), brain_only.image.GetSpacing())
+    assert ok is True and ev["background_at_minimum"] == 1.0
+    head = make_phantom(2, "T2", spacing=4.0, head=True)
+    ok, ev = detect_skull_stripped(_arr(head.image), head.image.GetSpacing())
+    assert ok is False and ev["background_at_minimum"] < 0.5 and ev["foreground_ml"] > 2900
+
+
+def test_n4_removes_a_bias_field_and_its_inverse_puts_it_back(make_volume):
+    img, _, brain = make_volume((16, 48, 48), (2.0, 2.0, 3.0), lesion=False)
+    x = _arr(img)
+    b = _arr(brain) > 0
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in x.shape], indexing="ij")
+    field = np.exp(0.25 * i + 0.15 * j - 0.1 * k).astype(np.float32)
+    biased = sitk.GetImageFromArray((x * field).astype(np.float32))
+    biased.CopyInformation(img)
+    est = n4_bias_field(biased, voxel_mm=4.0)
+    corrected = (x * field) / est
+    # the corrected brain is flatter: its left-right intensity trend is mostly gone
+
+    def trend(v):
+        return np.polyfit(i[b], v[b], 1)[0]
+
+    assert abs(trend(corrected)) < 0.35 * abs(trend(x * field))
+    st = preprocess(biased, S, bias_correction=True)
+    assert [s.name for s in st.steps][1] == "bias_correction"
+    n4 = st.steps[1]
+    assert isinstance(n4, BiasCorrection) and n4.field.shape == x.shape
+    # the restoration comes back in the input's (biased) units: the inverse multiplies the field back
+    rest, _ = to_volumes(st, st.slices, st.slices)
+    r = _arr(rest)
+    inner = b & (x > np.percentile(x[b], 5)) & (x < np.percentile(x[b], 95))
+    rel = np.median(np.abs(r[inner] - (x * field)[inner]) / (x * field)[inner])
+    assert rel < 0.08
+    off = preprocess(biased, S, bias_correction=False)
+    assert "bias_correction" not in [s.name for s in off.steps]
+
+
+def test_registration_round_trip_onto_the_input_grid():
+    """Registration to MNI152 (small iterations), inference grid = template, results on the input grid."""
+    from uad.phantoms import make_phantom, resample_phantom
+    from uad.registration import mni152
+
+    base = make_phantom(7, "T1", "tumour", spacing=3.0)
+    ph = resample_phantom(base, spacing=(3.0, 3.0, 4.0), rotation_deg=(0.0, 0.0, 12.0), flip=(True, False, False))
+    img = ph.image
+    st = preprocess(img, S, brain_mask=ph.brain_mask, profile={"registration": "mni152", "spacing_mm": 3.0},
+                    registration_options=FAST_REG)
+    assert [s.name for s in st.steps] == ["reorient", "brain_mask", "register", "normalise", "select_slices",
+                                          "in_plane"]
+    t1, tb = mni152(3.0)
+    assert st.brain.shape == _arr(t1).shape  # the working volume is the template grid
+    tbm = _arr(tb) > 0
+    dice = 2 * (st.brain & tbm).sum() / (st.brain.sum() + tbm.sum())
+    assert dice > 0.85  # the brain landed on the template's brain
+    rest, anom = to_volumes(st, st.slices, st.slices)
+    for out in (rest, anom):
+        assert out.GetSize() == img.GetSize() and out.GetOrigin() == img.GetOrigin()
+        assert out.GetDirection() == img.GetDirection() and out.GetSpacing() == img.GetSpacing()
+    x, r = _arr(img), _arr(rest)
+    b = _arr(ph.brain_mask) > 0
+    assert np.corrcoef(x[b], r[b])[0, 1] > 0.9
+    # a lesion map carried into template space comes back on the lesion
+    les = _arr(ph.lesion_mask) > 0
+    lst = preprocess(sitk.Cast(ph.lesion_mask, sitk.sitkFloat32), S, brain_mask=ph.brain_mask,
+                     profile={"registration": "mni152", "spacing_mm": 3.0}, registration_options=FAST_REG,
+                     normalisation={"lower": 0.0, "upper": 100.0}, skull_stripped=True)
+    _, back = to_volumes(lst, lst.slices, lst.slices)
+    got = _arr(back) > 0.5
+    assert 2 * (got & les).sum() / (got.sum() + les.sum()) > 0.6
