@@ -310,11 +310,14 @@ def cmd_detect(args) -> int:
             import torch.distributed as dist
 
             box = [status]
-            dist.broadcast_object_list(box, src=0)
-            status = int(box[0])
+            dist.broadcast_object_list(box, src=0)  # the other ranks wait until the summary is written
             from .training import cleanup_distributed
 
             cleanup_distributed(ctx)
+            # rank 0 carries the exit status: a failing status on another rank would make torchrun stop
+            # rank 0 (SIGTERM) while it finishes
+            if not ctx.is_main:
+                return 0
     return status
 
 
