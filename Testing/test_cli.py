@@ -121,15 +121,20 @@ def test_detect_bad_input_in_a_cohort_is_an_error_row(tiny_zoo, make_volume, tmp
     good, _, _ = make_volume()
     good_path = _write(good, tmp_path / "good.nii.gz")
     outdir = tmp_path / "out"
-    rc = main(["detect", good_path, inputs["nan"], inputs["text"], "-o", str(outdir), "--device", "cpu",
-               "--no-progress", *FAST])
+    rc = main(["detect", good_path, inputs["nan"], inputs["text"], inputs["missing"], "-o", str(outdir),
+               "--device", "cpu", "--no-progress", *FAST])
     out, err = capsys.readouterr()
     assert rc == 3, err
-    assert err.strip().splitlines() == [f"uad: error: 2 of 3 case(s) failed; see {outdir / 'summary.csv'}"]
+    assert err.strip().splitlines() == [f"uad: error: 3 of 4 case(s) failed; see {outdir / 'summary.csv'}"]
     with open(outdir / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["case"], r["status"]) for r in rows] == [("good", "ok"), ("nan", "error"), ("text", "error")]
-    assert "NaN" in rows[1]["error"] and "not an image" in rows[2]["error"]
+    assert [(r["case"], r["status"]) for r in rows] == [("good", "ok"), ("nan", "error"), ("text", "error"),
+                                                        ("does_not_exist", "error")]
+    assert "NaN" in rows[1]["error"] and "not an image" in rows[2]["error"] and "no such file" in rows[3]["error"]
+    # all inputs bad: one line, nothing written
+    rc = main(["detect", inputs["nan"], inputs["text"], "-o", str(tmp_path / "none"), "--device", "cpu",
+               "--no-progress", *FAST])
+    assert "NaN" in _assert_one_line_error(capsys, rc) and _files(tmp_path / "none") == []
     assert (outdir / "good_anomaly.nii.gz").is_file() and not (outdir / "nan_anomaly.nii.gz").exists()
 
 

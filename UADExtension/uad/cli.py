@@ -177,7 +177,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
     import numpy as np
 
     from .cohort import SUMMARY_NAME, Case, check_outputs, expand_inputs, gather_rows, write_summary
-    from .imageio import (check_writable, metadata_contrast, plausibility_warnings, read_image,
+    from .imageio import (check_writable, plausibility_warnings, read_image,
                           remove_temporaries_on_signal, sample_paths, sha256_file, validate, validate_mask)
     from .pipeline import (build, check_params, check_threshold, configure_threads, describe_device, detect,
                            method_class, method_key, resolve_device, resolve_model)
@@ -276,11 +276,10 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                 image = read_image(p)
                 bmask = read_image(c.mask) if c.mask is not None else None
                 warnings = plausibility_warnings(image)
-                scan_contrast = (args.contrast or metadata_contrast(image, p) or "").upper() or None
+                scan_contrast, source = _scan_contrast(args.contrast, image, p)
                 if model_contrast and scan_contrast and scan_contrast != model_contrast:
                     warnings.append(f"the model {model.id} is for {model_contrast} but the scan looks "
-                                    f"{scan_contrast} ({'--contrast' if args.contrast else 'metadata / file name'}); "
-                                    f"pick a {scan_contrast} model with --model")
+                                    f"{scan_contrast} ({source}); pick a {scan_contrast} model with --model")
                 bar = tqdm(total=None, desc=p.name, unit="slice", disable=args.no_progress or json_events,
                            file=sys.stderr, dynamic_ncols=True)
                 if json_events:
@@ -360,12 +359,37 @@ def _cmd_detect(args, json_events: bool = False) -> int:
             import torch.distributed as dist
 
             box = [status]
-            dist.broadcast_object_list(box, src=0)
-            status = int(box[0])
+            dist.broadcast_object_list(box, src=0)  # the other ranks wait until the summary is written
             from .training import cleanup_distributed
 
             cleanup_distributed(ctx)
+            # rank 0 carries the exit status: a failing status on another rank would make torchrun stop
+            # rank 0 (SIGTERM) while it finishes
+            if not ctx.is_main:
+                return 0
     return status
+
+
+def _scan_contrast(given, image, path) -> tuple[str | None, str]:
+    """(contrast, where it comes from): --contrast, else the image metadata / file name, else
+    ``uad.selection.guess_contrast`` when that module is present; (None, "") when nothing says."""
+    from .imageio import metadata_contrast
+
+    if given:
+        return str(given).upper(), "--contrast"
+    c = metadata_contrast(image, path)
+    if c:
+        return c, "metadata / file name"
+    try:
+        from .selection import guess_contrast  # added by the model-selection work (issue 8)
+    except ImportError:
+        return None, ""
+    try:
+        g = guess_contrast(image)
+    except Exception:  # noqa: BLE001 - a guess that fails is no guess
+        return None, ""
+    g = getattr(g, "contrast", g)
+    return (str(g).upper(), "guessed from the intensities") if isinstance(g, str) and g else (None, "")
 
 
 def sitk_array(img):

@@ -62,14 +62,12 @@ def _is_image_name(p: Path) -> bool:
 
 
 def expand_inputs(paths, log: Callable[[str], None] | None = None) -> tuple[list[Case], list[tuple[Path, str]]]:
-    """Files and folders -> (cases, skipped (path, reason)).  A missing path is an ``InputError``."""
+    """Files and folders -> (cases, skipped (path, reason)); a path that does not exist is kept as a case."""
     cases: list[Case] = []
     skipped: list[tuple[Path, str]] = []
     for raw in paths:
         p = Path(raw)
-        if not p.exists():
-            raise InputError(f"{p}: no such file")
-        if not p.is_dir():
+        if not p.is_dir():  # a file (a missing one is a case whose reading fails: reported like any bad input)
             cases.append(Case(p))
             continue
         files = sorted(f for f in p.iterdir() if f.is_file())
@@ -149,7 +147,7 @@ def check_outputs(cases: list[Case], outdir: Path, outputs_of: Callable[[Case], 
                 if _same_file(out, p):
                     raise InputError(f"{out}: the {kind} output of {c.path.name} would overwrite {what} of this "
                                      f"run; write the results into another folder (-o)")
-        if overwrite:
+        if overwrite or not c.path.is_file():  # a missing input fails validation and writes nothing
             continue
         existing = [(k, o) for k, o in outs.items() if o.exists()]
         if existing and not c.digest:

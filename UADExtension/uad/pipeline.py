@@ -323,7 +323,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     if oom is not None and isinstance(err, oom):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(err, MemoryError))
 
 
 def _free_device_memory(dev) -> None:

@@ -1,0 +1,120 @@
+"""Peak memory of ``uad.pipeline.detect`` per input voxel, beyond the input volume itself.
+
+Builds a synthetic skull-stripped "brain" volume of the given shape in memory (float32 or int16), a
+tiny random-weight model (the network's memory does not grow with the volume), runs ``detect``
+once, and reports, in bytes per input voxel:
+
+* ``rss``: the process's peak resident set (``ru_maxrss``) minus its resident set just before
+  ``detect`` (input volume and model already loaded): every allocation, numpy's and ITK's;
+* ``tracemalloc``: the peak of the allocations Python's tracemalloc sees during ``detect`` (numpy
+  arrays; SimpleITK's own buffers are not traced, so this is a lower bound);
+
+and the largest traced allocation sites.  Run it in a fresh process (``ru_maxrss`` is a
+high-water mark):
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --shape 400 512 512     # z y x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UADExtension"))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def make_input(shape, dtype: str, seed: int = 0):
+    """An ellipsoid 'brain' with smooth texture and a bright lesion, zero outside, 1 x 1 x 1.2 mm."""
+    import SimpleITK as sitk
+
+    nz, ny, nx = shape
+    z, y, x = np.ogrid[-1:1:nz * 1j, -1:1:ny * 1j, -1:1:nx * 1j]
+    r2 = (z / 0.85) ** 2 + (y / 0.85) ** 2 + (x / 0.8) ** 2
+    img = np.zeros(shape, np.float32)
+    inside = r2 <= 1
+    img[inside] = 400.0
+    img += (np.cos(6 * np.sqrt(r2)) * 100.0).astype(np.float32) * inside
+    les = ((z - 0.2) ** 2 + (y + 0.3) ** 2 + (x - 0.3) ** 2) < 0.02
+    img[les & inside] = 900.0
+    arr = img if dtype == "float32" else np.rint(img).astype(np.int16)
+    im = sitk.GetImageFromArray(arr)
+    im.SetSpacing((1.0, 1.0, 1.2))
+    del img, arr, inside, les, r2
+    return im
+
+
+def tiny_model(image_size: int):
+    import torch
+
+    from uad.networks import tiny_unet_config
+    from uad.zoo import build_model
+
+    torch.manual_seed(0)
+    cfg = {"methods": ["anoddpm"], "image_size": image_size, "intensity_range": [-1.0, 1.0], "noise": "gaussian",
+           "schedule": {"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4,
+                        "beta_end": 2e-2, "prediction_type": "epsilon", "clip_sample": True},
+           "networks": {"denoiser": tiny_unet_config((8, 16, 16))}, "normalisation": {}, "threshold": None}
+    return build_model(cfg, model_id="bench-tiny")
+
+
+def measure(shape, dtype="float32", image_size=32, trace=True, top=8) -> dict:
+    """Run detect once; returns the measurements (see the module docstring)."""
+    import SimpleITK as sitk
+
+    from uad.pipeline import detect
+
+    image = make_input(shape, dtype)
+    model = tiny_model(image_size)
+    n = int(np.prod(shape))
+    params = {"level": 10, "steps": 2, "sampler": "ddim"}
+    base = rss_bytes()
+    if trace:
+        tracemalloc.start()
+    t0 = time.perf_counter()
+    res = detect(image, model=model, device="cpu", params=params, batch_size=64)
+    secs = time.perf_counter() - t0
+    out = {"shape_zyx": list(shape), "dtype": dtype, "voxels": n, "seconds": round(secs, 1),
+           "input_bytes_per_voxel": sitk.GetArrayViewFromImage(image).itemsize}
+    if trace:
+        cur, peak = tracemalloc.get_traced_memory()
+        snap = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        out["tracemalloc_peak_bytes_per_voxel"] = round(peak / n, 2)
+        out["tracemalloc_top_live"] = [f"{s.size / n:.2f} B/vox {s.traceback[0]}"
+                                       for s in snap.statistics("lineno")[:top]]
+    out["rss_peak_minus_base_bytes_per_voxel"] = round((peak_rss_bytes() - base) / n, 2)
+    out["results_bytes_per_voxel"] = round(sum(sitk.GetArrayViewFromImage(im).nbytes for im in
+                                               (res.restoration, res.anomaly, res.mask, res.brain_mask)) / n, 2)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[300, 384, 384], metavar=("Z", "Y", "X"))
+    ap.add_argument("--dtype", choices=("float32", "int16"), default="float32")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--no-trace", action="store_true", help="RSS only (tracemalloc slows numpy down a little)")
+    args = ap.parse_args(argv)
+    r = measure(tuple(args.shape), args.dtype, args.image_size, trace=not args.no_trace)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
