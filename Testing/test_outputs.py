@@ -98,3 +98,20 @@ def test_jump_point_show3d_and_terminology(mrml, logic, volume_file, tiny_model)
     assert ("SCT", "52988006", "Lesion") == codes[0] and ("SCT", "4147007", "Mass") in codes
     assert (entry.GetTypeObject().GetCodingSchemeDesignator(), entry.GetTypeObject().GetCodeValue(),
             entry.GetTypeObject().GetCodeMeaning()) == codes[0]
+
+
+def test_engine_warnings_are_kept_in_the_result(mrml, logic, volume_file, tiny_model, monkeypatch):
+    import logging
+
+    import uad.pipeline
+
+    real = uad.pipeline.detect
+
+    def detect(*a, **k):
+        logging.getLogger("uad.perceptual").warning("LPIPS (SqueezeNet) is not available: SSIM fallback")
+        return real(*a, **k)
+
+    monkeypatch.setattr(uad.pipeline, "detect", detect)
+    node = mrml.load(volume_file)
+    result = logic.process(node, model=tiny_model, device="cpu", params=FAST)
+    assert "LPIPS (SqueezeNet) is not available: SSIM fallback" in result.info["warnings"]

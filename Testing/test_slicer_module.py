@@ -251,11 +251,20 @@ def test_ui_parses_and_has_every_widget_the_widget_class_uses():
         "inputSelector": "qMRMLNodeComboBox", "brainMaskSelector": "qMRMLNodeComboBox",
         "methodComboBox": "QComboBox", "modelComboBox": "QComboBox", "presetComboBox": "QComboBox",
         "deviceComboBox": "QComboBox", "seedSpinBox": "QSpinBox", "batchSizeSpinBox": "QSpinBox",
-        "thresholdSliderWidget": "ctkSliderWidget", "thresholdOverrideCheckBox": "QCheckBox",
+        "thresholdSliderWidget": "ctkSliderWidget", "thresholdModeComboBox": "QComboBox",
         "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+        "warningsLabel": "QLabel", "deviceInfoLabel": "QLabel", "backgroundCheckBox": "QCheckBox",
         "inputsCollapsibleButton": "ctkCollapsibleButton", "methodCollapsibleButton": "ctkCollapsibleButton",
-        "advancedCollapsibleButton": "ctkCollapsibleButton",
+        "advancedCollapsibleButton": "ctkCollapsibleButton", "outputsCollapsibleButton": "ctkCollapsibleButton",
+        "thresholdCollapsibleButton": "ctkCollapsibleButton", "modelsCollapsibleButton": "ctkCollapsibleButton",
+        "restorationSelector": "qMRMLNodeComboBox", "heatmapSelector": "qMRMLNodeComboBox",
+        "segmentationSelector": "qMRMLNodeComboBox", "show3DButton": "qMRMLSegmentationShow3DButton",
+        "jumpButton": "QPushButton", "modelsTableWidget": "QTableWidget",
     }
+    # the threshold keeps enough precision for calibrated thresholds (e.g. 0.0129482)
+    slider = next(w for w in root.iter("widget") if w.get("name") == "thresholdSliderWidget")
+    props = {pr.get("name"): pr for pr in slider.findall("property")}
+    assert int(props["decimals"].findtext("number")) >= 6
     for name, cls in expected.items():
         assert widgets.get(name) == cls, (name, widgets.get(name))
     # names are unique, custom (non-Qt) classes are declared
@@ -277,7 +286,8 @@ def test_ui_input_selector_accepts_scalar_volumes_only():
     assert props["noneEnabled"].findtext("bool") == "false"
     scene_targets = {c.findtext("receiver") for c in root.iter("connection")
                      if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
-    assert {"inputSelector", "brainMaskSelector"} <= scene_targets
+    assert {"inputSelector", "brainMaskSelector", "restorationSelector", "heatmapSelector",
+            "segmentationSelector"} <= scene_targets
 
 
 # -- icons ---------------------------------------------------------------------------------
@@ -440,7 +450,7 @@ def test_slicer_logic_is_the_core_logic(module, tmp_path):
     assert node.GetParameter("Seed") == "7" and node.GetParameter("Device") == "auto"
     assert node.GetParameter("Method") in logic.availableMethods()
     served = [m for m in logic.availableMethods() if logic.modelsForMethod(m)]
-    assert node.GetParameter("Method") == (served[0] if served else "thor")
+    assert node.GetParameter("Method") == ("disyre" if "disyre" in served or not served else served[0])
 
 
 def test_default_method_is_one_with_a_model(module, tmp_path, monkeypatch):
