@@ -64,7 +64,9 @@ def test_jump_point_show3d_and_terminology(mrml, logic, volume_file, tiny_model)
     slicer.util.updateVolumeFromArray(result.heatmapNode, heat)
     assert logic.updateThreshold(result, 0.5) == 3 * 4 * 4 + 1
     expected = ijk_to_ras(node) @ np.array([8, 7, 3, 1.0])
+    n_nodes = mrml.scene.GetNumberOfNodes()
     assert np.allclose(logic.mostAnomalousPoint(result), expected[:3], atol=1e-6)
+    assert mrml.scene.GetNumberOfNodes() == n_nodes  # the temporary export leaves nothing behind
     logic.updateThreshold(result, 100.0)  # empty segment: the maximum of the map
     expected = ijk_to_ras(node) @ np.array([25, 30, 7, 1.0])
     assert np.allclose(logic.mostAnomalousPoint(result), expected[:3], atol=1e-6)

@@ -468,15 +468,16 @@ class UADExtensionLogic:
         if seg is None or seg.GetSegmentation().GetSegment(result.segmentId) is None:
             return None
         scene = self.scene
+        before = node_ids(scene)
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("UAD temporary export"))
         try:
             ids = vtk.vtkStringArray()
             ids.InsertNextValue(result.segmentId)
             if not self.segmentationsLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, result.heatmapNode):
                 return None
-            return np.asarray(slicer.util.arrayFromVolume(labelmap)) > 0
+            return np.array(slicer.util.arrayFromVolume(labelmap), copy=True) > 0
         finally:
-            scene.RemoveNode(labelmap)
+            remove_nodes_not_in(scene, before)  # the label map and the display / colour nodes the export added
 
     @staticmethod
     def show3D(result, show: bool = True) -> None:
