@@ -213,6 +213,8 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.jumpButton.connect("clicked(bool)", self.onJump)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                             self.ui.show3DButton.setSegmentationNode)
         self.ui.deviceInfoButton.connect("clicked(bool)", self.onDeviceInfo)
         self.ui.modelsRefreshButton.connect("clicked(bool)", self.refreshModels)
         self.ui.modelsVerifyButton.connect("clicked(bool)", self.onVerifyModel)

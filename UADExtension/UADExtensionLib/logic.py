@@ -353,6 +353,54 @@ class UADExtensionLogic:
                 raise ValueError(f"{key} cannot be shared by several inputs")
         return [self.process(node, **kwargs) for node in list(inputVolumeNodes)]
 
+    def processSequence(self, sequenceNode, namePrefix: str | None = None, **kwargs) -> dict:
+        """``process`` every volume of a sequence; returns {"restoration", "anomaly", "segmentation"} sequences.
+
+        The output sequences have the input's index name, unit and values.  Each item is run
+        on a temporary copy of the volume (the sequence and its items are not modified); all
+        temporary nodes are removed, and on failure or cancel everything created is removed.
+        """
+        import slicer.util
+
+        scene = self.scene
+        if sequenceNode is None or not sequenceNode.IsA("vtkMRMLSequenceNode"):
+            from uad import InputError
+
+            raise InputError("not a sequence node")
+        for key in ("restorationVolume", "heatmapVolume", "anomalySegmentation"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key} cannot be used with a sequence")
+        prefix = namePrefix or sequenceNode.GetName() or "sequence"
+        before = node_ids(scene)
+        try:
+            outputs = {}
+            for role in ("restoration", "anomaly", "segmentation"):
+                seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(f"{prefix} {role}"))
+                seq.SetIndexName(sequenceNode.GetIndexName())
+                seq.SetIndexUnit(sequenceNode.GetIndexUnit())
+                seq.SetIndexType(sequenceNode.GetIndexType())
+                outputs[role] = seq
+            keep = node_ids(scene)
+            for i in range(sequenceNode.GetNumberOfDataNodes()):
+                data = sequenceNode.GetNthDataNode(i)
+                value = sequenceNode.GetNthIndexValue(i)
+                if data is None or not data.IsA("vtkMRMLScalarVolumeNode"):
+                    from uad import InputError
+
+                    raise InputError(f"item {value!r} of {sequenceNode.GetName()!r} is not a scalar volume")
+                item = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{prefix} {value}"))
+                item.CopyOrientation(data)
+                slicer.util.updateVolumeFromArray(item, np.array(slicer.util.arrayFromVolume(data), copy=True))
+                result = self.process(item, namePrefix=f"{prefix} [{value}]", **kwargs)
+                outputs["restoration"].SetDataNodeAtValue(result.restorationNode, value)
+                outputs["anomaly"].SetDataNodeAtValue(result.heatmapNode, value)
+                outputs["segmentation"].SetDataNodeAtValue(result.segmentationNode, value)
+                remove_nodes_not_in(scene, keep)  # the item and its outputs (copied into the sequences)
+        except BaseException:
+            remove_nodes_not_in(scene, before)
+            raise
+        return outputs
+
     def buildOutputs(self, inputVolumeNode, restoration, anomaly, mask, info: dict, method: str,
                      preset: str | None = None, seed: int = 0, threshold: float | None = None,
                      namePrefix: str | None = None, restorationVolume=None, heatmapVolume=None,
