@@ -201,3 +201,17 @@ def test_engine_errors_and_crashes_are_reported_and_contained(mrml, logic, volum
     assert _ids(mrml.scene) == before
     with pytest.raises(TypeError):
         BackgroundRun(logic, node, model=object())
+
+
+def test_mps_is_probed_before_use_on_macos(mrml, logic, volume_file):  # noqa: F811
+    from UADExtensionLib.runner import BackgroundRun
+
+    node = mrml.load(volume_file)
+    run = BackgroundRun(logic, node, device="auto")
+    broken = lambda: {"mps_available": True, "mps_works": False, "mps_error": "NotImplementedError"}  # noqa: E731
+    fine = lambda: {"mps_available": True, "mps_works": True}  # noqa: E731
+    assert run._checkedDevice("auto", platform="darwin", probe=broken) == "cpu"
+    assert "NotImplementedError" in run.warnings[-1] and "CPU" in run.warnings[-1]
+    assert run._checkedDevice("mps", platform="darwin", probe=fine) == "mps"
+    assert run._checkedDevice("auto", platform="linux", probe=broken) == "auto"  # no probe off macOS
+    assert run._checkedDevice("cuda", platform="darwin", probe=broken) == "cuda"

@@ -108,6 +108,9 @@ def test_resources_sample_data_and_models_are_listed():
     assert "Resources/UI/UADExtension.ui" in resources and "Resources/Icons/UADExtension.png" in resources
     for r in resources:
         assert (MODULE_DIR / r).is_file(), r
+    on_disk = {str(f.relative_to(MODULE_DIR)) for f in (MODULE_DIR / "Resources").rglob("*") if f.is_file()}
+    missing = on_disk - set(resources)
+    assert not missing, _missing_message(missing, "MODULE_PYTHON_RESOURCES")
     for var, folder in (("MODULE_SAMPLE_DATA", REPO / "Resources" / "SampleData"), ("MODULE_MODELS", REPO / "models")):
         listed = set(sets.get(var, []))
         on_disk = _data_files(folder)

@@ -196,7 +196,10 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for mode, title in THRESHOLD_MODE_ITEMS:
             self.ui.thresholdModeComboBox.addItem(_(title), mode)
         self._populateMethods()
-        self._setupModelsTable()
+        from UADExtensionLib.modelspanel import ModelsPanel
+
+        self.models = ModelsPanel(self.ui, slicer.util.tryWithErrorDisplay,
+                                  onChanged=lambda: self._populateMethodDependents(self._currentMethod()))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -216,12 +219,6 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                              self.ui.show3DButton.setSegmentationNode)
         self.ui.deviceInfoButton.connect("clicked(bool)", self.onDeviceInfo)
-        self.ui.modelsRefreshButton.connect("clicked(bool)", self.refreshModels)
-        self.ui.modelsVerifyButton.connect("clicked(bool)", self.onVerifyModel)
-        self.ui.modelsImportButton.connect("clicked(bool)", self.onImportModel)
-        self.ui.lpipsImportButton.connect("clicked(bool)", self.onImportLPIPS)
-        self.ui.modelsRemoveButton.connect("clicked(bool)", self.onRemoveModel)
-        self.ui.modelsOpenFolderButton.connect("clicked(bool)", self.onOpenModelFolder)
 
         self.initializeParameterNode()
         self.onThresholdModeChanged()
@@ -599,91 +596,6 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError:
             self.ui.deviceInfoLabel.text = _("The probe failed:") + " " + " ".join(self._probeOut[-3:])
 
-    # -- models -------------------------------------------------------------------------
-    MODEL_COLUMNS = ["ID", "Methods", "Contrast", "Resolution", "Threshold", "Location", "Status"]
-
-    def _setupModelsTable(self) -> None:
-        table = self.ui.modelsTableWidget
-        table.setColumnCount(len(self.MODEL_COLUMNS))
-        table.setHorizontalHeaderLabels(self.MODEL_COLUMNS)
-        table.horizontalHeader().setStretchLastSection(True)
-        self.refreshModels()
-
-    def refreshModels(self) -> None:
-        import qt
-
-        from UADExtensionLib import models
-
-        try:
-            rows = models.list_rows()
-        except Exception as e:
-            self.ui.modelsStatusLabel.text = _("Cannot list models: {error}").format(error=e)
-            return
-        table = self.ui.modelsTableWidget
-        table.setRowCount(len(rows))
-        for i, r in enumerate(rows):
-            for j, text in enumerate((r.id, r.methodsText, r.contrast, r.resolution, r.threshold, r.location, r.status)):
-                item = qt.QTableWidgetItem(text)
-                item.setToolTip(r.description)
-                table.setItem(i, j, item)
-        table.resizeColumnsToContents()
-        self.ui.modelsStatusLabel.text = _("{n} model(s).").format(n=len(rows))
-        self._populateMethodDependents(self._currentMethod())
-
-    def _selectedModelId(self):
-        row = self.ui.modelsTableWidget.currentRow()
-        item = self.ui.modelsTableWidget.item(row, 0) if row >= 0 else None
-        return item.text() if item is not None else None
-
-    def _modelAction(self, what, action) -> None:
-        with slicer.util.tryWithErrorDisplay(_("{what} failed.").format(what=what), waitCursor=True):
-            message = action()
-            self.ui.modelsStatusLabel.text = message
-            self.refreshModels()
-            self.ui.modelsStatusLabel.text = message
-
-    def onVerifyModel(self) -> None:
-        from UADExtensionLib import models
-
-        model_id = self._selectedModelId()
-        if model_id:
-            self._modelAction(_("Verification"), lambda: _("{id}: checksum and weights OK (sha256 {d}...).").format(
-                id=model_id, d=models.verify_model(model_id)[:16]))
-
-    def onImportModel(self) -> None:
-        import qt
-
-        from UADExtensionLib import models
-
-        path = qt.QFileDialog.getOpenFileName(None, _("Import model"), "", _("Model (*.safetensors *.json);;All files (*)"))
-        if path:
-            self._modelAction(_("Import"), lambda: _("Imported: {ids}").format(
-                ids=", ".join(models.import_model_file(path))))
-
-    def onImportLPIPS(self) -> None:
-        import qt
-
-        from UADExtensionLib import models
-
-        path = qt.QFileDialog.getOpenFileName(None, _("Import LPIPS backbone"), "", _("PyTorch weights (*.pth);;All files (*)"))
-        if path:
-            self._modelAction(_("Import"), lambda: _("LPIPS backbone installed as {path}.").format(
-                path=models.import_lpips_backbone(path)))
-
-    def onRemoveModel(self) -> None:
-        from UADExtensionLib import models
-
-        model_id = self._selectedModelId()
-        if model_id and slicer.util.confirmOkCancelDisplay(_("Remove model {id} from the user folder?").format(id=model_id)):
-            self._modelAction(_("Removal"), lambda: _("Removed {path}.").format(path=models.remove_model(model_id)))
-
-    def onOpenModelFolder(self) -> None:
-        import qt
-
-        from UADExtensionLib import models
-
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(models.models_folder())))
-
 
 #
 # UADExtensionLogic
@@ -722,61 +634,15 @@ class UADExtensionLogic(ScriptedLoadableModuleLogic, _UADExtensionCoreLogic):
         the installed torch (it cannot change).  Nothing is installed in testing mode.
         Asks first unless ``askConfirmation`` is False; returns False when declined.
         """
-        from UADExtensionLib import dependencies as deps
         from UADExtensionLib import installer
 
-        app = getattr(slicer, "app", None)
-        testing = app is not None and app.testingEnabled()
-        if deps.torch_missing():
-            if testing:
-                logging.info("UAD: torch is missing; nothing is installed in testing mode")
-                return False
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    _("Anomaly detection needs PyTorch. Install it now with the PyTorch extension? "
-                      "This can take several minutes.")):
-                return False
-            self._installTorch(deps)
-        plan = installer.install_plan()
-        if plan.empty:
-            return True
-        if testing:
-            logging.info(f"UAD: not installing {plan.requirements} in testing mode")
-            return False
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("Anomaly detection needs Python packages that are not installed yet. Install them now? "
-                  "The installed PyTorch is kept as it is."),
-                detailedText="\n".join(plan.requirements + ["", "constraints:"] + plan.constraints + plan.notes)):
-            return False
-        outcome = installer.run_install(plan, slicer)
-        still = installer.install_plan()
-        if not still.empty:
-            raise RuntimeError(_("These Python packages could not be installed: {packages}. "
-                                 "Restart Slicer and try again.").format(packages=", ".join(still.requirements)))
-        if outcome == "installed-restart" and slicer.util.confirmYesNoDisplay(
-                _("Packages that were already loaded were updated; restart Slicer now to use them?")):
-            slicer.util.restart()
-        return True
+        def confirm(text, details=""):
+            return slicer.util.confirmOkCancelDisplay(_(text), detailedText=details or None)
 
-    @staticmethod
-    def _installTorch(deps) -> None:
-        if not hasattr(slicer.modules, "pytorchutils"):
-            raise RuntimeError(_("This module needs the PyTorch extension: install 'PyTorch' from the "
-                                 "Extensions Manager, restart Slicer and try again."))
-        import importlib
-
-        import PyTorchUtils
-
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.torchInstalled() and not deps.torch_satisfied():
-            raise RuntimeError(_("The installed PyTorch is older than {version}; upgrade it in the PyTorch Utils "
-                                 "module and restart Slicer.").format(version=deps.TORCH_REQUIREMENT))
-        logging.info("UAD: installing torch and torchvision through PyTorchUtils")
-        torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT,
-                                torchvisionVersionRequirement=deps.TORCHVISION_REQUIREMENT)
-        importlib.invalidate_caches()
-        if deps.torch_missing():
-            raise RuntimeError(_("PyTorch could not be installed; install it in the PyTorch Utils module, "
-                                 "restart Slicer and try again."))
+        # PyTorchUtils installs torch (light-the-torch picks the CUDA build); pip_install never gets torch
+        return installer.ensure_requirements(
+            slicer, askConfirmation, confirm=confirm,
+            installTorch=lambda: installer.install_torch_with_pytorch_extension(slicer))
 
     # -- display ------------------------------------------------------------------
     def showResult(self, result, inputVolumeNode=None, foregroundOpacity: float = 0.5, jump: bool = True) -> None:
@@ -825,75 +691,36 @@ class UADExtensionTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_BackgroundRunAndLiveThreshold()
 
-    @staticmethod
-    def _tinyZoo(folder):
-        """A model folder with a tiny random-weight AnoDDPM model (id 'uad-selftest')."""
-        import json
-
-        import torch
-
-        import uad.networks
-        import uad.zoo
-        from uad.methods import get_method_class
-
-        config = get_method_class("anoddpm").default_model_config(image_size=32)
-        config["networks"]["denoiser"] = uad.networks.tiny_unet_config((8, 16, 16))
-        torch.manual_seed(0)
-        model = uad.zoo.build_model(config, model_id="uad-selftest")
-        digest = uad.zoo.save_weights(model, os.path.join(folder, "selftest.safetensors"))
-        entry = dict(config, id="uad-selftest", file="selftest.safetensors", sha256=digest)
-        with open(os.path.join(folder, "manifest.json"), "w") as f:
-            json.dump({"models": [entry]}, f)
-        return model
-
     def _loadSample(self):
         from uad.imageio import sample_paths
 
         return slicer.util.loadVolume(str(sample_paths()["image"]))
 
     def test_ProcessSample(self):
-        import tempfile
-
         import numpy as np
+
+        from UADExtensionLib.selftest import process_in_slicer
 
         self.delayDisplay("Anomaly detection on the bundled sample (in Slicer's process)")
         logic = UADExtensionLogic()
         volume = self._loadSample()
         before = slicer.util.arrayFromVolume(volume).copy()
-        with tempfile.TemporaryDirectory() as folder:
-            model = self._tinyZoo(folder)
-        result = logic.process(volume, method="anoddpm", model=model, device="cpu", seed=0,
-                               params={"steps": 3, "level": 50})
+        result = process_in_slicer(logic, volume)
         self.assertEqual(result.heatmapNode.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        segment = result.segmentationNode.GetSegmentation().GetSegment(result.segmentId)
-        self.assertEqual(segment.GetName(), "Anomaly")
+        self.assertEqual(result.segmentationNode.GetSegmentation().GetSegment(result.segmentId).GetName(), "Anomaly")
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before))
         logic.showResult(result, volume)
         self.delayDisplay("Test passed")
 
     def test_BackgroundRunAndLiveThreshold(self):
-        import tempfile
-
         import numpy as np
 
-        from UADExtensionLib.runner import BackgroundRun
+        from UADExtensionLib.selftest import run_in_background
 
         self.delayDisplay("Background run on the bundled sample, then a live threshold")
         logic = UADExtensionLogic()
         volume = self._loadSample()
-        with tempfile.TemporaryDirectory() as folder:
-            self._tinyZoo(folder)
-            old = os.environ.get("UAD_MODELS_DIR")
-            os.environ["UAD_MODELS_DIR"] = folder
-            try:
-                run = BackgroundRun(logic, volume, method="anoddpm", model="uad-selftest", device="cpu",
-                                    params={"steps": 3, "level": 50}, batchSize=8)
-                result = run.start().wait(timeout=600)
-            finally:
-                if old is None:
-                    os.environ.pop("UAD_MODELS_DIR", None)
-                else:
-                    os.environ["UAD_MODELS_DIR"] = old
+        run, result = run_in_background(logic, volume)
         self.assertEqual(run.tracker.done, run.tracker.total)
         heat = slicer.util.arrayFromVolume(result.heatmapNode)
         t = float(np.percentile(heat[heat > 0], 99))
