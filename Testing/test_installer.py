@@ -131,3 +131,51 @@ def test_run_install_uses_the_right_slicer_api_and_nothing_in_testing_mode():
     with pytest.raises(RuntimeError, match="torch changed"):
         installer.run_install(plan, fake, version=version)
     assert installer.run_install(installer.InstallPlan(), fake) == "nothing"
+
+
+def test_ensure_requirements_flow():
+    """Apply-time flow: testing mode installs nothing; a refusal installs nothing; torch via the extension only."""
+    calls = []
+    state = {"torch": False, "plan": installer.InstallPlan(requirements=["monai>=1.4,<1.5"],
+                                                             constraints=["torch==2.3.1"], torch_version="2.3.1")}
+
+    def plan():
+        return state["plan"]
+
+    def install_torch():
+        calls.append("torch-extension")
+        state["torch"] = True
+
+    def pip_install(args):
+        calls.append(("pip", list(args)))
+        state["plan"] = installer.InstallPlan(torch_version="2.3.1")
+
+    def fake(testing):
+        return SimpleNamespace(app=SimpleNamespace(testingEnabled=lambda: testing),
+                               util=SimpleNamespace(pip_install=pip_install, restart=lambda: calls.append("restart")))
+
+    version = lambda dist: "2.3.1"  # noqa: E731  (torch unchanged by the install)
+    kw = dict(torch_missing=lambda: not state["torch"], plan_function=plan)
+    # testing mode: False, nothing installed, nothing asked
+    asked = []
+    assert installer.ensure_requirements(fake(True), confirm=lambda t, d: asked.append(t) or True,
+                                         installTorch=install_torch, **kw) is False
+    assert calls == [] and asked == []
+    # the user declines torch: nothing happens
+    assert installer.ensure_requirements(fake(False), confirm=lambda t, d: False, installTorch=install_torch,
+                                         **kw) is False
+    assert calls == []
+    # accepted: torch through the extension, then pip with the constraint file, never torch itself
+    import UADExtensionLib.installer as inst
+
+    orig = inst._installed
+    inst._installed = lambda dist, v: version(dist) if dist == "torch" else None
+    try:
+        assert installer.ensure_requirements(fake(False), confirm=lambda t, d: True, installTorch=install_torch,
+                                             **kw) is True
+    finally:
+        inst._installed = orig
+    assert calls[0] == "torch-extension" and calls[1][0] == "pip"
+    args = calls[1][1]
+    assert args[-1] == "monai>=1.4,<1.5" and "-c" in args and not any("torch" in a for a in args if not a.endswith(".txt"))
+    assert "restart" not in calls

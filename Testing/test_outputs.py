@@ -64,7 +64,9 @@ def test_jump_point_show3d_and_terminology(mrml, logic, volume_file, tiny_model)
     slicer.util.updateVolumeFromArray(result.heatmapNode, heat)
     assert logic.updateThreshold(result, 0.5) == 3 * 4 * 4 + 1
     expected = ijk_to_ras(node) @ np.array([8, 7, 3, 1.0])
+    n_nodes = mrml.scene.GetNumberOfNodes()
     assert np.allclose(logic.mostAnomalousPoint(result), expected[:3], atol=1e-6)
+    assert mrml.scene.GetNumberOfNodes() == n_nodes  # the temporary export leaves nothing behind
     logic.updateThreshold(result, 100.0)  # empty segment: the maximum of the map
     expected = ijk_to_ras(node) @ np.array([25, 30, 7, 1.0])
     assert np.allclose(logic.mostAnomalousPoint(result), expected[:3], atol=1e-6)
@@ -98,3 +100,55 @@ def test_jump_point_show3d_and_terminology(mrml, logic, volume_file, tiny_model)
     assert ("SCT", "52988006", "Lesion") == codes[0] and ("SCT", "4147007", "Mass") in codes
     assert (entry.GetTypeObject().GetCodingSchemeDesignator(), entry.GetTypeObject().GetCodeValue(),
             entry.GetTypeObject().GetCodeMeaning()) == codes[0]
+
+
+def test_engine_warnings_are_kept_in_the_result(mrml, logic, volume_file, tiny_model, monkeypatch):
+    import logging
+
+    import uad.pipeline
+
+    real = uad.pipeline.detect
+
+    def detect(*a, **k):
+        logging.getLogger("uad.perceptual").warning("LPIPS (SqueezeNet) is not available: SSIM fallback")
+        return real(*a, **k)
+
+    monkeypatch.setattr(uad.pipeline, "detect", detect)
+    node = mrml.load(volume_file)
+    result = logic.process(node, model=tiny_model, device="cpu", params=FAST)
+    assert "LPIPS (SqueezeNet) is not available: SSIM fallback" in result.info["warnings"]
+
+
+def test_every_volume_of_a_sequence(mrml, logic, volume_file, tiny_model):
+    import vtk
+
+    node = mrml.load(volume_file)
+    arr = np.array(slicer.util.arrayFromVolume(node), copy=True)
+    seq = mrml.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "series")
+    seq.SetIndexName("time")
+    seq.SetIndexUnit("s")
+    for value, scale in (("0", 1.0), ("10", 1.5)):
+        item = slicer.vtkMRMLScalarVolumeNode()
+        item.CopyOrientation(node)
+        slicer.util.updateVolumeFromArray(item, (arr * scale).astype(arr.dtype))
+        seq.SetDataNodeAtValue(item, value)
+    item0 = np.array(slicer.util.arrayFromVolume(seq.GetNthDataNode(0)), copy=True)
+    before = _ids(mrml.scene)
+    out = logic.processSequence(seq, model=tiny_model, device="cpu", params=FAST)
+    added = [i for i in _ids(mrml.scene) if i not in before]
+    assert sorted(mrml.scene.GetNodeByID(i).GetClassName() for i in added
+                  if not mrml.scene.GetNodeByID(i).IsA("vtkMRMLColorTableNode")) == ["vtkMRMLSequenceNode"] * 3
+    for role in ("restoration", "anomaly", "segmentation"):
+        s = out[role]
+        assert s.GetNumberOfDataNodes() == 2 and [s.GetNthIndexValue(i) for i in range(2)] == ["0", "10"]
+        assert s.GetIndexName() == "time" and s.GetIndexUnit() == "s"
+    assert out["segmentation"].GetNthDataNode(1).IsA("vtkMRMLSegmentationNode")
+    # item 0 equals a plain run on the same volume; the input sequence is unchanged
+    ref = logic.process(node, model=tiny_model, device="cpu", params=FAST)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out["anomaly"].GetNthDataNode(0)),
+                                  slicer.util.arrayFromVolume(ref.heatmapNode))
+    assert np.array_equal(slicer.util.arrayFromVolume(seq.GetNthDataNode(0)), item0)
+    m0, m1 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    out["anomaly"].GetNthDataNode(1).GetIJKToRASMatrix(m0)
+    node.GetIJKToRASMatrix(m1)
+    assert all(abs(m0.GetElement(r, c) - m1.GetElement(r, c)) < 1e-9 for r in range(4) for c in range(4))

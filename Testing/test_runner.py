@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,58 @@ def test_engine_errors_and_crashes_are_reported_and_contained(mrml, logic, volum
     assert _ids(mrml.scene) == before
     with pytest.raises(TypeError):
         BackgroundRun(logic, node, model=object())
+
+
+def test_mps_is_probed_before_use_on_macos(mrml, logic, volume_file):  # noqa: F811
+    from UADExtensionLib.runner import BackgroundRun
+
+    node = mrml.load(volume_file)
+    run = BackgroundRun(logic, node, device="auto")
+    broken = lambda: {"mps_available": True, "mps_works": False, "mps_error": "NotImplementedError"}  # noqa: E731
+    fine = lambda: {"mps_available": True, "mps_works": True}  # noqa: E731
+    assert run._checkedDevice("auto", platform="darwin", probe=broken) == "cpu"
+    assert "NotImplementedError" in run.warnings[-1] and "CPU" in run.warnings[-1]
+    assert run._checkedDevice("mps", platform="darwin", probe=fine) == "mps"
+    assert run._checkedDevice("auto", platform="linux", probe=broken) == "auto"  # no probe off macOS
+    assert run._checkedDevice("cuda", platform="darwin", probe=broken) == "cuda"
+
+
+def test_cli_json_events_carry_progress_warnings_and_results(tiny_zoo, tmp_path, capsys, monkeypatch):
+    """``uad detect --progress-format json``: the event stream the runner reads (in-process here)."""
+    import json
+    import logging
+
+    import SimpleITK as sitk
+
+    import uad.pipeline
+    from uad.cli import main
+    from UADExtensionLib.runner import parse_event_line
+
+    rng = np.random.default_rng(0)
+    arr = (400 + 50 * rng.standard_normal((6, 40, 40))).astype(np.float32)  # not skull-stripped: no zero background
+    path = tmp_path / "head.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    real = uad.pipeline.detect
+
+    def detect(*a, **k):  # an engine warning logged during the run (as the SSIM fallback is)
+        logging.getLogger("uad.perceptual").warning("LPIPS (SqueezeNet) is not available: fallback")
+        return real(*a, **k)
+
+    monkeypatch.setattr(uad.pipeline, "detect", detect)
+    rc = main(["detect", str(path), "-o", str(tmp_path / "out"), "--model", TINY, "--method", "anoddpm",
+               "--device", "cpu", "--batch-size", "4", "--param", "steps=2", "--param", "level=20",
+               "--progress-format", "json"])
+    assert rc == 0
+    events = [e for e in (parse_event_line(l) for l in capsys.readouterr().out.splitlines()) if e]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "result"
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [p["done"] for p in progress] == [4, 6] and all(p["total"] == 6 for p in progress)
+    warnings = [e for e in events if e["event"] == "warning"]
+    assert any("skull-stripped" in w["message"] and w["source"] == "preprocess" for w in warnings)
+    assert any("LPIPS" in w["message"] and w["source"] == "uad.perceptual" for w in warnings)
+    result = events[-1]
+    assert result["info"]["slices"] == 6 and isinstance(result["info"]["threshold"], float)
+    for kind in ("restoration", "anomaly", "mask"):
+        assert Path(result["outputs"][kind]).is_file()
+    json.dumps(result)  # plain JSON all the way

@@ -108,6 +108,9 @@ def test_resources_sample_data_and_models_are_listed():
     assert "Resources/UI/UADExtension.ui" in resources and "Resources/Icons/UADExtension.png" in resources
     for r in resources:
         assert (MODULE_DIR / r).is_file(), r
+    on_disk = {str(f.relative_to(MODULE_DIR)) for f in (MODULE_DIR / "Resources").rglob("*") if f.is_file()}
+    missing = on_disk - set(resources)
+    assert not missing, _missing_message(missing, "MODULE_PYTHON_RESOURCES")
     for var, folder in (("MODULE_SAMPLE_DATA", REPO / "Resources" / "SampleData"), ("MODULE_MODELS", REPO / "models")):
         listed = set(sets.get(var, []))
         on_disk = _data_files(folder)
@@ -251,11 +254,20 @@ def test_ui_parses_and_has_every_widget_the_widget_class_uses():
         "inputSelector": "qMRMLNodeComboBox", "brainMaskSelector": "qMRMLNodeComboBox",
         "methodComboBox": "QComboBox", "modelComboBox": "QComboBox", "presetComboBox": "QComboBox",
         "deviceComboBox": "QComboBox", "seedSpinBox": "QSpinBox", "batchSizeSpinBox": "QSpinBox",
-        "thresholdSliderWidget": "ctkSliderWidget", "thresholdOverrideCheckBox": "QCheckBox",
+        "thresholdSliderWidget": "ctkSliderWidget", "thresholdModeComboBox": "QComboBox",
         "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+        "warningsLabel": "QLabel", "deviceInfoLabel": "QLabel", "backgroundCheckBox": "QCheckBox",
         "inputsCollapsibleButton": "ctkCollapsibleButton", "methodCollapsibleButton": "ctkCollapsibleButton",
-        "advancedCollapsibleButton": "ctkCollapsibleButton",
+        "advancedCollapsibleButton": "ctkCollapsibleButton", "outputsCollapsibleButton": "ctkCollapsibleButton",
+        "thresholdCollapsibleButton": "ctkCollapsibleButton", "modelsCollapsibleButton": "ctkCollapsibleButton",
+        "restorationSelector": "qMRMLNodeComboBox", "heatmapSelector": "qMRMLNodeComboBox",
+        "segmentationSelector": "qMRMLNodeComboBox", "show3DButton": "qMRMLSegmentationShow3DButton",
+        "jumpButton": "QPushButton", "modelsTableWidget": "QTableWidget",
     }
+    # the threshold keeps enough precision for calibrated thresholds (e.g. 0.0129482)
+    slider = next(w for w in root.iter("widget") if w.get("name") == "thresholdSliderWidget")
+    props = {pr.get("name"): pr for pr in slider.findall("property")}
+    assert int(props["decimals"].findtext("number")) >= 6
     for name, cls in expected.items():
         assert widgets.get(name) == cls, (name, widgets.get(name))
     # names are unique, custom (non-Qt) classes are declared
@@ -277,7 +289,8 @@ def test_ui_input_selector_accepts_scalar_volumes_only():
     assert props["noneEnabled"].findtext("bool") == "false"
     scene_targets = {c.findtext("receiver") for c in root.iter("connection")
                      if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
-    assert {"inputSelector", "brainMaskSelector"} <= scene_targets
+    assert {"inputSelector", "brainMaskSelector", "restorationSelector", "heatmapSelector",
+            "segmentationSelector"} <= scene_targets
 
 
 # -- icons ---------------------------------------------------------------------------------
@@ -440,7 +453,7 @@ def test_slicer_logic_is_the_core_logic(module, tmp_path):
     assert node.GetParameter("Seed") == "7" and node.GetParameter("Device") == "auto"
     assert node.GetParameter("Method") in logic.availableMethods()
     served = [m for m in logic.availableMethods() if logic.modelsForMethod(m)]
-    assert node.GetParameter("Method") == (served[0] if served else "thor")
+    assert node.GetParameter("Method") == ("disyre" if "disyre" in served or not served else served[0])
 
 
 def test_default_method_is_one_with_a_model(module, tmp_path, monkeypatch):

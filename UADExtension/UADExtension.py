@@ -1,24 +1,31 @@
 """Anomaly Detection (UAD): unsupervised anomaly detection in brain MRI with diffusion models.
 
-Slicer scripted module: Module, Widget, Logic and Test classes.  The work is
-done by the Qt-free engine ``uad`` (torch, MONAI) through the Qt-free MRML
-adapter ``UADExtensionLib.logic``; this file only adds the GUI, dependency
-installation and the Slicer-specific display.
+Slicer scripted module: Module, Widget, Logic and Test classes.  This file is the GUI
+only; the work is done in ``UADExtensionLib`` (Qt-free, tested with pytest on a
+slicer-core scene):
 
-Nothing heavy is imported at module level: torch, MONAI and ``uad.pipeline``
-are imported when the user presses Apply, after the dependencies were checked
-(and, with the user's consent, installed).
+- ``runner``:       background runs of the engine's ``uad detect`` (progress, Cancel, crash)
+- ``logic``:        in-process ``process()``, output nodes, jump point, Show 3D
+- ``thresholding``: live threshold (calibrated / healthy false-positive rate / value)
+- ``installer``:    dependency installation that never changes torch
+- ``models``:       model manager (list, verify, import, LPIPS backbone, remove)
+- ``devices``:      torch / CUDA / GPU / MPS information, threads, out-of-memory retry
+
+Nothing heavy is imported at module level: torch, MONAI and ``uad.pipeline`` are
+imported when needed, after the dependencies were checked.
 
 Python console::
 
     logic = slicer.util.getModuleLogic("UADExtension")   # or UADExtension.UADExtensionLogic()
-    result = logic.process(getNode("MRBrainTumor1"), method="thor")
+    result = logic.process(getNode("UAD T2 tumour phantom"), method="disyre")   # in Slicer's process
     logic.showResult(result)
+    logic.updateThreshold(result, 0.02)                                        # live threshold
+    from UADExtensionLib.runner import BackgroundRun                            # background process
+    result = BackgroundRun(logic, getNode("UAD T2 tumour phantom"), method="disyre").start().wait()
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 
@@ -42,7 +49,7 @@ except ImportError:  # pragma: no cover - older Slicer
     def translate(context, text):
         return text
 
-from UADExtensionLib.logic import DEVICES, UADResult  # noqa: F401  (UADResult re-exported for the console)
+from UADExtensionLib.logic import DEVICES, UADResult, terminology_file_path  # noqa: F401  (UADResult for the console)
 from UADExtensionLib.logic import UADExtensionLogic as _UADExtensionCoreLogic
 
 REFERENCES = [
@@ -62,6 +69,10 @@ REFERENCES = [
     ("MONAI Generative", "W. H. L. Pinaya et al. Generative AI for Medical Imaging: extending the MONAI "
                          "Framework. arXiv:2307.15208, 2023."),
 ]
+CONTRIBUTORS = ["UADExtension contributors (open-source project)"]
+THRESHOLD_MODE_ITEMS = [("calibrated", "Calibrated (model)"), ("fpr", "Healthy false-positive rate (%)"),
+                        ("value", "Value")]
+POLL_MS = 200
 
 
 #
@@ -77,21 +88,35 @@ class UADExtension(ScriptedLoadableModule):
         self.parent.title = _("Anomaly Detection (UAD)")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorch (extension dependency) is only needed when running
-        self.parent.contributors = ["UADExtension developers"]
+        self.parent.contributors = list(CONTRIBUTORS)
         self.parent.helpText = _(
             "Unsupervised anomaly detection in brain MRI with diffusion models. Select a skull-stripped "
-            "brain MRI volume (or give a brain mask), a method (THOR, AutoDDPM, pDDPM, DISYRE, Wolleb et al., "
-            "AnoDDPM) and a model, then press Apply. The module creates a pseudo-healthy restoration, an "
-            "anomaly heatmap (shown over the input) and an 'Anomaly' segmentation, all on the input's grid. "
-            "Research use only: not for clinical decisions. "
+            "brain MRI volume (or give a brain mask), a method (DISYRE, THOR, AutoDDPM, pDDPM, Wolleb et al., "
+            "AnoDDPM) and a model, then press Apply. The run happens in a background process (progress, "
+            "Cancel); the module then shows a pseudo-healthy restoration, an anomaly heatmap over the input "
+            "and an 'Anomaly' segmentation, all on the input's grid. The threshold can be changed afterwards "
+            "without running again. Research use only: not for clinical decisions. "
             "Python: <code>logic = slicer.util.getModuleLogic('UADExtension'); "
-            "result = logic.process(volumeNode, method='thor')</code>.")
+            "result = logic.process(volumeNode, method='disyre')</code>.")
         self.parent.acknowledgementText = _(
             "Methods re-implemented from their publications: ") + " ".join(
             f"{name}: {ref}" for name, ref in REFERENCES)
         app = getattr(slicer, "app", None)  # absent when the file is imported outside the application
         if app is not None:
-            app.connect("startupCompleted()", registerSampleData)
+            app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted():
+    registerSampleData()
+    loadTerminology()
+
+
+def loadTerminology():
+    """Load the shipped terminology context (category Morphologically Altered Structure, type Lesion...)."""
+    try:
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(terminology_file_path()))
+    except Exception as e:  # the segment keeps its codes; only the terminology browser misses them
+        logging.warning(f"UAD: terminology not loaded: {e}")
 
 
 def registerSampleData():
@@ -123,17 +148,18 @@ def registerSampleData():
 
 
 class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI of the module."""
+    """GUI of the module: forwards to UADExtensionLib and shows what it reports."""
 
     PARAMETERS = {  # parameter-node key -> default (strings)
-        "Method": "thor",
+        "Method": "",
         "Model": "",
         "Preset": "",
         "Device": "auto",
         "Seed": "0",
         "BatchSize": "16",
-        "OverrideThreshold": "false",
-        "Threshold": "0.1",
+        "ThresholdMode": "calibrated",
+        "Threshold": "",
+        "Background": "true",
     }
 
     def __init__(self, parent=None) -> None:
@@ -141,44 +167,61 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._updatingGUIFromParameterNode = False
-        self._running = False
-        self._cancelRequested = False
-        self._tracker = None
+        self._updatingGUI = False
+        self._run = None          # UADExtensionLib.runner.BackgroundRun in progress
+        self._probe = None        # device probe process
+        self._probeOut = []
+        self._timer = None
         self.lastResult = None
 
     # -- setup ----------------------------------------------------------------
     def setup(self) -> None:
+        import qt
+
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/UADExtension.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = UADExtensionLogic()
 
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self._poll)
         self.ui.progressBar.hide()
         self.ui.deviceComboBox.clear()
         for device in DEVICES:
             self.ui.deviceComboBox.addItem(device, device)
+        self.ui.thresholdModeComboBox.clear()
+        for mode, title in THRESHOLD_MODE_ITEMS:
+            self.ui.thresholdModeComboBox.addItem(_(title), mode)
         self._populateMethods()
+        from UADExtensionLib.modelspanel import ModelsPanel
+
+        self.models = ModelsPanel(self.ui, slicer.util.tryWithErrorDisplay,
+                                  onChanged=lambda: self._populateMethodDependents(self._currentMethod()))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.brainMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        for w in (self.ui.inputSelector, self.ui.brainMaskSelector):
+            w.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.presetComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        for w in (self.ui.modelComboBox, self.ui.presetComboBox, self.ui.deviceComboBox):
+            w.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.seedSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.batchSizeSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.thresholdOverrideCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+        self.ui.backgroundCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.thresholdModeComboBox.connect("currentIndexChanged(int)", self.onThresholdModeChanged)
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.jumpButton.connect("clicked(bool)", self.onJump)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                             self.ui.show3DButton.setSegmentationNode)
+        self.ui.deviceInfoButton.connect("clicked(bool)", self.onDeviceInfo)
 
         self.initializeParameterNode()
+        self.onThresholdModeChanged()
 
     def _populateMethods(self) -> None:
         combo = self.ui.methodComboBox
@@ -217,23 +260,17 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for preset in presets:
             combo.addItem(preset, preset)
         combo.blockSignals(wasBlocked)
-
-        self.ui.methodDescriptionLabel.text = self._methodDescription(method, bool(models))
-
-    def _methodDescription(self, method: str, hasModels: bool) -> str:
-        try:
-            from uad.methods import get_method_class
-
-            cls = get_method_class(method)
-            text = f"{cls.title} ({cls.reference})" if cls.reference else cls.title
-        except Exception:  # engine not installed yet
-            text = self.logic.methodTitle(method)
-        if not hasModels:
-            text += " " + _("No trained model for this method was found; train or import one (see the documentation).")
-        return text
+        text = self.logic.methodDescription(method)
+        if not models:
+            text += " " + _("No trained model for this method was found; import one in the Models section.")
+        self.ui.methodDescriptionLabel.text = text
 
     def cleanup(self) -> None:
-        self._cancelRequested = True
+        self._cancelRun()
+        if self._probe is not None:
+            self._probe.kill()
+        if self._timer is not None:
+            self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -244,8 +281,8 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._running:
-            self._cancelRequested = True
+        self._cancelRun()  # its results would go to a closed scene
+        self.lastResult = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -277,9 +314,9 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.setCurrentIndex(index)
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+        if self._parameterNode is None or self._updatingGUI:
             return
-        self._updatingGUIFromParameterNode = True
+        self._updatingGUI = True
         try:
             p = self._parameterNode
             self.ui.inputSelector.setCurrentNode(p.GetNodeReference("InputVolume"))
@@ -291,16 +328,16 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._selectData(self.ui.modelComboBox, p.GetParameter("Model"))
             self._selectData(self.ui.presetComboBox, p.GetParameter("Preset"))
             self._selectData(self.ui.deviceComboBox, p.GetParameter("Device") or "auto")
+            self._selectData(self.ui.thresholdModeComboBox, p.GetParameter("ThresholdMode") or "calibrated")
             self.ui.seedSpinBox.value = int(p.GetParameter("Seed") or 0)
             self.ui.batchSizeSpinBox.value = int(p.GetParameter("BatchSize") or 16)
-            self.ui.thresholdOverrideCheckBox.checked = slicer.util.toBool(p.GetParameter("OverrideThreshold") or "false")
-            self.ui.thresholdSliderWidget.value = float(p.GetParameter("Threshold") or 0.1)
+            self.ui.backgroundCheckBox.checked = slicer.util.toBool(p.GetParameter("Background") or "true")
             self._updateApplyButton()
         finally:
-            self._updatingGUIFromParameterNode = False
+            self._updatingGUI = False
 
     def updateParameterNodeFromGUI(self, caller=None, event=None) -> None:
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+        if self._parameterNode is None or self._updatingGUI:
             return
         p = self._parameterNode
         wasModified = p.StartModify()
@@ -313,51 +350,108 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.SetParameter("Device", self.ui.deviceComboBox.currentData or "auto")
             p.SetParameter("Seed", str(self.ui.seedSpinBox.value))
             p.SetParameter("BatchSize", str(self.ui.batchSizeSpinBox.value))
-            p.SetParameter("OverrideThreshold", "true" if self.ui.thresholdOverrideCheckBox.checked else "false")
+            p.SetParameter("Background", "true" if self.ui.backgroundCheckBox.checked else "false")
+            p.SetParameter("ThresholdMode", self.ui.thresholdModeComboBox.currentData or "calibrated")
             p.SetParameter("Threshold", repr(float(self.ui.thresholdSliderWidget.value)))
         finally:
             p.EndModify(wasModified)
         self._updateApplyButton()
 
     def onMethodChanged(self, index=None) -> None:
-        if self._updatingGUIFromParameterNode:
+        if self._updatingGUI:
             return
         self._populateMethodDependents(self._currentMethod())
         self.updateParameterNodeFromGUI()
 
     def _updateApplyButton(self) -> None:
-        if self._running:
+        if self._run is not None:
             return
         hasInput = self.ui.inputSelector.currentNode() is not None
         hasModel = self.ui.modelComboBox.currentData is not None
         self.ui.applyButton.enabled = hasInput and hasModel
-        if not hasInput:
-            self.ui.applyButton.toolTip = _("Select an input volume.")
-        elif not hasModel:
-            self.ui.applyButton.toolTip = _("No model is available for the selected method.")
-        else:
-            self.ui.applyButton.toolTip = _("Run the anomaly detection.")
+        self.ui.applyButton.toolTip = (_("Select an input volume.") if not hasInput else
+                                       _("No model is available for the selected method.") if not hasModel else
+                                       _("Run the anomaly detection."))
+
+    # -- threshold ------------------------------------------------------------------
+    def _modelEntry(self):
+        return self.logic.modelEntryData(self._currentMethod(), self.ui.modelComboBox.currentData or None)
+
+    def onThresholdModeChanged(self, index=None) -> None:
+        """Set the slider's range and unit for the mode, then apply it to the current result."""
+        mode = self.ui.thresholdModeComboBox.currentData or "calibrated"
+        slider = self.ui.thresholdSliderWidget
+        wasBlocked = slider.blockSignals(True)
+        try:
+            slider.enabled = mode != "calibrated"
+            if mode == "fpr":
+                slider.decimals, slider.minimum, slider.maximum, slider.singleStep = 3, 0.001, 50.0, 0.001
+                slider.suffix = " %"
+                slider.value = 5.0
+            else:
+                r = self.logic.thresholdSliderRange(self.lastResult, self._modelEntry(), self._currentMethod())
+                slider.suffix = ""
+                slider.decimals, slider.minimum, slider.maximum = 6, 0.0, r["maximum"]
+                slider.singleStep = r["step"]
+                slider.value = r["value"]
+        finally:
+            slider.blockSignals(wasBlocked)
+        if not self._updatingGUI:
+            self.updateParameterNodeFromGUI()
+        self.onThresholdChanged()
+
+    def _thresholdForRun(self):
+        """Threshold passed to the next run (None: the engine uses the model's calibrated one)."""
+        mode = self.ui.thresholdModeComboBox.currentData or "calibrated"
+        if mode == "calibrated":
+            return None
+        return self.logic.resolveThreshold(mode, self._sliderValue(mode), self._modelEntry(), self._currentMethod(),
+                                           self.ui.presetComboBox.currentData or None)
+
+    def _sliderValue(self, mode):
+        v = float(self.ui.thresholdSliderWidget.value)
+        return v / 100.0 if mode == "fpr" else v
+
+    def onThresholdChanged(self, value=None) -> None:
+        """Live threshold: re-make the segment of the last result from its heatmap (no inference)."""
+        if self._updatingGUI:
+            return
+        mode = self.ui.thresholdModeComboBox.currentData or "calibrated"
+        result = self.lastResult
+        if result is None or result.heatmapNode.GetScene() is None:
+            self.ui.thresholdInfoLabel.text = _("Applies to the next run.")
+            return
+        entry = self.logic.modelEntryData(result.info.get("method", ""), result.info.get("model"))
+        try:
+            t = self.logic.resolveThreshold(mode, self._sliderValue(mode), entry, result.info.get("method", ""),
+                                            result.info.get("preset"))
+            n = self.logic.updateThreshold(result, t)
+        except (ValueError, RuntimeError) as e:
+            self.ui.thresholdInfoLabel.text = str(e)
+            return
+        self.ui.thresholdInfoLabel.text = self.logic.thresholdText(t, n, entry, result.info.get("method", ""))
 
     # -- run ----------------------------------------------------------------------
     def _setRunning(self, running: bool) -> None:
-        self._running = running
-        for w in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.advancedCollapsibleButton):
+        for w in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.advancedCollapsibleButton,
+                  self.ui.outputsCollapsibleButton, self.ui.modelsCollapsibleButton):
             w.enabled = not running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.toolTip = _("Stop after the current batch of slices.") if running else _("Run the anomaly detection.")
+        self.ui.applyButton.toolTip = _("Stop the run now (the scene is left as it was).") if running else \
+            _("Run the anomaly detection.")
         self.ui.applyButton.enabled = True
         if running:
-            self.ui.progressBar.setRange(0, 0)  # busy until the first batch reports
+            self.ui.progressBar.setRange(0, 0)  # busy until the first slices report
             self.ui.progressBar.show()
+            self.ui.warningsLabel.text = ""
         else:
             self.ui.progressBar.hide()
             self._updateApplyButton()
 
     def onApplyButton(self) -> None:
-        if self._running:
-            self._cancelRequested = True
-            self.ui.applyButton.enabled = False
-            self.ui.statusLabel.text = _("Cancelling after the current batch of slices...")
+        if self._run is not None:
+            self._cancelRun()
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
             return
         with slicer.util.tryWithErrorDisplay(_("Anomaly detection failed."), waitCursor=False):
             self.ui.statusLabel.text = _("Checking Python packages...")
@@ -365,64 +459,142 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.setupPythonRequirements():
                 self.ui.statusLabel.text = _("The required Python packages are not installed.")
                 return
-            self._run()
+            self._start(device=self.ui.deviceComboBox.currentData or "auto")
 
-    def _run(self) -> None:
-        from uad import Cancelled
+    def _runArguments(self, device: str) -> dict:
+        return dict(
+            method=self._currentMethod(), model=self.ui.modelComboBox.currentData or None, device=device,
+            preset=self.ui.presetComboBox.currentData or None, seed=int(self.ui.seedSpinBox.value),
+            threshold=self._thresholdForRun(), batchSize=int(self.ui.batchSizeSpinBox.value),
+            brainMaskNode=self.ui.brainMaskSelector.currentNode(),
+            restorationVolume=self.ui.restorationSelector.currentNode(),
+            heatmapVolume=self.ui.heatmapSelector.currentNode(),
+            anomalySegmentation=self.ui.segmentationSelector.currentNode())
 
+    def _start(self, device: str) -> None:
+        inputVolume = self.ui.inputSelector.currentNode()
+        kwargs = self._runArguments(device)
+        if not self.ui.backgroundCheckBox.checked:  # in Slicer's process (blocks between batches)
+            self._runInProcess(inputVolume, kwargs)
+            return
+        from UADExtensionLib.runner import BackgroundRun
+
+        self._run = BackgroundRun(self.logic, inputVolume, **kwargs)
+        self._setRunning(True)
+        self.ui.statusLabel.text = _("Starting the engine (loading PyTorch and the model)...")
+        try:
+            self._run.start()
+        except Exception:
+            self._run = None
+            self._setRunning(False)
+            raise
+        self._timer.start()
+
+    def _runInProcess(self, inputVolume, kwargs) -> None:
         from UADExtensionLib.progress import ProgressTracker
 
-        inputVolume = self.ui.inputSelector.currentNode()
-        override = self.ui.thresholdOverrideCheckBox.checked
-        self._cancelRequested = False
-        self._tracker = ProgressTracker()
+        tracker = ProgressTracker()
         self._setRunning(True)
-        self.ui.statusLabel.text = _("Loading the model and preparing the slices...")
-        slicer.app.processEvents()
+
+        def progress(done, total):
+            tracker.update(done, total)
+            self._showProgress(tracker)
+            slicer.app.processEvents()
+
         try:
-            result = self.logic.process(
-                inputVolume,
-                method=self._currentMethod(),
-                model=self.ui.modelComboBox.currentData or None,
-                device=self.ui.deviceComboBox.currentData or "auto",
-                preset=self.ui.presetComboBox.currentData or None,
-                seed=int(self.ui.seedSpinBox.value),
-                threshold=float(self.ui.thresholdSliderWidget.value) if override else None,
-                batchSize=int(self.ui.batchSizeSpinBox.value),
-                brainMaskNode=self.ui.brainMaskSelector.currentNode(),
-                progressCallback=self._onProgress,
-                cancel=lambda: self._cancelRequested,
-            )
-        except Cancelled:
-            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
-            return
-        except Exception as e:
-            self.ui.statusLabel.text = _("Failed: {error}").format(error=" ".join(str(e).split()))
-            raise
+            result = self.logic.process(inputVolume, progressCallback=progress, **kwargs)
         finally:
             self._setRunning(False)
+        self._showResult(result, inputVolume)
+
+    def _showProgress(self, tracker) -> None:
+        if tracker.total:
+            self.ui.progressBar.setRange(0, max(1, int(tracker.total)))
+            self.ui.progressBar.setValue(int(tracker.done))
+            self.ui.statusLabel.text = tracker.text()
+
+    def _poll(self) -> None:
+        if self._probe is not None:
+            self._pollProbe()
+        run = self._run
+        if run is None:
+            if self._probe is None:
+                self._timer.stop()
+            return
+        try:
+            running = run.poll()
+        except Exception as e:  # loading the results failed: reported, scene unchanged
+            running = False
+            run.state, run.error = "failed", str(e)
+        self._showProgress(run.tracker)
+        if run.warnings:
+            self.ui.warningsLabel.text = _("Engine warnings:") + "\n" + "\n".join("- " + w for w in run.warnings)
+        if running:
+            return
+        self._run = None
+        if self._probe is None:
+            self._timer.stop()
+        self._setRunning(False)
+        if run.state == "done":
+            self._showResult(run.result, run.inputVolumeNode)
+        elif run.state == "failed":
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=run.error)
+            if run.failureKind == "no_kernel_image" and run.device != "cpu" and slicer.util.confirmYesNoDisplay(
+                    _("The installed PyTorch cannot run on this GPU (no kernel image). Run on the CPU instead?")):
+                self._start(device="cpu")
+            else:
+                slicer.util.errorDisplay(_("Anomaly detection failed: {error}").format(error=run.error))
+
+    def _cancelRun(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self._run = None
+            self._setRunning(False)
+
+    def _showResult(self, result, inputVolume) -> None:
         self.lastResult = result
         self.logic.showResult(result, inputVolume)
-        info = result.info
-        self.ui.statusLabel.text = _(
-            "Done in {seconds:.1f} s: {voxels} anomalous voxels (threshold {threshold:.4g}, {source}); "
-            "{slices} slices on {device}.").format(
-            seconds=info.get("elapsed_total_s", 0.0), voxels=info.get("anomalous_voxels", 0),
-            threshold=float(info.get("threshold") or 0.0), source=info.get("threshold_source", ""),
-            slices=info.get("slices", "?"), device=info.get("device", "?"))
-        if not override and info.get("threshold") is not None:  # start point for a manual override
-            threshold = float(info["threshold"])
-            slider = self.ui.thresholdSliderWidget
-            slider.maximum = max(slider.maximum, 2.0 * threshold)
-            slider.value = threshold
+        for selector, node in ((self.ui.restorationSelector, result.restorationNode),
+                               (self.ui.heatmapSelector, result.heatmapNode),
+                               (self.ui.segmentationSelector, result.segmentationNode)):
+            selector.setCurrentNode(node)
+        self.ui.jumpButton.enabled = True
+        self.ui.statusLabel.text = self.logic.resultText(result)
+        warnings = result.info.get("warnings") or []
+        self.ui.warningsLabel.text = (_("Engine warnings:") + "\n" + "\n".join("- " + w for w in warnings)) if warnings else ""
+        self.onThresholdModeChanged()
 
-    def _onProgress(self, done: int, total: int) -> None:
-        tracker = self._tracker
-        tracker.update(done, total)
-        self.ui.progressBar.setRange(0, max(1, int(total)))
-        self.ui.progressBar.setValue(int(done))
-        self.ui.statusLabel.text = tracker.text()
-        slicer.app.processEvents()  # keeps the GUI alive and lets Cancel be clicked
+    def onJump(self) -> None:
+        if self.lastResult is not None:
+            self.logic.jumpToMostAnomalous(self.lastResult)
+
+    # -- device information ------------------------------------------------------------
+    def onDeviceInfo(self) -> None:
+        from UADExtensionLib.devices import probe_command
+        from UADExtensionLib.runner import BackgroundProcess, python_executable
+
+        if self._probe is not None:
+            return
+        self.ui.deviceInfoLabel.text = _("Probing PyTorch in a separate process...")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        self._probe = BackgroundProcess(probe_command(python_executable()), env=env)
+        self._probe.start()
+        self._probeOut = []
+        self._timer.start()
+
+    def _pollProbe(self) -> None:
+        from UADExtensionLib.devices import describe, parse_probe_output
+
+        self._probeOut += [line for stream, line in self._probe.lines()]
+        if not self._probe.finished():
+            return
+        self._probeOut += [line for stream, line in self._probe.lines()]
+        self._probe = None
+        try:
+            self.ui.deviceInfoLabel.text = describe(parse_probe_output("\n".join(self._probeOut)))
+        except ValueError:
+            self.ui.deviceInfoLabel.text = _("The probe failed:") + " " + " ".join(self._probeOut[-3:])
 
 
 #
@@ -434,10 +606,11 @@ class UADExtensionLogic(ScriptedLoadableModuleLogic, _UADExtensionCoreLogic):
     """The Qt-free ``UADExtensionLib.logic.UADExtensionLogic`` with Slicer's parameter node,
     dependency installation and slice-view display.
 
-    ``process(...)`` is inherited (see ``UADExtensionLib.logic``)::
+    ``process(...)``, ``processNodes``, ``updateThreshold``, ``mostAnomalousPoint`` and
+    ``show3D`` are inherited (see ``UADExtensionLib.logic``)::
 
         logic = UADExtensionLogic()
-        result = logic.process(volumeNode, method="thor", device="auto", seed=0)
+        result = logic.process(volumeNode, method="disyre", device="auto", seed=0)
     """
 
     def __init__(self, scene=None, segmentationsLogic=None) -> None:
@@ -446,10 +619,8 @@ class UADExtensionLogic(ScriptedLoadableModuleLogic, _UADExtensionCoreLogic):
 
     def setDefaultParameters(self, parameterNode) -> None:
         defaults = dict(UADExtensionWidget.PARAMETERS)
-        if not parameterNode.GetParameter("Method"):  # prefer a method that has a trained model
-            withModel = [m for m in self.availableMethods() if self.modelsForMethod(m)]
-            if withModel:
-                defaults["Method"] = withModel[0]
+        if not parameterNode.GetParameter("Method"):
+            defaults["Method"] = self.defaultMethod()
         for key, value in defaults.items():
             if not parameterNode.GetParameter(key):
                 parameterNode.SetParameter(key, value)
@@ -458,58 +629,24 @@ class UADExtensionLogic(ScriptedLoadableModuleLogic, _UADExtensionCoreLogic):
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
         """Make sure torch and the engine's packages are importable; True when they are.
 
-        torch comes from the PyTorch extension (PyTorchUtils picks the CUDA build);
-        the rest is pip-installed.  Asks first unless ``askConfirmation`` is False or
-        Slicer runs in testing mode; returns False when the user declines.
+        torch comes from the PyTorch extension (PyTorchUtils picks the CUDA build); the
+        rest is installed by ``UADExtensionLib.installer`` with a constraint file pinning
+        the installed torch (it cannot change).  Nothing is installed in testing mode.
+        Asks first unless ``askConfirmation`` is False; returns False when declined.
         """
-        from UADExtensionLib import dependencies as deps
+        from UADExtensionLib import installer
 
-        needTorch = deps.torch_missing()
-        missing = deps.missing_requirements()
-        if not needTorch and not missing:
-            return True
-        what = ([f"torch{deps.TORCH_REQUIREMENT}, torchvision{deps.TORCHVISION_REQUIREMENT} (through the PyTorch "
-                 "extension)"] if needTorch else []) + missing
-        if askConfirmation and not slicer.app.testingEnabled():
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("Anomaly detection needs Python packages that are not installed yet. Install them now? "
-                      "This can take several minutes."),
-                    detailedText="\n".join(what)):
-                return False
-        if needTorch:
-            self._installTorch(deps)
-        if missing:
-            logging.info(f"UAD: installing {' '.join(missing)}")
-            slicer.util.pip_install(missing)
-            importlib.invalidate_caches()
-            still = deps.missing_requirements()
-            if still:
-                raise RuntimeError(_("These Python packages could not be installed: {packages}. "
-                                     "Restart Slicer and try again.").format(packages=", ".join(still)))
-        return True
+        def confirm(text, details=""):
+            return slicer.util.confirmOkCancelDisplay(_(text), detailedText=details or None)
 
-    @staticmethod
-    def _installTorch(deps) -> None:
-        if not hasattr(slicer.modules, "pytorchutils"):
-            raise RuntimeError(_("This module needs the PyTorch extension: install 'PyTorch' from the "
-                                 "Extensions Manager, restart Slicer and try again."))
-        import PyTorchUtils
-
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.torchInstalled() and not deps.torch_satisfied():
-            raise RuntimeError(_("The installed PyTorch is older than {version}; upgrade it in the PyTorch Utils "
-                                 "module and restart Slicer.").format(version=deps.TORCH_REQUIREMENT))
-        logging.info("UAD: installing torch and torchvision through PyTorchUtils")
-        torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT,
-                                torchvisionVersionRequirement=deps.TORCHVISION_REQUIREMENT)
-        importlib.invalidate_caches()
-        if deps.torch_missing():
-            raise RuntimeError(_("PyTorch could not be installed; install it in the PyTorch Utils module, "
-                                 "restart Slicer and try again."))
+        # PyTorchUtils installs torch (light-the-torch picks the CUDA build); pip_install never gets torch
+        return installer.ensure_requirements(
+            slicer, askConfirmation, confirm=confirm,
+            installTorch=lambda: installer.install_torch_with_pytorch_extension(slicer))
 
     # -- display ------------------------------------------------------------------
-    def showResult(self, result, inputVolumeNode=None, foregroundOpacity: float = 0.5) -> None:
-        """Input as background, heatmap as foreground, segmentation visible, colour legend."""
+    def showResult(self, result, inputVolumeNode=None, foregroundOpacity: float = 0.5, jump: bool = True) -> None:
+        """Input as background, heatmap as foreground, segment outline, colour legend, views on the anomaly."""
         if inputVolumeNode is None:
             inputVolumeNode = self.scene.GetNodeByID(result.heatmapNode.GetAttribute("UAD.inputNodeID") or "")
         slicer.util.setSliceViewerLayers(background=inputVolumeNode, foreground=result.heatmapNode,
@@ -521,6 +658,12 @@ class UADExtensionLogic(ScriptedLoadableModuleLogic, _UADExtensionCoreLogic):
             slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(result.heatmapNode)
         except Exception as e:  # colour legends are cosmetic
             logging.debug(f"UAD: no colour legend: {e}")
+        if jump:
+            self.jumpToMostAnomalous(result)
+
+    def jumpToMostAnomalous(self, result) -> None:
+        point = self.mostAnomalousPoint(result)
+        slicer.modules.markups.logic().JumpSlicesToLocation(point[0], point[1], point[2], True)
 
 
 #
@@ -529,30 +672,24 @@ class UADExtensionLogic(ScriptedLoadableModuleLogic, _UADExtensionCoreLogic):
 
 
 class UADExtensionTest(ScriptedLoadableModuleTest):
-    """Runs the logic on the bundled sample inside Slicer with a tiny random-weight model
-    (no download, seconds on a CPU), so the factory machines test the whole path."""
+    """Runs the bundled sample end to end on the CPU with a tiny random-weight model (no download,
+    seconds), in Slicer's process and in a background process.  Skips cleanly when torch or the
+    engine's packages are absent: nothing is ever installed by the test."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from UADExtensionLib import dependencies as deps
+
+        if deps.torch_missing() or deps.missing_requirements():
+            self.delayDisplay("UAD self-test skipped: torch or the engine's Python packages are not installed "
+                              "(nothing is installed in testing mode)")
+            return
         self.setUp()
         self.test_ProcessSample()
         self.setUp()
-        self.test_CancelLeavesSceneUnchanged()
-
-    @staticmethod
-    def _tinyModel():
-        import torch
-
-        import uad.networks
-        import uad.zoo
-        from uad.methods import get_method_class
-
-        config = get_method_class("anoddpm").default_model_config(image_size=32)
-        config["networks"]["denoiser"] = uad.networks.tiny_unet_config((8, 16, 16))
-        torch.manual_seed(0)
-        return uad.zoo.build_model(config, model_id="tiny-random-test")
+        self.test_BackgroundRunAndLiveThreshold()
 
     def _loadSample(self):
         from uad.imageio import sample_paths
@@ -562,44 +699,31 @@ class UADExtensionTest(ScriptedLoadableModuleTest):
     def test_ProcessSample(self):
         import numpy as np
 
-        self.delayDisplay("Anomaly detection on the bundled sample")
+        from UADExtensionLib.selftest import process_in_slicer
+
+        self.delayDisplay("Anomaly detection on the bundled sample (in Slicer's process)")
         logic = UADExtensionLogic()
-        self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
         volume = self._loadSample()
         before = slicer.util.arrayFromVolume(volume).copy()
-        result = logic.process(volume, method="anoddpm", model=self._tinyModel(), device="cpu", seed=0,
-                               params={"steps": 3, "level": 50})
-        inputMatrix = vtk.vtkMatrix4x4()
-        volume.GetIJKToRASMatrix(inputMatrix)
-        for node in (result.restorationNode, result.heatmapNode):
-            self.assertEqual(node.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-            m = vtk.vtkMatrix4x4()
-            node.GetIJKToRASMatrix(m)
-            for r in range(4):
-                for c in range(4):
-                    self.assertAlmostEqual(m.GetElement(r, c), inputMatrix.GetElement(r, c), places=6)
-        self.assertIsNotNone(result.heatmapNode.GetDisplayNode().GetColorNode())
-        segment = result.segmentationNode.GetSegmentation().GetSegment(result.segmentId)
-        self.assertEqual(segment.GetName(), "Anomaly")
-        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        slicer.modules.segmentations.logic().ExportAllSegmentsToLabelmapNode(
-            result.segmentationNode, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
-        self.assertEqual(int((slicer.util.arrayFromVolume(labelmap) > 0).sum()), result.info["anomalous_voxels"])
-        slicer.mrmlScene.RemoveNode(labelmap)
+        result = process_in_slicer(logic, volume)
+        self.assertEqual(result.heatmapNode.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
+        self.assertEqual(result.segmentationNode.GetSegmentation().GetSegment(result.segmentId).GetName(), "Anomaly")
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before))
         logic.showResult(result, volume)
         self.delayDisplay("Test passed")
 
-    def test_CancelLeavesSceneUnchanged(self):
-        from uad import Cancelled
+    def test_BackgroundRunAndLiveThreshold(self):
+        import numpy as np
 
-        self.delayDisplay("A cancelled run adds nothing")
+        from UADExtensionLib.selftest import run_in_background
+
+        self.delayDisplay("Background run on the bundled sample, then a live threshold")
         logic = UADExtensionLogic()
-        self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
         volume = self._loadSample()
-        count = slicer.mrmlScene.GetNumberOfNodes()
-        with self.assertRaises(Cancelled):
-            logic.process(volume, method="anoddpm", model=self._tinyModel(), device="cpu",
-                          params={"steps": 3, "level": 50}, cancel=lambda: True)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        run, result = run_in_background(logic, volume)
+        self.assertEqual(run.tracker.done, run.tracker.total)
+        heat = slicer.util.arrayFromVolume(result.heatmapNode)
+        t = float(np.percentile(heat[heat > 0], 99))
+        self.assertEqual(logic.updateThreshold(result, t), int((heat > t).sum()))
+        logic.showResult(result, volume)
         self.delayDisplay("Test passed")

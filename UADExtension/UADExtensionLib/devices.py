@@ -47,6 +47,24 @@ def bounded_torch_threads(threads: int | None = None):
             torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def collect_engine_warnings(logger_name: str = "uad"):
+    """Collect the messages of warnings the engine logs (e.g. the SSIM fallback) during the block."""
+    messages: list[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            messages.append(" ".join(record.getMessage().split()))
+
+    handler = Handler(level=logging.WARNING)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 def classify_failure(text) -> str | None:
     """'oom', 'no_kernel_image' or None for an error message / log text."""
     low = str(text).lower()

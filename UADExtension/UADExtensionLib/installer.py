@@ -197,3 +197,65 @@ def run_install(plan: InstallPlan, slicer_module, version=importlib.metadata.ver
         raise RuntimeError(f"torch changed from {plan.torch_version} to {after} during the installation; "
                            "reinstall it with the PyTorch Utils module and restart Slicer")
     return "installed-restart" if plan.restart_needed else "installed"
+
+
+def ensure_requirements(slicer_module, askConfirmation: bool = True, confirm=None, installTorch=None,
+                        torch_missing=None, plan_function=None) -> bool:
+    """The module's Apply-time check: torch (PyTorch extension), then the engine's packages; True when ready.
+
+    ``confirm(text, details) -> bool`` asks the user (``slicer.util.confirmOkCancelDisplay`` in
+    the GUI); ``installTorch()`` installs torch through the PyTorch extension.  In testing
+    mode nothing is installed (False is returned when something is missing).  After an
+    installation that updated an already-imported package, ``confirm`` offers a restart
+    (``slicer.util.restart``).  Raises ``RuntimeError`` when packages are still missing.
+    """
+    torch_missing = torch_missing or deps.torch_missing
+    plan_function = plan_function or install_plan
+    app = getattr(slicer_module, "app", None)
+    testing = app is not None and app.testingEnabled()
+    ask = (lambda text, details="": confirm(text, details)) if (askConfirmation and confirm is not None) else \
+        (lambda text, details="": True)
+    if torch_missing():
+        if testing:
+            return False
+        if not ask("Anomaly detection needs PyTorch. Install it now with the PyTorch extension? "
+                   "This can take several minutes."):
+            return False
+        installTorch()
+        importlib.invalidate_caches()
+        if torch_missing():
+            raise RuntimeError("PyTorch could not be installed; install it in the PyTorch Utils module, "
+                               "restart Slicer and try again.")
+    plan = plan_function()
+    if plan.empty:
+        return True
+    if testing:
+        return False
+    details = "\n".join(plan.requirements + ["", "constraints (kept as installed):"] + plan.constraints + plan.notes)
+    if not ask("Anomaly detection needs Python packages that are not installed yet. Install them now? "
+               "The installed PyTorch is kept as it is.", details):
+        return False
+    outcome = run_install(plan, slicer_module)
+    still = plan_function()
+    if not still.empty:
+        raise RuntimeError("These Python packages could not be installed: " + ", ".join(still.requirements) +
+                           ". Restart Slicer and try again.")
+    if outcome == "installed-restart" and confirm is not None and \
+            confirm("Packages that were already loaded were updated; restart Slicer now to use them?", ""):
+        slicer_module.util.restart()
+    return True
+
+
+def install_torch_with_pytorch_extension(slicer_module) -> None:
+    """torch and torchvision through the PyTorch extension's PyTorchUtils (never pip here)."""
+    if not hasattr(slicer_module.modules, "pytorchutils"):
+        raise RuntimeError("This module needs the PyTorch extension: install 'PyTorch' from the Extensions "
+                           "Manager, restart Slicer and try again.")
+    import PyTorchUtils
+
+    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+    if torchLogic.torchInstalled() and not deps.torch_satisfied():
+        raise RuntimeError(f"The installed PyTorch is older than {deps.TORCH_REQUIREMENT}; upgrade it in the "
+                           "PyTorch Utils module and restart Slicer.")
+    torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT,
+                            torchvisionVersionRequirement=deps.TORCHVISION_REQUIREMENT)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .devices import bounded_torch_threads, detect_halving_batch_on_oom
+from .devices import bounded_torch_threads, collect_engine_warnings, detect_halving_batch_on_oom
 from .nodes import node_ids, remove_nodes_not_in, set_volume_from_array, sitk_to_array_on_grid, volume_node_to_sitk
 
 # Display order in the GUI; the engine's registry (uad.methods) is the truth when importable.
@@ -224,6 +224,79 @@ class UADExtensionLogic:
                 return m
         return "disyre"
 
+    def methodDescription(self, method: str) -> str:
+        """'Title (reference)' from the engine's registry, or the title when the engine is not importable."""
+        try:
+            from uad.methods import get_method_class
+
+            cls = get_method_class(method)
+            return f"{cls.title} ({cls.reference})" if cls.reference else cls.title
+        except Exception:  # engine not installed yet
+            return self.methodTitle(method)
+
+    def modelEntryData(self, method: str, modelId: str | None = None) -> dict | None:
+        """The manifest entry (dict) of ``modelId``, or of the method's default model; None if unknown."""
+        try:
+            from uad.zoo import find_model
+
+            return dict(find_model(modelId, method=None if modelId else method).data)
+        except Exception:
+            return None
+
+    # -- threshold helpers (the GUI's slider) -------------------------------------
+    @staticmethod
+    def resolveThreshold(mode: str, value, entry: dict | None, method: str, preset: str | None = None) -> float:
+        """Score threshold for a mode ("calibrated", "fpr" with a rate in [0, 1], "value")."""
+        from .thresholding import resolve_threshold
+
+        return resolve_threshold(mode, value, entry, method, preset)
+
+    @staticmethod
+    def thresholdSliderRange(result, entry: dict | None, method: str) -> dict:
+        """Slider maximum, step and start value for the "value" mode (6 significant decimals)."""
+        from .thresholding import calibrated_threshold
+
+        value = None
+        top = 0.0
+        if result is not None and result.heatmapNode is not None and result.heatmapNode.GetImageData() is not None:
+            import slicer.util
+
+            heat = np.asarray(slicer.util.arrayFromVolume(result.heatmapNode))
+            top = float(heat.max()) if heat.size else 0.0
+            t = result.heatmapNode.GetAttribute(ATTR_PREFIX + "threshold")
+            value = float(t) if t else None
+        if value is None and entry is not None:
+            value = calibrated_threshold(entry, method)
+        if value is None or not np.isfinite(value):
+            value = 0.1
+        maximum = max(top, 2.0 * value, 1e-6)
+        step = 10.0 ** np.floor(np.log10(maximum / 1000.0))
+        return {"maximum": float(maximum), "step": float(step), "value": float(value)}
+
+    @staticmethod
+    def thresholdText(threshold: float, voxels: int, entry: dict | None, method: str) -> str:
+        from .thresholding import calibrated_threshold, fpr_for_threshold
+
+        text = f"threshold {threshold:.6g}: {voxels} anomalous voxels"
+        if entry is not None:
+            cal = calibrated_threshold(entry, method)
+            if cal is not None:
+                text += f"; calibrated {cal:.6g}"
+            fpr = fpr_for_threshold(entry, method, threshold)
+            if fpr is not None:
+                text += f"; healthy false-positive rate {100 * fpr:.3g} %"
+        return text
+
+    @staticmethod
+    def resultText(result) -> str:
+        info = result.info
+        where = "a background process" if info.get("background_process") else "Slicer's process"
+        thr = info.get("threshold")
+        return (f"Done in {float(info.get('elapsed_total_s') or 0.0):.1f} s in {where}: "
+                f"{info.get('anomalous_voxels', 0)} anomalous voxels (threshold "
+                f"{float(thr) if thr is not None else float('nan'):.6g}, {info.get('threshold_source', '')}); "
+                f"{info.get('slices', '?')} slices on {info.get('device', '?')}, batch {info.get('batch_size', '?')}.")
+
     # -- the run --------------------------------------------------------------
     def process(self, inputVolumeNode, method: str = "anoddpm", model=None, device: str = "auto",
                 preset: str | None = None, seed: int = 0, threshold: float | None = None,
@@ -257,7 +330,7 @@ class UADExtensionLogic:
 
         from uad.pipeline import detect  # heavy (torch): imported only when running
 
-        with bounded_torch_threads(threads):
+        with bounded_torch_threads(threads), collect_engine_warnings() as warnings:
             det, batchSize = detect_halving_batch_on_oom(
                 detect, image, method=method, model=model, device=device, seed=seed, batch_size=batchSize,
                 preset=preset, params=params, threshold=threshold, brain_mask=brain_mask,
@@ -265,6 +338,7 @@ class UADExtensionLogic:
         info = dict(det.info or {})
         model_id = getattr(model, "id", None) or info.get("model") or (model if isinstance(model, str) else None)
         info.setdefault("model", model_id)
+        info["warnings"] = list(dict.fromkeys(list((info.get("preprocess") or {}).get("warnings", [])) + warnings))
         result = self.buildOutputs(inputVolumeNode, det.restoration, det.anomaly, det.mask, info, method=method,
                                    preset=preset, seed=seed, threshold=threshold, namePrefix=namePrefix,
                                    restorationVolume=restorationVolume, heatmapVolume=heatmapVolume,
@@ -278,6 +352,54 @@ class UADExtensionLogic:
             if kwargs.get(key) is not None:
                 raise ValueError(f"{key} cannot be shared by several inputs")
         return [self.process(node, **kwargs) for node in list(inputVolumeNodes)]
+
+    def processSequence(self, sequenceNode, namePrefix: str | None = None, **kwargs) -> dict:
+        """``process`` every volume of a sequence; returns {"restoration", "anomaly", "segmentation"} sequences.
+
+        The output sequences have the input's index name, unit and values.  Each item is run
+        on a temporary copy of the volume (the sequence and its items are not modified); all
+        temporary nodes are removed, and on failure or cancel everything created is removed.
+        """
+        import slicer.util
+
+        scene = self.scene
+        if sequenceNode is None or not sequenceNode.IsA("vtkMRMLSequenceNode"):
+            from uad import InputError
+
+            raise InputError("not a sequence node")
+        for key in ("restorationVolume", "heatmapVolume", "anomalySegmentation"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key} cannot be used with a sequence")
+        prefix = namePrefix or sequenceNode.GetName() or "sequence"
+        before = node_ids(scene)
+        try:
+            outputs = {}
+            for role in ("restoration", "anomaly", "segmentation"):
+                seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(f"{prefix} {role}"))
+                seq.SetIndexName(sequenceNode.GetIndexName())
+                seq.SetIndexUnit(sequenceNode.GetIndexUnit())
+                seq.SetIndexType(sequenceNode.GetIndexType())
+                outputs[role] = seq
+            keep = node_ids(scene)
+            for i in range(sequenceNode.GetNumberOfDataNodes()):
+                data = sequenceNode.GetNthDataNode(i)
+                value = sequenceNode.GetNthIndexValue(i)
+                if data is None or not data.IsA("vtkMRMLScalarVolumeNode"):
+                    from uad import InputError
+
+                    raise InputError(f"item {value!r} of {sequenceNode.GetName()!r} is not a scalar volume")
+                item = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{prefix} {value}"))
+                item.CopyOrientation(data)
+                slicer.util.updateVolumeFromArray(item, np.array(slicer.util.arrayFromVolume(data), copy=True))
+                result = self.process(item, namePrefix=f"{prefix} [{value}]", **kwargs)
+                outputs["restoration"].SetDataNodeAtValue(result.restorationNode, value)
+                outputs["anomaly"].SetDataNodeAtValue(result.heatmapNode, value)
+                outputs["segmentation"].SetDataNodeAtValue(result.segmentationNode, value)
+                remove_nodes_not_in(scene, keep)  # the item and its outputs (copied into the sequences)
+        except BaseException:
+            remove_nodes_not_in(scene, before)
+            raise
+        return outputs
 
     def buildOutputs(self, inputVolumeNode, restoration, anomaly, mask, info: dict, method: str,
                      preset: str | None = None, seed: int = 0, threshold: float | None = None,
@@ -394,15 +516,16 @@ class UADExtensionLogic:
         if seg is None or seg.GetSegmentation().GetSegment(result.segmentId) is None:
             return None
         scene = self.scene
+        before = node_ids(scene)
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("UAD temporary export"))
         try:
             ids = vtk.vtkStringArray()
             ids.InsertNextValue(result.segmentId)
             if not self.segmentationsLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, result.heatmapNode):
                 return None
-            return np.asarray(slicer.util.arrayFromVolume(labelmap)) > 0
+            return np.array(slicer.util.arrayFromVolume(labelmap), copy=True) > 0
         finally:
-            scene.RemoveNode(labelmap)
+            remove_nodes_not_in(scene, before)  # the label map and the display / colour nodes the export added
 
     @staticmethod
     def show3D(result, show: bool = True) -> None:

@@ -265,6 +265,7 @@ class BackgroundRun:
 
         image = volume_node_to_sitk(self.inputVolumeNode)
         mask = volume_node_to_sitk(self.brainMaskNode) if self.brainMaskNode is not None else None
+        self.device = self._checkedDevice(self.device)
         self._tmp = Path(tempfile.mkdtemp(prefix="uad-run-"))
         try:
             self._inputPath = self._tmp / "input.nrrd"  # NRRD keeps the geometry in full double precision
@@ -279,6 +280,29 @@ class BackgroundRun:
             raise
         self.state = RUNNING
         return self
+
+    def _checkedDevice(self, device: str, platform: str = sys.platform, probe=None) -> str:
+        """On macOS, "auto" / "mps" is probed first (a tiny convolution in a separate process):
+        an MPS that fails it is not used, the run goes to the CPU and says so."""
+        if platform != "darwin" or str(device) not in ("auto", "mps"):
+            return device
+        info = (probe or self._probeDevice)()
+        if info.get("mps_available") and not info.get("mps_works"):
+            self.warnings.append("Apple MPS failed a test convolution "
+                                 f"({info.get('mps_error', 'wrong result')}); running on the CPU")
+            return "cpu"
+        return device
+
+    def _probeDevice(self) -> dict:
+        from .devices import parse_probe_output, probe_command
+
+        try:
+            out = subprocess.run(probe_command(self.python or python_executable()), capture_output=True, text=True,
+                                 timeout=120, env=self._environment())
+            return parse_probe_output(out.stdout)
+        except Exception as e:  # no verdict: let the engine choose
+            logging.warning(f"UAD: device probe failed: {e}")
+            return {}
 
     def _environment(self) -> dict:
         env = dict(os.environ)
