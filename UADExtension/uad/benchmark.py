@@ -171,7 +171,9 @@ def _rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or the largest sampled RSS increase (CPU)."""
+    """Peak memory during a block: the CUDA allocator's peak (``max_memory_allocated`` after a reset), or on
+    the CPU the largest resident set size of the process sampled every ``interval`` seconds (absolute: it
+    includes the interpreter, torch and the data already loaded)."""
 
     def __init__(self, device, interval: float = 0.02):
         self.device = torch.device(device)
@@ -182,10 +184,8 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._base = _rss_bytes()
-            self._max = self._base
+            self._max = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -196,25 +196,60 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
         else:
             self._stop.set()
             self._thread.join()
-            self._max = max(self._max, _rss_bytes())
-            self.peak_bytes = max(0, self._max - self._base)
+            self.peak_bytes = max(self._max, _rss_bytes())
+
+
+def _precision_dtype(device, precision: str):
+    if precision not in PRECISIONS:
+        raise UADError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and torch.device(device).type == "cpu":
+        raise UADError("fp16 autocast needs a GPU; use bf16 on the CPU")
+    return dtype
 
 
 def autocast(device, precision: str = "float32"):
     """An autocast context for ``precision`` (bf16 / fp16) on ``device``, or a no-op for float32."""
-    if precision not in PRECISIONS:
-        raise UADError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    dtype = _precision_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
-    dev = torch.device(device)
-    if dev.type == "cpu" and dtype == torch.float16:
-        raise UADError("fp16 autocast needs a GPU; use --precision bf16 on the CPU")
-    return torch.autocast(device_type=dev.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class AutocastNetwork(torch.nn.Module):
+    """Runs the wrapped network under autocast and returns float32: only the network runs in reduced
+    precision, the samplers, noise, perceptual maps and morphology around it stay float32."""
+
+    def __init__(self, net: torch.nn.Module, device_type: str, dtype):
+        super().__init__()
+        self.net = net
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            out = self.net(*args, **kwargs)
+        return out.float()
+
+
+def autocast_model(model, precision: str = "float32"):
+    """Wrap every network of a loaded ``uad.zoo.Model`` in ``AutocastNetwork`` (in place; float32: unchanged).
+
+        model = autocast_model(load_model("disyre-t2-phantom", device="cuda"), "bf16")
+        detect(image, method="disyre", model=model, device="cuda")
+    """
+    if PRECISIONS.get(precision, 0) is None:
+        return model
+    for role, net in list(model.networks.items()):
+        if isinstance(net, AutocastNetwork):
+            net = net.net
+        dev = next(net.parameters()).device
+        model.networks[role] = AutocastNetwork(net, dev.type, _precision_dtype(dev, precision))
+    return model
 
 
 # ----------------------------------------------------------------------------- models and presets
@@ -240,7 +275,8 @@ def resolve_presets(method: str, presets) -> list[str]:
     return out
 
 
-def prepare_model(entry, device, channels_last: bool = False, compile_: bool = False):
+def prepare_model(entry, device, channels_last: bool = False, compile_: bool = False, precision: str = "float32"):
+    """Load a zoo entry on ``device``; optionally channels-last weights, ``torch.compile`` and autocast."""
     from .zoo import load_model
 
     m = load_model(entry, device=device)
@@ -250,6 +286,10 @@ def prepare_model(entry, device, channels_last: bool = False, compile_: bool = F
         if compile_:
             net = torch.compile(net)
         m.networks[role] = net
+    if precision != "float32":
+        if precision == "fp16" and torch.device(device).type != "cuda":
+            raise UADError("fp16 autocast needs a GPU; use bf16 on the CPU")
+        autocast_model(m, precision)
     return m
 
 
@@ -272,6 +312,13 @@ class CaseRun:
     parts: list = field(default_factory=list)
 
 
+def _copy_model(model):
+    """A shallow copy of a Model (same network objects, own networks dict)."""
+    from .zoo import Model
+
+    return Model(model.id, model.config, dict(model.networks))
+
+
 def _read_case(row: dict):
     from .imageio import read_image
 
@@ -286,8 +333,10 @@ def run_case(row: dict, method: str, model, preset: str | None, device, batch_si
     t0, c0 = time.perf_counter(), _clock(dev)
     if image is None:
         image, brain, _ = _read_case(row)
+    if precision != "float32":
+        model = autocast_model(_copy_model(model), precision)
     timer = NetworkTimer(model, dev) if time_network else contextlib.nullcontext()
-    with PeakMemory(dev) as mem, timer, autocast(dev, precision):
+    with PeakMemory(dev) as mem, timer:
         res = detect(image, method=method, model=model, device=dev, seed=seed, batch_size=batch_size,
                      preset=preset, brain_mask=brain)
         _sync(dev)
