@@ -320,3 +320,21 @@ def test_healthy_slices_follow_the_profile():
     # padded with the minimum: the border rows are background
     assert float(s[:, 0, :].max()) == 0.0 and float(s[:, -1, :].max()) == 0.0
     assert notes and "no registration" in notes[0]
+
+
+def test_simplex_raw_noise_keeps_the_reference_amplitude():
+    """THOR's simplex network was trained on unscaled simplex fields (std about 0.46), not unit-std ones."""
+    from uad.noise import make_noise
+    from uad.rng import BatchRNG
+    from uad.simplex import simplex_noise
+
+    raw = make_noise("simplex-raw", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64))
+    same = simplex_noise(BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64), normalise="none")
+    unit = make_noise("simplex", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64))
+    assert torch.equal(raw, same)
+    std = raw.flatten(1).std(1)
+    assert ((std > 0.3) & (std < 0.7)).all()
+    assert torch.allclose(unit.flatten(1).std(1), torch.ones(3), atol=1e-3)
+    # same fields up to the per-field affine rescaling
+    z = (raw - raw.mean((2, 3), keepdim=True)) / raw.flatten(2).std(2)[..., None, None]
+    assert float((z - unit).abs().max()) < 1e-3
