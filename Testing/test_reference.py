@@ -37,11 +37,15 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "models"
 
 
-def _reference_unet(seed: int = 0):
-    """GenerativeModels' DiffusionModelUNet (THOR's architecture, small channels), random weights."""
+def _reference_unet(seed: int = 0, attention=None):
+    """GenerativeModels' DiffusionModelUNet (THOR's architecture, small channels), random weights.
+
+    ``attention``: other attention levels (e.g. (False, False, True), cheaper at 128 px).
+    """
     generative = pytest.importorskip("generative.networks.nets")
     torch.manual_seed(seed)
-    net = generative.DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, **SMALL)
+    kw = dict(SMALL, attention_levels=tuple(attention)) if attention is not None else SMALL
+    net = generative.DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, **kw)
     with torch.no_grad():  # the default init zeroes the output convolutions: randomise everything
         for mod in net.modules():
             for name, p in mod.named_parameters(recurse=False):
@@ -254,6 +258,37 @@ def test_round_trip_into_cache_list_verify_and_entry(cache, tmp_path, capsys):
     assert "GPL-3.0" in zoo.find_model("autoddpm-ixi-t1").card_path.read_text()
 
 
+def test_imported_model_runs_through_the_pipeline_like_any_model(cache, tmp_path, make_volume, monkeypatch):
+    """pipeline.detect with the imported model: the model's method parameters reach the method,
+    outputs land on the input grid.  (The preprocessing profile is exercised by test_reference_e2e.py;
+    here it is removed so that the test does not depend on registration.)"""
+    import SimpleITK as sitk
+
+    import uad.reference as reference
+    from uad.pipeline import detect
+    from uad.reference import import_reference
+
+    monkeypatch.setattr(reference, "IMAGE_SIZE", 32)  # 128 px (the released size) is slow on a CPU
+    entry = import_reference("autoddpm", _save_checkpoint(_reference_unet(seed=8), tmp_path / "latest_model.pt",
+                                                          "autoddpm"), model_id="auto-pipe")
+    model = zoo.load_model(entry.id)
+    model.config.pop("preprocessing")
+    image, _, _ = make_volume(shape_zyx=(4, 40, 36))
+    res = detect(image, method="thor", model=model, device="cpu", seed=0,
+                 params={"level": 10, "steps": 3, "harmonization": [5], "vis_every": 0})
+    assert res.info["model"] == "auto-pipe" and res.info["image_size"] == 32
+    assert res.anomaly.GetSize() == image.GetSize() and res.anomaly.GetSpacing() == image.GetSpacing()
+    assert np.isfinite(sitk.GetArrayFromImage(res.anomaly)).all()
+    res2 = detect(image, method="autoddpm", model=model, device="cpu", seed=0, preset="fast",
+                  params={"threshold": 0.2, "recon_steps": 3, "inpaint_steps": 3, "resample": 1})
+    # the caller set 'threshold' (one of the model's AutoDDPM parameters): none of the model's set applies
+    assert res2.info["params"]["threshold"] == 0.2 and res2.info["params"]["resample"] == 1
+    res3 = detect(image, method="autoddpm", model=model, device="cpu", seed=0, preset="fast",
+                  params={"recon_steps": 3, "inpaint_steps": 3})
+    assert res3.info["params"]["level"] == 200 and res3.info["params"]["threshold"] == 0.13
+    assert res3.info["params"]["resample"] == 3  # the preset's, not the model's 5
+
+
 # ----------------------------------------------------------------------------- input range
 class _Oracle(torch.nn.Module):
     """A 'network' that knows the clean slices in one convention and returns the exact noise for them."""
@@ -320,3 +355,21 @@ def test_healthy_slices_follow_the_profile():
     # padded with the minimum: the border rows are background
     assert float(s[:, 0, :].max()) == 0.0 and float(s[:, -1, :].max()) == 0.0
     assert notes and "no registration" in notes[0]
+
+
+def test_simplex_raw_noise_keeps_the_reference_amplitude():
+    """THOR's simplex network was trained on unscaled simplex fields (std about 0.46), not unit-std ones."""
+    from uad.noise import make_noise
+    from uad.rng import BatchRNG
+    from uad.simplex import simplex_noise
+
+    raw = make_noise("simplex-raw", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64))
+    same = simplex_noise(BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64), normalise="none")
+    unit = make_noise("simplex", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64))
+    assert torch.equal(raw, same)
+    std = raw.flatten(1).std(1)
+    assert ((std > 0.3) & (std < 0.7)).all()
+    assert torch.allclose(unit.flatten(1).std(1), torch.ones(3), atol=1e-3)
+    # same fields up to the per-field affine rescaling
+    z = (raw - raw.mean((2, 3), keepdim=True)) / raw.flatten(2).std(2)[..., None, None]
+    assert float((z - unit).abs().max()) < 1e-3

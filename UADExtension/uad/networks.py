@@ -1,8 +1,10 @@
 """Networks built from a plain config dict (the model manifest stores these dicts).
 
-Only MONAI's generative networks are used:
-``DiffusionModelUNet`` (denoisers, restorers, class-conditional UNets) and
-``DiffusionModelEncoder`` (the noise-aware classifier of Wolleb et al.).
+MONAI's generative networks: ``DiffusionModelUNet`` (denoisers, restorers,
+class-conditional UNets; ``include_fc=False`` for GenerativeModels checkpoints whose
+attention output projection was never applied) and ``DiffusionModelEncoder`` (the
+noise-aware classifier of Wolleb et al.); plus ``GuidedEncoderUNet``
+(``uad.guided_diffusion``), the layout of Wolleb et al.'s published classifier.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ def build_network(config: dict) -> nn.Module:
             if isinstance(kwargs.get(k), list):
                 kwargs[k] = tuple(kwargs[k])
         return DiffusionModelEncoder(**kwargs)
+    if kind == "GuidedEncoderUNet":  # Wolleb et al.'s published classifier (uad.guided_diffusion)
+        from .guided_diffusion import build_guided_encoder
+
+        return build_guided_encoder(dict(config))
     raise ValueError(f"unknown network type {kind!r}")
 
 

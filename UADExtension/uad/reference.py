@@ -1,8 +1,9 @@
-"""Import the authors' published checkpoints (THOR, AutoDDPM) into the model zoo.
+"""Import the authors' published checkpoints (THOR, AutoDDPM, Wolleb et al.) into the model zoo.
 
     uad models import-reference thor brain_Gaussian.pt [--id ID] [--noise gaussian|simplex]
                                 [--input-range auto|0,1|-1,1] [--slice-range LO,HI|all]
     uad models import-reference autoddpm latest_model.pt [...]
+    uad models import-reference wolleb DIFFUSION.pt --classifier CLASSIFIER.pt [--id ID] [--num-heads 1]
 
     from uad.reference import import_reference
     entry = import_reference("thor", "brain_Simplex.pt", noise="simplex")   # -> zoo.ModelEntry
@@ -46,6 +47,14 @@ THOR's trainer mapped images to [-1, 1] but its inference fed [0, 1] until a 202
 fix, AutoDDPM used [0, 1] throughout, so a THOR file's convention is uncertain.
 ``auto`` measures the network's denoising error on noised healthy phantom slices
 (``measure_input_ranges``) under each convention and keeps the lower.
+
+Wolleb et al.
+-------------
+The guided-diffusion ``UNetModel`` and ``EncoderUNetModel`` classifier (plain state dicts)
+are converted by ``uad.guided_diffusion`` (``import_wolleb``): a key map of our own onto
+MONAI's ``DiffusionModelUNet``, and a classifier implementation with the reference's
+parameter layout.  The model takes 4 co-registered contrasts; the volume pipeline reads one,
+so it runs through the Method API (see ``MULTICHANNEL_NOTE``).
 
 Preprocessing profile
 ---------------------
@@ -98,6 +107,17 @@ SOURCES = {
         "license_id": "GPL-3.0",
         "trained_on": "IXI T1 mid-axial slices (the repository also uses fastMRI for thresholds)",
     },
+    "wolleb": {
+        "title": "Wolleb et al. (MICCAI 2022)",
+        "repository": "https://github.com/JuliaWolleb/diffusion-anomaly",
+        "also": None,
+        "files": {"gaussian": ("diffusion model + classifier (BraTS2020)",
+                               "Dropbox links in issue #7 of JuliaWolleb/diffusion-anomaly")},
+        "license": "MIT (licence of the source repository JuliaWolleb/diffusion-anomaly)",
+        "license_id": "MIT",
+        "trained_on": "BraTS2020 axial slices, 4 co-registered contrasts (t1, t1ce, t2, flair), 240 x 240 padded "
+                      "to 256, each channel scaled to [0, 1]; healthy and tumour slices with image labels",
+    },
 }
 
 #: Method parameters of the released configs (``method_params`` of the manifest entry).
@@ -128,7 +148,7 @@ MIDAXIAL_WARNING = ("the authors trained this network on mid-axial slices only; 
 _PREFIX = "unet."
 _DROP_PREFIXES = ("l_pips_sq.",)
 _CHECKPOINT_KEYS = ("model_weights", "optimizer_weights", "epoch")
-METHODS = ("thor", "autoddpm")
+METHODS = ("thor", "autoddpm", "wolleb")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -527,12 +547,11 @@ def import_reference(method: str, path: str | os.PathLike, model_id: str | None 
 
     log = log or (lambda s: None)
     method = str(method).lower()
-    if method == "wolleb":
-        raise UADError("import-reference wolleb is not implemented yet (guided-diffusion UNetModel and "
-                       "EncoderUNetModel classifier); see the README section 'Using the authors' pretrained "
-                       "weights'")
     if method not in METHODS:
-        raise UADError(f"import-reference: unknown method {method!r} (thor or autoddpm)")
+        raise UADError(f"import-reference: unknown method {method!r} (thor, autoddpm or wolleb)")
+    if method == "wolleb":
+        raise UADError("import-reference wolleb needs the classifier too: use import_wolleb(diffusion_file, "
+                       "classifier_file) or 'uad models import-reference wolleb FILE --classifier FILE'")
     path = Path(path)
     noise = (noise or _guess_noise(method, path)).lower()
     if noise not in ("gaussian", "simplex"):
@@ -656,8 +675,149 @@ def model_card(entry: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- Wolleb et al.
+WOLLEB_PARAMS = {"level": 500, "scale": 100.0}
+WOLLEB_CONTRASTS = ["t1", "t1ce", "t2", "flair"]
+MULTICHANNEL_NOTE = ("the volume pipeline (uad detect, pipeline.detect, the Slicer module) reads one contrast; this "
+                     "4-contrast model runs through the Method API on (B, 4, 256, 256) slices "
+                     "(uad.methods.build_method('wolleb', uad.zoo.load_model(ID)))")
+
+
+def _guided_state(obj: dict, name: str) -> dict:
+    """The tensors of a guided-diffusion checkpoint (a plain state dict; a 'module.' prefix is removed)."""
+    import torch
+
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelError(f"{name}: a guided-diffusion checkpoint is a plain state dict; non-tensor entries: "
+                         f"{_names(bad)}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def import_wolleb(diffusion_file: str | os.PathLike, classifier_file: str | os.PathLike, model_id: str | None = None,
+                  num_heads: int = 1, classifier_config: dict | None = None,
+                  log: Callable[[str], None] | None = None):
+    """Convert Wolleb et al.'s guided-diffusion UNet + classifier into a user-cache zoo model.
+
+    The UNet maps onto MONAI's ``DiffusionModelUNet`` (``uad.guided_diffusion``; the
+    learned-variance half of its output is dropped: DDIM uses epsilon only), the classifier
+    loads into ``GuidedEncoderUNet`` (the reference's parameter layout).  ``num_heads``: the
+    UNet's attention heads (not visible in the weights; the released flags use 1);
+    ``classifier_config``: overrides of the classifier flags (``guided_diffusion.WOLLEB_CLASSIFIER``).
+    """
+    import torch
+
+    from . import zoo
+    from .guided_diffusion import WOLLEB_CLASSIFIER, convert_guided_unet, load_guided_classifier
+    from .zoo import Model, save_weights
+
+    log = log or (lambda s: None)
+    model_id = zoo.check_model_id(model_id or "wolleb-brats2020")
+    dpath, cpath = Path(diffusion_file), Path(classifier_file)
+    sha = {p.name: zoo.sha256_file(p) for p in (dpath, cpath) if p.is_file()}
+    dstate = _guided_state(read_checkpoint(dpath), dpath.name)
+    cstate = _guided_state(read_checkpoint(cpath), cpath.name)
+    unet, ucfg = convert_guided_unet(dstate, dpath.name, num_heads=num_heads)
+    clf, ccfg = load_guided_classifier(cstate, cpath.name, dict(WOLLEB_CLASSIFIER, **(classifier_config or {})))
+    if ucfg["in_channels"] != ccfg["in_channels"]:
+        raise ModelError(f"the UNet takes {ucfg['in_channels']} channels but the classifier "
+                         f"{ccfg['in_channels']}: not a pair")
+    size = int(ccfg["image_size"])
+    c = ucfg["in_channels"]
+    with torch.inference_mode():
+        t = torch.tensor([10])
+        probe = unet(torch.zeros(1, c, size, size), timesteps=t, class_labels=torch.tensor([0]))
+        logits = clf(torch.zeros(1, c, size, size), timesteps=t)
+    if not (torch.isfinite(probe).all() and torch.isfinite(logits).all()):
+        raise ModelError("the converted networks' outputs on a zero image are not finite")
+    checks = ["both files loaded with torch.load(weights_only=True): no code from them was run",
+              f"diffusion UNet: {len(dstate)} tensors, every one mapped onto MONAI's DiffusionModelUNet by "
+              f"uad.guided_diffusion's key map (attention qkv split into to_q/to_k/to_v, {num_heads} head(s)), "
+              f"none missing or unexpected; channels {ucfg['channels']}, attention {ucfg['attention_levels']}, "
+              f"{ucfg['num_res_blocks']} res blocks, {ucfg.get('num_class_embeds', 0)} classes",
+              "learned-variance output channels dropped (DDIM sampling uses epsilon only)"
+              if ucfg.get("learned_variance_dropped") else "no learned-variance channels",
+              f"classifier: {len(cstate)} tensors loaded into GuidedEncoderUNet with strict names and shapes "
+              f"(image {size}, width {ccfg['model_channels']}, {ccfg['num_res_blocks']} res blocks per level)",
+              f"forward passes on a {size} x {size} x {c}-channel image finite",
+              "not checked here: the pipeline's multi-contrast input; " + MULTICHANNEL_NOTE]
+    unet_cfg = {k: v for k, v in ucfg.items() if k != "learned_variance_dropped"}
+    entry = {
+        "methods": ["wolleb"],
+        "contrast": "+".join(WOLLEB_CONTRASTS[:c]) if c == 4 else f"{c}-channel",
+        "channels": WOLLEB_CONTRASTS[:c] if c == 4 else None,
+        "image_size": size,
+        "intensity_range": [0.0, 1.0],
+        "noise": "gaussian",
+        "labels": {"0": "healthy", "1": "anomalous"},
+        "schedule": {**{k: v for k, v in REFERENCE_SCHEDULE.items() if k != "variance_type"},
+                     "variance_type": "learned_range (dropped: DDIM)"},
+        "networks": {"denoiser": unet_cfg, "classifier": ccfg},
+        "normalisation": {"lower": 1.0, "upper": 99.0, "clip": True},
+        "preprocessing": {"registration": None, "spacing_mm": None, "skull_strip": "auto",
+                          "bias_correction": False, "square": "pad", "pad_value": 0.0,
+                          "intensity": "brain-percentile", "slice_range": None},
+        "method_params": {"wolleb": dict(WOLLEB_PARAMS)},
+        "threshold": None,
+        "license": SOURCES["wolleb"]["license_id"],
+        "description": "Wolleb et al. (MICCAI 2022): the authors' published BraTS2020 diffusion model and "
+                       "classifier, imported",
+        "source": {"files": sorted(sha), "sha256": sha, "repository": SOURCES["wolleb"]["repository"],
+                   "license": SOURCES["wolleb"]["license"], "trained_on": SOURCES["wolleb"]["trained_on"],
+                   "published": SOURCES["wolleb"]["files"]["gaussian"][1]},
+        "checks": checks,
+    }
+    log("note: " + MULTICHANNEL_NOTE)
+    with tempfile.TemporaryDirectory(prefix="uad-reference-") as tmp:
+        tmp = Path(tmp)
+        digest = save_weights(Model(model_id, entry, {"denoiser": unet, "classifier": clf}), tmp / "model.safetensors")
+        entry = dict(entry, id=model_id, file="model.safetensors", sha256=digest, card="README.md")
+        (tmp / "README.md").write_text(wolleb_card(entry))
+        (tmp / "model.json").write_text(json.dumps(entry, indent=2, default=float))
+        imported = zoo.import_models(tmp / "model.json", model_id=model_id, log=log)
+    return imported[0]
+
+
+def wolleb_card(entry: dict) -> str:
+    src = entry["source"]
+    lines = [f"# Model card: {entry['id']}", "",
+             "The authors' published weights of Wolleb et al., Diffusion Models for Medical Anomaly Detection "
+             "(MICCAI 2022), converted by `uad models import-reference wolleb`.", "",
+             "## Source", ""]
+    lines += [f"- File: `{f}` (sha256 `{src['sha256'][f]}`)" for f in src["files"]]
+    lines += [f"- Published at: {src['published']}", f"- Source repository: {src['repository']}",
+              f"- Licence of the source repository: {src['license']}", f"- Trained on: {src['trained_on']}", "",
+              "## Networks and sampler", "",
+              f"- Denoiser: MONAI DiffusionModelUNet {json.dumps(entry['networks']['denoiser'])}",
+              f"- Classifier: GuidedEncoderUNet {json.dumps(entry['networks']['classifier'])}",
+              f"- Scheduler: {json.dumps(entry['schedule'])}",
+              f"- Input: channels {entry.get('channels')}, each in [0, 1]; labels 0 = healthy, 1 = tumour",
+              f"- Method parameters: {json.dumps(entry['method_params'])} (L = 500, s = 100)", "",
+              "## Preprocessing", "",
+              f"- Profile: {json.dumps(entry['preprocessing'])}",
+              "- BraTS slices are skull-stripped and co-registered (SRI24, 1 mm); the authors' group drops the "
+              "lowest 80 and top 26 axial slices, clips the 1st / 99th percentiles and scales each contrast to "
+              "[0, 1]; 240 x 240 slices zero-padded to 256.", "",
+              "## What was checked", ""]
+    lines += [f"- {c}" for c in entry.get("checks", [])]
+    lines += ["", "## Caveats", "", f"- {MULTICHANNEL_NOTE}.",
+              "- No threshold calibrated (the paper used Otsu's threshold per image).",
+              f"- sha256 of the converted safetensors: `{entry.get('sha256')}`", ""]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- CLI
 def cmd_import_reference(args) -> int:
+    if str(args.method).lower() == "wolleb":
+        if not args.classifier:
+            raise UADError("import-reference wolleb needs the classifier checkpoint too: --classifier FILE")
+        entry = import_wolleb(args.file, args.classifier, model_id=args.id, num_heads=args.num_heads, log=print)
+        print(f"  use it from Python: uad.methods.build_method('wolleb', uad.zoo.load_model('{entry.id}'))")
+        return 0
+    if args.classifier:
+        raise UADError("--classifier is only for wolleb")
     entry = import_reference(args.method, args.file, model_id=args.id, noise=args.noise,
                              input_range=args.input_range, slice_range=parse_slice_range(args.slice_range),
                              log=print)
@@ -669,13 +829,18 @@ def cmd_import_reference(args) -> int:
 def add_models_cli(models_subparsers) -> None:
     """Add ``import-reference`` to the ``uad models`` sub-parsers."""
     p = models_subparsers.add_parser(
-        "import-reference", help="convert the authors' published THOR / AutoDDPM checkpoint into a model",
+        "import-reference", help="convert the authors' published THOR / AutoDDPM / Wolleb checkpoints into a model",
         description="Converts a THOR (brain_Gaussian.pt, brain_Simplex.pt) or AutoDDPM (latest_model.pt) "
-                    "checkpoint into a safetensors model in the user cache. The file is loaded with "
+                    "checkpoint, or Wolleb et al.'s diffusion model + classifier (--classifier), "
+                    "into a safetensors model in the user cache. The file is loaded with "
                     "torch.load(weights_only=True): one that needs code to unpickle is refused.")
-    p.add_argument("method", metavar="METHOD", help="thor or autoddpm")
-    p.add_argument("file", metavar="FILE", help="the downloaded .pt checkpoint (unzipped)")
-    p.add_argument("--id", default=None, help="model id (default: thor-ixi-t1-NOISE / autoddpm-ixi-t1)")
+    p.add_argument("method", metavar="METHOD", help="thor, autoddpm or wolleb")
+    p.add_argument("file", metavar="FILE", help="the downloaded .pt checkpoint (unzipped); wolleb: the diffusion "
+                                               "model")
+    p.add_argument("--classifier", default=None, metavar="FILE", help="wolleb: the classifier checkpoint")
+    p.add_argument("--num-heads", type=int, default=1, help="wolleb: attention heads of the diffusion UNet "
+                                                            "(not stored in the weights; default 1 as released)")
+    p.add_argument("--id", default=None, help="model id (default: thor-ixi-t1-NOISE / autoddpm-ixi-t1 / wolleb-brats2020)")
     p.add_argument("--noise", default=None, choices=("gaussian", "simplex"),
                    help="noise the network was trained with (default: simplex if the file name says so, "
                         "else gaussian)")
