@@ -1287,7 +1287,8 @@ def _cli_train(args) -> int:
     if args.time_limit is not None and ctx.enabled:
         raise UADError("--time-limit is for single-process training (under torchrun, stop the job and --resume)")
     if args.resume:
-        given = [f"--{d.replace('_', '-')}" for d in _CLI_FIELDS if d != "steps" and getattr(args, d) is not None]
+        given = [f"--{d.replace('_', '-').replace('curve-methods', 'curve-method')}" for d in _CLI_FIELDS
+                 if d != "steps" and getattr(args, d) is not None]
         if args.config:
             given.append("--config")
         if given:
