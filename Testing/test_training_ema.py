@@ -280,3 +280,36 @@ def test_ema_run_resumes_under_torchrun(tmp_path):
     from uad.training import state_digest
 
     assert r0["weights_sha256"] == r1["weights_sha256"] == state_digest(online)
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_options_reach_the_run(tmp_path, capsys):
+    from uad.cli import main
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"image_size": 32, "batch_size": 4, "val_every": 2, "val_batches": 1,
+                               "checkpoint_every": 2, "pool_size": 1,
+                               "model_overrides": {"networks": {"denoiser": tiny_unet_config((8, 16, 16))}}}))
+    first, run = tmp_path / "first", tmp_path / "run"
+    assert main(["train", "--method", "thor", "-o", str(first), "--config", str(cfg), "--steps", "1",
+                 "--no-progress"]) == 0
+    assert main(["train", "--method", "thor", "-o", str(run), "--config", str(cfg), "--steps", "2", "--init",
+                 str(first), "--ema-decay", "0.99", "--t-min", "5", "--t-max", "400", "--curve-every", "2",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    saved = json.loads((run / "config.json").read_text())
+    assert {k: saved["train"][k] for k in ("init", "ema_decay", "t_min", "t_max", "curve_every")} == {
+        "init": str(first), "ema_decay": 0.99, "t_min": 5, "t_max": 400, "curve_every": 2}
+    assert (saved["model"]["train_t_min"], saved["model"]["train_t_max"]) == (5, 400)
+    entry = json.loads((run / "model.json").read_text())
+    assert entry["training"]["timesteps"] == [5, 400] and entry["training"]["ema_decay"] == 0.99
+    assert [int(r["step"]) for r in _rows(run / "curve.csv")] == [0, 2]
+    # resuming keeps the saved settings and says which options it ignores
+    assert main(["train", "--method", "thor", "-o", str(run), "--resume", "--steps", "3", "--ema-decay", "0.5",
+                 "--curve-method", "thor", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "ignoring --ema-decay, --curve-method" in out
+    assert json.loads((run / "config.json").read_text())["train"]["ema_decay"] == 0.99
+    rc = main(["train", "--method", "thor", "-o", str(run), "--resume", "--time-limit", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--time-limit must be a positive number of minutes" in err

@@ -11,8 +11,25 @@ resumes.  A run directory holds:
     model.safetensors    the latest weights (one file, keys <role>.<param>)
     model.json           a manifest entry for the weights (see ``uad.zoo``; import with 'uad models import')
     optimizer.pt         optimizer state (read back only with ``torch.load(weights_only=True)``)
-    state.json           step, best validation loss, seconds, world size
+    state.json           step, best validation loss, seconds, world size (EMA updates, init model)
     log.csv              step, loss (mean over processes), validation loss, seconds
+
+With EMA (``ema_decay`` > 0), model.safetensors holds the EMA weights (what is
+validated and exported) and ``train_state.safetensors`` replaces optimizer.pt:
+the online weights plus the optimizer state (tensors; param groups as JSON
+metadata), so that every part of the checkpoint is safetensors.  With a
+learning curve (``curve_every``) the folder also holds curve.csv and curve.png.
+
+Converging faster
+-----------------
+``init`` starts a new run from an existing model (id, run folder or
+.safetensors; its architecture, schedule and normalisation are kept);
+``ema_decay`` keeps an EMA of the weights; ``t_min`` / ``t_max`` restrict the
+training timesteps of the DDPM family (``train_t_min`` / ``train_t_max`` in the
+model config, read by ``methods.common.ddpm_loss``); ``curve_every`` /
+``curve_methods`` log the validation loss and the AP on a few slices of the
+bundled sample every N steps.  ``train(time_limit=...)`` (``--time-limit``) and
+SIGINT / SIGTERM checkpoint and stop a single-process run cleanly.
 
 Configuration: ``TrainConfig`` defaults, then a JSON config (``--config``),
 then command-line options; ``model_overrides`` is deep-merged into the model
@@ -1274,7 +1291,8 @@ def _cli_train(args) -> int:
     if args.time_limit is not None and ctx.enabled:
         raise UADError("--time-limit is for single-process training (under torchrun, stop the job and --resume)")
     if args.resume:
-        given = [f"--{d.replace('_', '-')}" for d in _CLI_FIELDS if d != "steps" and getattr(args, d) is not None]
+        given = [f"--{d.replace('_', '-').replace('curve-methods', 'curve-method')}" for d in _CLI_FIELDS
+                 if d != "steps" and getattr(args, d) is not None]
         if args.config:
             given.append("--config")
         if given:
