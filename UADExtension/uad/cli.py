@@ -129,7 +129,15 @@ def _case_row(case, index: int, **kw) -> dict:
     return row
 
 
+class _SingleProcess:
+    """The context of a run without torchrun (what ``training.distributed_env`` gives, without importing torch)."""
+
+    rank, local_rank, world_size, enabled, is_main, owns_group = 0, 0, 1, False, True, False
+
+
 def _distributed_context():
+    if os.environ.get("WORLD_SIZE", "").strip() in ("", "1"):
+        return _SingleProcess()
     from .training import distributed_env
 
     return distributed_env()
