@@ -202,7 +202,7 @@ def cmd_detect(args) -> int:
             validate(img, name=str(c.path))
             if c.mask is not None:
                 validate_mask(read_image(c.mask), img, name=str(c.mask))
-            voxels += int(np.prod(img.GetSize(), dtype=np.int64))
+            voxels = max(voxels, int(np.prod(img.GetSize(), dtype=np.int64)))
             del img
         except UADError as e:
             if single:
@@ -212,8 +212,9 @@ def cmd_detect(args) -> int:
         first = next(iter(errors.values()))
         raise InputError(f"{first}" + (f" (and all {len(cases) - 1} other input(s) failed too)"
                                        if len(cases) > 1 else ""))
-    # 4. the output folder takes files and has room for them
-    check_writable(outdir, voxels * OUTPUT_BYTES_PER_VOXEL + len(cases) * 2**20)
+    # 4. the output folder takes files and has room for the largest case's outputs (uncompressed; cases are
+    # written one after the other, and a disk that fills up later fails that case with one line)
+    check_writable(outdir, voxels * OUTPUT_BYTES_PER_VOXEL + 2**20)
 
     # 5. device, threads, the model and the method (errors before any work)
     if ctx.enabled:
