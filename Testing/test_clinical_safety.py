@@ -336,6 +336,14 @@ def test_param_type_and_ignored_parameter_errors(tiny_zoo, make_volume, tmp_path
     assert not no_compute
 
 
+def test_ignored_parameters_of_autoddpm(tiny_model):
+    with pytest.raises(UADError, match="parameter eta has no effect with preset 'paper'"):
+        uad.pipeline.build("autoddpm", tiny_model, "paper", {"eta": 0.5})
+    assert uad.pipeline.build("autoddpm", tiny_model, "fast", {"eta": 0.5}).params.eta == 0.5  # DDIM in-painting
+    assert uad.pipeline.build("anoddpm", tiny_model, "paper", {"variance": "fixed_small"}).params.variance == \
+        "fixed_small"  # the ancestral sampler uses it
+
+
 # -- the model zoo -------------------------------------------------------------------------------
 def test_broken_user_manifest_does_not_block_bundled_models(tiny_zoo, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "uad-cache" / "models"

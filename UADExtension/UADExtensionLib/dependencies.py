@@ -27,6 +27,8 @@ REQUIREMENTS: list[tuple[str, str]] = [
     ("scipy", "scipy>=1.10"),
     ("lpips", "lpips>=0.1.4"),  # perceptual maps of THOR / AutoDDPM (needs torchvision)
     ("tqdm", "tqdm>=4.60"),  # download progress of the model zoo
+    ("nibabel", "nibabel>=4.0"),  # NIfTI integrity checks of uad.imageio (truncation, NaN, sheared sform)
+    ("PIL", "pillow>=9.0"),  # the ownership marker of the overview PNG (uad.imageio.mark_png)
 ]
 
 # Top-level modules Slicer always ships (never pip-installed by this module).

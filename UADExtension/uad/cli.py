@@ -134,7 +134,15 @@ def _case_row(case, index: int, **kw) -> dict:
     return row
 
 
+class _SingleProcess:
+    """The context of a run without torchrun (what ``training.distributed_env`` gives, without importing torch)."""
+
+    rank, local_rank, world_size, enabled, is_main, owns_group = 0, 0, 1, False, True, False
+
+
 def _distributed_context():
+    if os.environ.get("WORLD_SIZE", "").strip() in ("", "1"):
+        return _SingleProcess()
     from .training import distributed_env
 
     return distributed_env()
@@ -230,7 +238,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
             validate(img, name=str(c.path))
             if c.mask is not None:
                 validate_mask(read_image(c.mask), img, name=str(c.mask))
-            voxels += int(np.prod(img.GetSize(), dtype=np.int64))
+            voxels = max(voxels, int(np.prod(img.GetSize(), dtype=np.int64)))
             del img
         except UADError as e:
             if single:
@@ -240,8 +248,9 @@ def _cmd_detect(args, json_events: bool = False) -> int:
         first = next(iter(errors.values()))
         raise InputError(f"{first}" + (f" (and all {len(cases) - 1} other input(s) failed too)"
                                        if len(cases) > 1 else ""))
-    # 4. the output folder takes files and has room for them
-    check_writable(outdir, voxels * OUTPUT_BYTES_PER_VOXEL + len(cases) * 2**20)
+    # 4. the output folder takes files and has room for the largest case's outputs (uncompressed; cases are
+    # written one after the other, and a disk that fills up later fails that case with one line)
+    check_writable(outdir, voxels * OUTPUT_BYTES_PER_VOXEL + 2**20)
 
     # 5. device, threads, the model and the method (errors before any work)
     if ctx.enabled:

@@ -190,6 +190,11 @@ class AutoDDPM(Method):
         return b * x_t + (1 - b) * x_m, nfe
 
     # -- inference ------------------------------------------------------------
+    def ignored_parameters(self) -> dict[str, str]:
+        if self.params.inpaint_sampler == "ddpm":
+            return {"eta": "only the ddim in-painting sampler uses it"}
+        return {}
+
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         p = self.params
         net = self.model.net("denoiser")

@@ -196,6 +196,15 @@ class DISYRE(Method):
             score = score * m.mean(dim=(1, 2, 3), keepdim=True)
         return score * m, rest
 
+    def ignored_parameters(self) -> dict[str, str]:
+        p = self.params
+        out = {}
+        if p.labels is not None:
+            out["steps"] = "explicit labels set the label timesteps"
+        if p.mode != "mean-single-step":
+            out["restoration"] = "only the mean-single-step mode combines restorations"
+        return out
+
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         H, W = x.shape[-2:]
         if H > self.patch or W > self.patch:
