@@ -299,3 +299,33 @@ def test_widget_runs_in_the_background_then_thresholds_live_and_cancels(widget, 
     assert w._run is None and run.state == "cancelled" and run.process.returncode() is not None
     assert "Cancelled" in ui.statusLabel.text and ui.applyButton.text == "Apply"
     assert [mrml.scene.GetNthNode(i).GetID() for i in range(mrml.scene.GetNumberOfNodes())] == ids
+
+
+def test_widget_in_process_run_and_its_cancel(widget, mrml, volume_file, monkeypatch):  # noqa: F811
+    w, ui = widget.w, widget.ui
+    node = mrml.load(volume_file)
+    ui.inputSelector.setCurrentNode(node)
+    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("anoddpm"))
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData("tiny-test-thr"))
+    ui.deviceComboBox.setCurrentIndex(ui.deviceComboBox.findData("cpu"))
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findData("fast"))
+    ui.batchSizeSpinBox.value = 2
+    ui.backgroundCheckBox.checked = False
+    ids = [mrml.scene.GetNthNode(i).GetID() for i in range(mrml.scene.GetNumberOfNodes())]
+    clicks = []
+
+    def process_events():  # the user clicks Cancel (the Apply button) once the run shows progress
+        if not clicks and ui.applyButton.text == "Cancel":
+            clicks.append(ui.progressBar.value)
+            w.onApplyButton()
+
+    monkeypatch.setattr(slicer.app, "processEvents", process_events)
+    w.onApplyButton()
+    assert clicks == [2] and "Cancelled" in ui.statusLabel.text  # after the first batch of 2 slices and ui.applyButton.text == "Apply"
+    assert w.lastResult is None and w._inProcessCancel is None
+    assert [mrml.scene.GetNthNode(i).GetID() for i in range(mrml.scene.GetNumberOfNodes())] == ids
+    clicks.append("done")  # no more clicks: a full in-process run
+    w.onApplyButton()
+    r = w.lastResult
+    assert r is not None and not r.info.get("background_process") and "Slicer's process" in ui.statusLabel.text
+    assert r.info["threshold"] == pytest.approx(0.123)
