@@ -172,6 +172,8 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probe = None        # device probe process
         self._probeOut = []
         self._timer = None
+        self._sliderMode = None
+        self._inProcessCancel = None  # threading.Event while an in-process run is going
         self.lastResult = None
 
     # -- setup ----------------------------------------------------------------
@@ -378,22 +380,26 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.logic.modelEntryData(self._currentMethod(), self.ui.modelComboBox.currentData or None)
 
     def onThresholdModeChanged(self, index=None) -> None:
-        """Set the slider's range and unit for the mode, then apply it to the current result."""
+        """Set the slider's range and unit for the mode (its value is kept while the mode stays), then apply it."""
         mode = self.ui.thresholdModeComboBox.currentData or "calibrated"
         slider = self.ui.thresholdSliderWidget
+        modeChanged = mode != self._sliderMode
+        self._sliderMode = mode
         wasBlocked = slider.blockSignals(True)
         try:
             slider.enabled = mode != "calibrated"
             if mode == "fpr":
-                slider.decimals, slider.minimum, slider.maximum, slider.singleStep = 3, 0.001, 50.0, 0.001
-                slider.suffix = " %"
-                slider.value = 5.0
+                if modeChanged:
+                    slider.suffix = " %"
+                    slider.decimals, slider.minimum, slider.maximum, slider.singleStep = 3, 0.001, 50.0, 0.001
+                    slider.value = 5.0  # the bundled models' calibration point
             else:
                 r = self.logic.thresholdSliderRange(self.lastResult, self._modelEntry(), self._currentMethod())
+                keep = float(slider.value)
                 slider.suffix = ""
-                slider.decimals, slider.minimum, slider.maximum = 6, 0.0, r["maximum"]
-                slider.singleStep = r["step"]
-                slider.value = r["value"]
+                slider.decimals, slider.minimum, slider.singleStep = 6, 0.0, r["step"]
+                slider.maximum = r["maximum"] if modeChanged else max(r["maximum"], keep)
+                slider.value = r["value"] if modeChanged or mode == "calibrated" else keep
         finally:
             slider.blockSignals(wasBlocked)
         if not self._updatingGUI:
@@ -449,6 +455,11 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateApplyButton()
 
     def onApplyButton(self) -> None:
+        if self._inProcessCancel is not None:  # Cancel of an in-process run: stops after the current batch
+            self._inProcessCancel.set()
+            self.ui.applyButton.enabled = False
+            self.ui.statusLabel.text = _("Cancelling after the current batch of slices...")
+            return
         if self._run is not None:
             self._cancelRun()
             self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
@@ -491,19 +502,28 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _runInProcess(self, inputVolume, kwargs) -> None:
+        import threading
+
+        from uad import Cancelled
+
         from UADExtensionLib.progress import ProgressTracker
 
         tracker = ProgressTracker()
+        self._inProcessCancel = threading.Event()
         self._setRunning(True)
 
         def progress(done, total):
             tracker.update(done, total)
             self._showProgress(tracker)
-            slicer.app.processEvents()
+            slicer.app.processEvents()  # lets Cancel be clicked between batches
 
         try:
-            result = self.logic.process(inputVolume, progressCallback=progress, **kwargs)
+            result = self.logic.process(inputVolume, progressCallback=progress, cancel=self._inProcessCancel, **kwargs)
+        except Cancelled:
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+            return
         finally:
+            self._inProcessCancel = None
             self._setRunning(False)
         self._showResult(result, inputVolume)
 
@@ -554,10 +574,9 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showResult(self, result, inputVolume) -> None:
         self.lastResult = result
         self.logic.showResult(result, inputVolume)
-        for selector, node in ((self.ui.restorationSelector, result.restorationNode),
-                               (self.ui.heatmapSelector, result.heatmapNode),
-                               (self.ui.segmentationSelector, result.segmentationNode)):
-            selector.setCurrentNode(node)
+        # the output selectors keep the user's choice ("Create new" stays new: results are never
+        # overwritten unless an output node was picked); Show 3D follows the new segmentation
+        self.ui.show3DButton.setSegmentationNode(result.segmentationNode)
         self.ui.jumpButton.enabled = True
         self.ui.statusLabel.text = self.logic.resultText(result)
         warnings = result.info.get("warnings") or []

@@ -46,7 +46,9 @@ class ModelsPanel:
                 item.setToolTip(r.description)
                 table.setItem(i, j, item)
         table.resizeColumnsToContents()
-        self.ui.modelsStatusLabel.text = f"{len(rows)} model(s); user folder: {models.models_folder()}"
+        from uad.zoo import user_models_dir
+
+        self.ui.modelsStatusLabel.text = f"{len(rows)} model(s); user folder: {user_models_dir()}"
         self.onChanged()
 
     def selectedId(self):
