@@ -612,6 +612,7 @@ def import_reference(method: str, path: str | os.PathLike, model_id: str | None 
                f"(mean |x0_hat - x| in [0,1] units, t = 25/100/200/350): [0,1] {errs['0,1']:.4f}, "
                f"[-1,1] {errs['-1,1']:.4f} -> [{best}]")
         log(msg)
+        log("  (phantom slices prepared as the profile says, approximations: " + "; ".join(notes) + ")")
         checks.append(msg + "; approximations: " + "; ".join(notes))
     else:
         checks.append(f"input range [{rng_choice[0]:g}, {rng_choice[1]:g}] given (not measured)")
