@@ -13,7 +13,6 @@ network itself.  Tests needing the package skip when it is absent.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +143,6 @@ def test_thor_chain_equals_reference_network_chain(cache, tmp_path):
 
 
 # ----------------------------------------------------------------------------- refusals
-_SENTINEL: list = []
 
 
 def _payload_ran(path):  # what a malicious checkpoint would run on unpickling
