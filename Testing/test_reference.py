@@ -242,6 +242,14 @@ def test_round_trip_into_cache_list_verify_and_entry(cache, tmp_path, capsys):
     assert build("thor", m, "fast").params.level == 250
     assert build("thor", m, "fast").params.harmonization == [200, 150, 100, 50]
     assert build("thor", m, "fast", {"level": 100}).params.level == 100
+    # the simplex model samples the reference's unscaled simplex noise
+    from uad.rng import BatchRNG
+
+    out = build("thor", m, "fast", {"level": 6, "steps": 2, "harmonization": [3], "vis_every": 0,
+                                    "perceptual": "ssim"})(torch.full((1, 1, 32, 32), 0.5),
+                                                           torch.ones(1, 1, 32, 32, dtype=torch.bool),
+                                                           BatchRNG.for_slices(0, [0]))
+    assert out.extras["noise"] == "simplex-raw" and torch.isfinite(out.anomaly).all()
     a = build("autoddpm", m, "fast").params
     assert (a.level, a.inpaint_level, a.threshold, a.resample) == (200, 50, 0.13, 3)  # fast's resample wins
     assert build("autoddpm", m, "paper").params.resample == 5
