@@ -142,7 +142,7 @@ REFERENCE_SIMPLEX = {"kind": "simplex-raw", "octaves": 6, "persistence": 0.8, "f
 DEFAULT_SLICE_RANGE = (0.35, 0.65)
 IMAGE_SIZE = 128
 MIDAXIAL_WARNING = ("the authors trained this network on mid-axial slices only; inference is restricted to the "
-                    "central axial slab {lo:.2f}-{hi:.2f} of the registered volume (other slices get anomaly 0); "
+                    "central axial slab {lo:.2f}-{hi:.2f} of the brain's axial extent (other slices get anomaly 0); "
                     "re-import with --slice-range all to run every slice (out of the training distribution)")
 
 _PREFIX = "unet."
@@ -395,7 +395,8 @@ def healthy_slices(image_size: int = IMAGE_SIZE, n: int = 6, seed: int = 0,
     """(n, S, S) healthy T1 phantom slices in [0, 1] prepared like the checkpoints' training data.
 
     A T1 phantom (``uad.phantoms.make_phantom``, a head when the phantoms support ``head=True``)
-    on its MNI152 grid, axial slices spread over ``slice_range``, padded to square with the image
+    on its MNI152 grid, axial slices spread over ``slice_range`` of the brain's axial extent, padded
+    to square with the image
     minimum, resized to S with anti-aliasing, the image minimum -> 0 and its 98th percentile -> 1.
     Returns the slices and the list of approximations made.
     """
@@ -415,9 +416,10 @@ def healthy_slices(image_size: int = IMAGE_SIZE, n: int = 6, seed: int = 0,
         notes.append("skull-stripped phantom: these phantoms have no scalp or skull, the training images had")
     img = sitk.DICOMOrient(ph.image, "LPS")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (K, J, I)
-    K = arr.shape[0]
+    brain_k = np.flatnonzero(sitk.GetArrayFromImage(sitk.DICOMOrient(ph.brain_mask, "LPS")).any(axis=(1, 2)))
+    k0, k1 = (int(brain_k[0]), int(brain_k[-1])) if brain_k.size else (0, arr.shape[0] - 1)
     lo, hi = slice_range if slice_range is not None else (0.0, 1.0)
-    ks = np.unique(np.round(np.linspace(lo * (K - 1), hi * (K - 1), int(n) + 2)[1:-1]).astype(int))
+    ks = np.unique(np.round(k0 + np.linspace(lo, hi, int(n) + 2)[1:-1] * (k1 - k0)).astype(int))
     vmin = float(arr.min())
     vmax = float(np.percentile(arr, REFERENCE_NORMALISATION["upper"]))
     if vmax <= vmin:
@@ -610,6 +612,7 @@ def import_reference(method: str, path: str | os.PathLike, model_id: str | None 
                f"(mean |x0_hat - x| in [0,1] units, t = 25/100/200/350): [0,1] {errs['0,1']:.4f}, "
                f"[-1,1] {errs['-1,1']:.4f} -> [{best}]")
         log(msg)
+        log("  (phantom slices prepared as the profile says, approximations: " + "; ".join(notes) + ")")
         checks.append(msg + "; approximations: " + "; ".join(notes))
     else:
         checks.append(f"input range [{rng_choice[0]:g}, {rng_choice[1]:g}] given (not measured)")
@@ -848,6 +851,6 @@ def add_models_cli(models_subparsers) -> None:
                    help="intensity range the network expects (default: auto for THOR = measured on healthy "
                         "phantom slices; 0,1 for AutoDDPM); write --input-range=-1,1 (with '=') for [-1, 1]")
     p.add_argument("--slice-range", default=None, metavar="LO,HI|all",
-                   help="central axial slab kept for inference, as fractions of the registered volume "
+                   help="central axial slab kept for inference, as fractions of the brain's axial extent "
                         f"(default {DEFAULT_SLICE_RANGE[0]},{DEFAULT_SLICE_RANGE[1]}; 'all' = every slice)")
     p.set_defaults(func=cmd_import_reference)
