@@ -27,10 +27,10 @@ import SimpleITK as sitk
 from . import UADError
 
 METHODS = ("deepbet", "registration")
-#: The skull stripper used per contrast (unknown contrast: deepbet).  Measured on head phantoms
-#: (benchmarks/bench_skullstrip.py): deepbet is best on T1 but over-segments T2 and FLAIR (it keeps
-#: the bright CSF rim and parts of the scalp), where the registration mask is better.
-STRIPPER_BY_CONTRAST = {"T1": "deepbet", "T2": "registration", "FLAIR": "registration"}
+#: The skull stripper used per contrast (unknown contrast: deepbet).  Chosen by brain-mask Dice on
+#: head phantoms (benchmarks/bench_skullstrip.py, numbers in the README): deepbet is best on T1 and
+#: FLAIR; on T2 it over-segments (it keeps the bright CSF rim), where the registration mask is better.
+STRIPPER_BY_CONTRAST = {"T1": "deepbet", "T2": "registration", "FLAIR": "deepbet"}
 DEEPBET_VOXEL_MM = 1.0
 
 
