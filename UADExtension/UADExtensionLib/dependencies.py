@@ -27,6 +27,8 @@ REQUIREMENTS: list[tuple[str, str]] = [
     ("scipy", "scipy>=1.10"),
     ("lpips", "lpips>=0.1.4"),  # perceptual maps of THOR / AutoDDPM (needs torchvision)
     ("tqdm", "tqdm>=4.60"),  # download progress of the model zoo
+    ("deepbet", "deepbet>=1.0.2"),  # skull stripping of unprocessed heads (uad.skullstrip)
+    ("nilearn", "nilearn>=0.10"),  # the MNI152 template (registration, registration-based brain mask)
 ]
 
 # Top-level modules Slicer always ships (never pip-installed by this module).
