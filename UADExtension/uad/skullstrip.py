@@ -138,8 +138,8 @@ def registration_mask(image: sitk.Image, options: dict | None = None) -> np.ndar
     img = sitk.Cast(image, sitk.sitkFloat32)
     fixed = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     head = sitk.OtsuThreshold(fixed, 0, 1, 200)
-    aff, _ = register_affine(fixed, t1, iterations=o["affine_iterations"], shrink=(4, 2, 1)[:len(o["affine_iterations"])],
-                             fixed_mask=head)
+    its = tuple(o["affine_iterations"])
+    aff, _ = register_affine(fixed, t1, iterations=its, shrink=(4, 2, 1)[:len(its)], fixed_mask=head)
     tx = register_deformable(fixed, t1, aff, mesh_mm=float(o["mesh_mm"]), iterations=int(o["bspline_iterations"]),
                              fixed_mask=head)
     warped = sitk.Resample(sitk.Cast(brain, sitk.sitkFloat32), image, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
