@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 import uad
+import uad.pipeline
 from uad.postprocess import to_volumes
 from uad.preprocess import (DEFAULT_PROFILE, BiasCorrection, detect_skull_stripped, n4_bias_field, preprocess,
                             profile_settings)
@@ -179,3 +180,28 @@ def test_registration_round_trip_onto_the_input_grid():
     _, back = to_volumes(lst, lst.slices, lst.slices)
     got = _arr(back) > 0.5
     assert 2 * (got & les).sum() / (got.sum() + les.sum()) > 0.6
+
+
+def test_skull_stripped_and_bias_overrides(tiny_model, fast_params, make_volume, tmp_path, capsys):
+    from uad.cli import main
+
+    img, _, brain = make_volume()
+    r = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, skull_stripped=False,
+                            brain_mask=brain)
+    pre = r.info["preprocess"]
+    assert pre["skull_stripped"] == {"value": False, "source": "told"}
+    assert [s["step"] for s in pre["steps"]][1:3] == ["bias_correction", "brain_mask"]  # N4 auto: on
+    assert pre["brain_mask"] == "given"  # a given mask is never replaced by the stripper
+    assert np.array_equal(_arr(r.brain_mask), _arr(brain))
+    r2 = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, skull_stripped=False,
+                             brain_mask=brain, bias_correction=False)
+    assert "bias_correction" not in [s["step"] for s in r2.info["preprocess"]["steps"]]
+    inp = tmp_path / "v.nii.gz"
+    sitk.WriteImage(img, str(inp))
+    rc = main(["detect", str(inp), "-o", str(tmp_path / "o"), "--model", "tiny-test", "--device", "cpu",
+               "--no-progress", "--skull-stripped", "yes", "--bias-correction", "yes", "--param", "steps=2",
+               "--param", "level=20"])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "v_brainmask.nii.gz").is_file()
+    with pytest.raises(SystemExit):
+        main(["detect", str(inp), "-o", str(tmp_path / "o"), "--skull-stripped", "maybe"])

@@ -537,6 +537,7 @@ def test_requirement_checks():
 
     installed = {"monai": "1.5.0", "einops": "0.5.1", "safetensors": "0.4.5", "scipy": "1.13.1", "lpips": "0.1.4",
                  "tqdm": "4.66.0", "nibabel": "5.2.0", "PIL": "10.0.0", "pillow": "10.0.0",
+                 "deepbet": "1.0.2", "nilearn": "0.10.3",
                  "torch": "2.0.1+cu118", "torchvision": "0.18.0"}
     find_spec = lambda name: object() if name in installed or name == "numpy" else None  # noqa: E731
 

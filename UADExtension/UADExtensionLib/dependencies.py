@@ -29,6 +29,8 @@ REQUIREMENTS: list[tuple[str, str]] = [
     ("tqdm", "tqdm>=4.60"),  # download progress of the model zoo
     ("nibabel", "nibabel>=4.0"),  # NIfTI integrity checks of uad.imageio (truncation, NaN, sheared sform)
     ("PIL", "pillow>=9.0"),  # the ownership marker of the overview PNG (uad.imageio.mark_png)
+    ("deepbet", "deepbet>=1.0.2"),  # skull stripping of unprocessed heads (uad.skullstrip)
+    ("nilearn", "nilearn>=0.10"),  # the MNI152 template (registration, registration-based brain mask)
 ]
 
 # Top-level modules Slicer always ships (never pip-installed by this module).

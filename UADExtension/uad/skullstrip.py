@@ -27,10 +27,10 @@ import SimpleITK as sitk
 from . import UADError
 
 METHODS = ("deepbet", "registration")
-#: The skull stripper used per contrast (unknown contrast: deepbet).  Measured on head phantoms
-#: (benchmarks/bench_skullstrip.py): deepbet is best on T1 but over-segments T2 and FLAIR (it keeps
-#: the bright CSF rim and parts of the scalp), where the registration mask is better.
-STRIPPER_BY_CONTRAST = {"T1": "deepbet", "T2": "registration", "FLAIR": "registration"}
+#: The skull stripper used per contrast (unknown contrast: deepbet).  Chosen by brain-mask Dice on
+#: head phantoms (benchmarks/bench_skullstrip.py, numbers in the README): deepbet is best on T1 and
+#: FLAIR; on T2 it over-segments (it keeps the bright CSF rim), where the registration mask is better.
+STRIPPER_BY_CONTRAST = {"T1": "deepbet", "T2": "registration", "FLAIR": "deepbet"}
 DEEPBET_VOXEL_MM = 1.0
 
 
@@ -138,8 +138,8 @@ def registration_mask(image: sitk.Image, options: dict | None = None) -> np.ndar
     img = sitk.Cast(image, sitk.sitkFloat32)
     fixed = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     head = sitk.OtsuThreshold(fixed, 0, 1, 200)
-    aff, _ = register_affine(fixed, t1, iterations=o["affine_iterations"], shrink=(4, 2, 1)[:len(o["affine_iterations"])],
-                             fixed_mask=head)
+    its = tuple(o["affine_iterations"])
+    aff, _ = register_affine(fixed, t1, iterations=its, shrink=(4, 2, 1)[:len(its)], fixed_mask=head)
     tx = register_deformable(fixed, t1, aff, mesh_mm=float(o["mesh_mm"]), iterations=int(o["bspline_iterations"]),
                              fixed_mask=head)
     warped = sitk.Resample(sitk.Cast(brain, sitk.sitkFloat32), image, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
