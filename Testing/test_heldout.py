@@ -108,3 +108,16 @@ def test_generate_heldout_manifest_and_reuse(tmp_path, monkeypatch):
     assert Path(loaded[0]["image"]).stat().st_mtime_ns == mtime  # reused, not regenerated
     with pytest.raises(ValueError, match="heldout.json"):
         load_heldout(tmp_path)
+
+
+def test_cli_registers_heldout_evaluate_benchmark():
+    from uad.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["heldout", "out", "--quick", "--contrasts", "T2"])
+    assert a.quick and a.contrasts == ["T2"] and callable(a.func)
+    a = p.parse_args(["evaluate", "pred", "gt", "--brain-masks", "b", "-o", "o", "--median", "5"])
+    assert a.brain_masks == "b" and a.median == 5
+    a = p.parse_args(["benchmark", "-o", "o", "--methods", "disyre", "--contrasts", "T2", "FLAIR", "--quick",
+                      "--precision", "bf16"])
+    assert a.methods == ["disyre"] and a.contrasts == ["T2", "FLAIR"] and a.precision == "bf16"

@@ -36,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "UADExtension"))
 
-from uad.benchmark import (NetworkTimer, PeakMemory, _clock, _copy_model, _slab, _sync, autocast_model,  # noqa: E402
+from uad.benchmark import (NetworkTimer, PeakMemory, _clock, _copy_model, _hardware, _slab, _sync,  # noqa: E402
+                           autocast_model,
                            model_for, prepare_model)
 from uad.heldout import Geometry, acquire  # noqa: E402
 from uad.metrics import pr_stats  # noqa: E402
@@ -96,9 +97,8 @@ def main(argv=None) -> int:
     n_loop = args.loop_slices or (3 if args.quick else 16)
     bs = args.batch_size or (160 if dev.type == "cuda" else 16)
     methods = args.methods or available_methods()
-    print(f"python {platform.python_version()}, torch {torch.__version__}, device {dev}"
-          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({platform.processor()}, "
-             f"{torch.get_num_threads()} threads)") + f", batch {bs}", flush=True)
+    print(f"python {platform.python_version()}, torch {torch.__version__}, device {dev} ({_hardware(dev)}), "
+          f"batch {bs}", flush=True)
     t_all = time.time()
     img, brain, _ = volume_with_slices(n_slices)
     les_img, les_brain, les_mask = volume_with_slices(n_slices, lesion="tumour",
