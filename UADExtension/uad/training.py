@@ -773,9 +773,18 @@ class LearningCurve:
 
     def plot(self) -> None:
         if self.rows:
-            plot_curve(self.csv, self.png, prevalence=self.prevalence,
-                       title=f"{self.cfg.method} ({self.cfg.curve_preset}), EMA {self.cfg.ema_decay:g}"
-                       if self.cfg.ema_decay else f"{self.cfg.method} ({self.cfg.curve_preset})")
+            plot_curve(self.csv, self.png, prevalence=self.prevalence, title=curve_title(self.run_dir, self.cfg))
+
+
+def curve_title(run_dir: Path, cfg: TrainConfig) -> str:
+    parts = [f"{Path(run_dir).name}: {cfg.method} objective, batch {cfg.batch_size}"]
+    if cfg.ema_decay:
+        parts.append(f"EMA {cfg.ema_decay:g}")
+    if cfg.t_min or cfg.t_max is not None:
+        parts.append(f"t in [{cfg.t_min}, {cfg.t_max if cfg.t_max is not None else 'T'})")
+    if cfg.curve_methods:
+        parts.append(f"AP: preset {cfg.curve_preset}, {cfg.curve_slices} sample slices")
+    return ", ".join(parts)
 
 
 def plot_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike, prevalence: float | None = None,
