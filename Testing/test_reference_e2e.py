@@ -30,6 +30,18 @@ def imported(tmp_path, monkeypatch):
     return "thor-e2e"
 
 
+@pytest.fixture(autouse=True)
+def coarse_registration(monkeypatch):
+    """Two coarse affine levels (4 and 2 mm) instead of the production three down to 1 mm: the
+    profile's steps and the way back onto the input grid are what is tested here, not the
+    registration's accuracy (Testing/test_chain.py and benchmarks/bench_skullstrip.py)."""
+    import uad.registration as registration
+
+    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "iterations", (40, 20))
+    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "shrink", (4, 2))
+    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "smoothing_mm", (4.0, 2.0))
+
+
 @pytest.fixture
 def head_t1(tmp_path):
     from uad.phantoms import make_phantom
