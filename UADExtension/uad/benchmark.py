@@ -578,7 +578,7 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
               "threads": torch.get_num_threads(), "quick": bool(quick), "heldout": str(ho),
               "batch_size": batch_size, "precision": precision, "channels_last": channels_last,
               "compile": compile_, "fpr": fpr, "results": results, "speed": speed, "missing": missing,
-              "speed_presets": list(speed_presets), "speed_slices": speed_slices,
+              "speed_presets": list(speed_presets), "speed_slices": speed_slices, "speed_only": bool(speed_only),
               "wall_seconds": time.time() - t_start}
     report["over_limit"] = [
         f"{r['method']}/{r['preset']} ({r['contrast']}, {'slab' if 'pooled_ap' not in r else 'held-out set'}): "
@@ -646,7 +646,10 @@ def _json_default(o):
 def markdown(report: dict) -> str:
     res = report["results"]
     prev = next((r["prevalence"] for r in res if r.get("prevalence")), {})
-    lines = [f"Held-out phantoms ({'quick subset' if report['quick'] else 'full set'}), {report['date_utc']}, "
+    subset = "quick subset" if report["quick"] else "full set"
+    if report.get("speed_only"):
+        subset += ", speed pass only"
+    lines = [f"Held-out phantoms ({subset}), {report['date_utc']}, "
              f"{report['hardware']}, device {report['device']}, batch {report['batch_size']}, "
              f"{report['precision']}; AP = mean per-volume average precision over brain voxels; "
              f"s/volume = wall seconds; compute s = {'wall' if report['device'].startswith('cuda') else 'process CPU'} "
