@@ -48,7 +48,6 @@ class AnoDDPM(Method):
         "paper": {},
         "fast": {"steps": 25, "sampler": "ddim", "error": "abs"},
     }
-    default_preset = "fast"
 
     def validate(self) -> None:
         p = self.params
@@ -62,6 +61,9 @@ class AnoDDPM(Method):
         self.diffusion = Diffusion(self.model.schedule)
         self.noise_kind = p.noise or self.model.noise
         self.noise_options = options_for(self.model.config, self.noise_kind)
+
+    def nfe_per_slice(self) -> int:
+        return len(partial_timesteps(self.params.level - 1, self.params.steps))
 
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         p = self.params

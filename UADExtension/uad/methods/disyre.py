@@ -140,7 +140,6 @@ class DISYRE(Method):
         "isbi": {"mode": "multi-step"},
         "fast": {"labels": (75, 50)},
     }
-    default_preset = "paper"
 
     def validate(self) -> None:
         p = self.params
@@ -162,6 +161,15 @@ class DISYRE(Method):
             self.labels = (self.schedule.reference_labels(p.steps) if p.mode == "mean-single-step"
                            else self.schedule.trailing(p.steps))
         self.patch = int(self.model.config.get("patch_size") or self.model.image_size)
+
+    def nfe_per_slice(self) -> int:
+        """Labels x sliding windows on a slice of the model's resolution."""
+        size = self.model.image_size
+        if size <= self.patch:
+            return len(self.labels)
+        stride = max(int(0.25 * self.patch), 1)
+        n = len(window_starts(size, self.patch, stride)[0])
+        return len(self.labels) * n * n
 
     # -- one pass on patch-sized inputs -----------------------------------
     def _pipeline(self, x: torch.Tensor, mask: torch.Tensor):
