@@ -71,6 +71,12 @@ def calibration_record(config: dict, method: str, preset: str, backend: str) -> 
     return rec if isinstance(rec, dict) else None
 
 
+def stale(config: dict, record: dict) -> bool:
+    """True when the record was measured on weights other than the entry's (both sha256 known)."""
+    a, b = record.get("sha256"), config.get("sha256")
+    return bool(a and b and str(a).lower() != str(b).lower())
+
+
 def available(config: dict, method: str) -> list[str]:
     """"preset/backend" pairs calibrated for ``method`` (new format)."""
     cal = (config.get("calibration") or {}).get(method)
@@ -109,6 +115,9 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
     """
     key = fpr_key(fpr)
     rec = calibration_record(config, method, preset, backend)
+    if rec is not None and stale(config, rec):
+        return None, "", (f"the {method}/{preset}/{backend} calibration was measured on other weights (sha256 "
+                          f"{str(rec.get('sha256'))[:12]}... vs {str(config.get('sha256'))[:12]}...); recalibrate")
     if rec is not None:
         thr = (rec.get("thresholds") or {}).get(key)
         if thr is not None:
@@ -137,7 +146,7 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
 def lookup_tau(config: dict, preset: str, backend: str) -> float | None:
     """AutoDDPM's calibrated stage-1 threshold for (preset, backend), or None."""
     rec = calibration_record(config, "autoddpm", preset, backend)
-    if rec is None or rec.get("tau") is None:
+    if rec is None or rec.get("tau") is None or stale(config, rec):
         return None
     return float(rec["tau"])
 
@@ -292,6 +301,6 @@ def warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-__all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "available",
+__all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
            "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
            "autoddpm_stage1_values"]

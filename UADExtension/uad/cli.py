@@ -127,28 +127,47 @@ def cmd_detect(args) -> int:
     if dup:
         raise InputError(f"several inputs have the same name stem ({', '.join(dup)}); their outputs would collide")
     params = parse_params(args.param)
-    method_class(method_key(args.method))
+    if args.method is not None:
+        method_class(method_key(args.method))
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: exists and is not a folder")
 
-    # 1. validate every input (and mask) before processing any
+    # 1. validate every input (and mask) before processing any; without --method, choose per input
+    choices = []
     for i, p in enumerate(inputs):
         img = read_image(p)
         validate(img, name=str(p))
+        mimg = None
         if masks:
             mimg = read_image(masks[i])
             validate_mask(mimg, img, name=str(masks[i]))
+        if args.method is None:
+            from .selection import default_choice
+
+            choice, ctext = default_choice(img, args.contrast, args.model, mimg)
+            print(f"{p}: contrast {ctext}")
+            print(f"{p}: method {choice.method} (model {choice.model}"
+                  f"{', preset ' + choice.preset if choice.preset and not args.preset else ''}): {choice.reason}")
+            choices.append((method_key(choice.method), args.model or choice.model, args.preset or choice.preset))
+        else:
+            choices.append((method_key(args.method), args.model, args.preset))
         del img
-    # 2. the model and the method (errors before any work)
-    name = method_key(args.method)
+    # 2. the models and the methods (errors before any work)
     dev = resolve_device(args.device)
-    model = resolve_model(args.model, name, dev)
-    build(name, model, args.preset, params)
+    models = {}
+    for name, model_id, preset in choices:
+        if (name, model_id) not in models:
+            models[(name, model_id)] = resolve_model(model_id, name, dev)
+        build(name, models[(name, model_id)], preset, params)
 
     from tqdm import tqdm
 
+    from .overview import overview_title
+
     for i, p in enumerate(inputs):
+        name, model_id, preset = choices[i]
+        model = models[(name, model_id)]
         image = read_image(p)
         bmask = read_image(masks[i]) if masks else None
         bar = tqdm(total=None, desc=p.name, unit="slice", disable=args.no_progress, file=sys.stderr,
@@ -162,18 +181,19 @@ def cmd_detect(args) -> int:
 
         try:
             result = detect(image, method=name, model=model, device=dev, seed=args.seed,
-                            batch_size=args.batch_size, preset=args.preset, params=params,
-                            threshold=args.threshold, brain_mask=bmask, progress=progress)
+                            batch_size=args.batch_size, preset=preset, params=params,
+                            threshold=args.threshold, brain_mask=bmask, progress=progress, fpr=args.fpr)
         finally:
             bar.close()
         info = result.info
         outputs = _outputs(outdir, stems[i])
-        title = (f"{p.name}: {info['method']} ({info['preset']}), model {info['model']}, seed {info['seed']}, "
-                 f"threshold {info['threshold']:.3g} ({info['threshold_source'].split(':')[0]})")
+        title = overview_title(p.name, info)
         _write_all(result, image, outputs, title)
         print(f"{p}: {info['slices']} slices, {info['network_evaluations']} network evaluations, "
               f"{info['seconds']:.1f} s on {info['device']}; threshold {info['threshold']:.4g} "
-              f"({info['threshold_source']})")
+              f"({info['threshold_source']}); perceptual backend {info.get('perceptual_backend', 'none')}")
+        for w in info.get("warnings", []):
+            print(f"  warning: {w}")
         for w in info.get("preprocess", {}).get("warnings", []):
             print(f"  warning: {w}")
         for kind, path in outputs.items():
@@ -321,13 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<stem>_mask.nii.gz and <stem>_overview.png per input into OUTDIR.")
     d.add_argument("inputs", nargs="*", metavar="INPUT", help="3-D volumes (NIfTI, NRRD, MHA, ...)")
     d.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
-    d.add_argument("--method", default="anoddpm", help="method name (see 'uad methods'; default anoddpm)")
+    d.add_argument("--method", default=None,
+                   help="method name (see 'uad methods'); default: the method whose bundled model measured best "
+                        "on the held-out set for the input's contrast (printed with the reason)")
+    d.add_argument("--contrast", default=None, type=str.upper, choices=["T1", "T2", "FLAIR"],
+                   help="input contrast for the default method (default: guessed from the image, see "
+                        "uad.selection.guess_contrast)")
     d.add_argument("--model", default=None, metavar="ID", help="model id (default: the method's default model)")
     d.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--preset", default=None, help="method preset (default: the method's default)")
     d.add_argument("--threshold", type=float, default=None,
-                   help="anomaly threshold for the mask (default: the model's calibrated threshold)")
+                   help="anomaly threshold for the mask (default: the model's threshold calibrated for the "
+                        "method, preset and perceptual backend at --fpr)")
+    d.add_argument("--fpr", type=float, default=None, metavar="RATE",
+                   help="healthy false-positive rate of the calibrated threshold, a fraction of healthy brain "
+                        "voxels (default 0.01; 0.05 as THOR and AutoDDPM calibrate)")
     d.add_argument("--batch-size", type=int, default=16, metavar="B", help="slices per batch (default 16)")
     d.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter overriding the preset (repeatable)")

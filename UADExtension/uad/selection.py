@@ -227,3 +227,48 @@ def best_method(contrast: str, models=None) -> MethodChoice:
 
 
 __all__ = ["CONTRASTS", "UNSURE", "ContrastGuess", "MethodChoice", "guess_contrast", "best_method"]
+
+
+def default_choice(image: sitk.Image | None = None, contrast: str | None = None, model: str | None = None,
+                   brain_mask: sitk.Image | None = None) -> tuple[MethodChoice, str]:
+    """What ``uad detect`` runs when no method is given: (choice, contrast text).
+
+    The contrast is ``contrast`` or ``guess_contrast(image)``; the method the
+    best measured for it (``best_method``; among ``model``'s methods when a
+    model id is given).  Without any measurement for that contrast: the first
+    installed model of that contrast (else the first installed model) and the
+    first method it serves, said so in the reason.
+    """
+    from .zoo import find_model, list_models
+
+    if contrast:
+        c = str(contrast).upper()
+        if c not in CONTRASTS:
+            raise ValueError(f"unknown contrast {contrast!r}; choose one of {', '.join(CONTRASTS)}")
+        ctext = f"{c} (given)"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g = guess_contrast(image, brain_mask)
+        c = g.contrast
+        ctext = f"{c} (guessed, confidence {g.confidence:.2f}: {g.reason})"
+        if caught:
+            ctext += f" -- warning: unsure, pass --contrast to override"
+    entries = [find_model(model)] if model else list_models()
+    try:
+        return best_method(c, entries), ctext
+    except ModelError:
+        pass
+    usable = [e for e in entries if model or e.available]
+    same = [e for e in usable if str(e.data.get("contrast") or "").upper() == c]
+    pick = (same or usable)
+    if not pick or not pick[0].methods:
+        raise ModelError(f"no installed model to run for contrast {c}; give --method and --model")
+    e = pick[0]
+    return (MethodChoice(e.methods[0], e.id, None,
+                         f"no held-out measurements for {c} models; the first installed "
+                         f"{'model of that contrast' if same else 'model'} ({e.id}) and the first method it "
+                         f"serves", float("nan")), ctext)
+
+
+__all__ += ["default_choice"]
