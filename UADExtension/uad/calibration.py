@@ -200,9 +200,14 @@ def thresholds_at(anomalies: list[np.ndarray], brains: list[np.ndarray], fprs: I
     for f in fprs:
         q = float(np.quantile(vals, 1.0 - float(f)))
         if int(min_component_size or 0) > 1:
-            hi, lo = q, float(np.quantile(vals, max(0.0, 1.0 - 4.0 * float(f))))
+            hi, rate = q, float(f)
+            while True:  # a lower bound that flags at least the rate after the filter
+                rate = min(1.0, 2.0 * rate)
+                lo = float(np.quantile(vals, 1.0 - rate))
+                if rate >= 1.0 or _fpr_after_components(anomalies, brains, lo, min_component_size) >= float(f):
+                    break
             if _fpr_after_components(anomalies, brains, lo, min_component_size) >= float(f):
-                for _ in range(12):
+                for _ in range(16):
                     mid = 0.5 * (lo + hi)
                     if _fpr_after_components(anomalies, brains, mid, min_component_size) > float(f):
                         lo = mid
@@ -223,7 +228,7 @@ def healthy_volumes(contrast: str, n_volumes: int, seed: int, spacing: float):
 
 
 def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int = 0,
-                           batch_size: int = 16) -> np.ndarray:
+                           batch_size: int = 16, params: dict | None = None) -> np.ndarray:
     """AutoDDPM's stage-1 combined mask M over the brain pixels of healthy volumes (pooled)."""
     import torch
 
@@ -231,7 +236,7 @@ def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int =
     from .preprocess import preprocess
     from .rng import BatchRNG
 
-    meth = build_method("autoddpm", model, preset, threshold=0.0)
+    meth = build_method("autoddpm", model, preset, **dict(params or {}, threshold=0.0))
     perceptual, _ = meth._perceptual(torch.device(device))
     vals = []
     for i, (img, brain) in enumerate(images):
@@ -250,13 +255,13 @@ def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int =
 
 def calibrate(model, method: str, preset: str | None = None, contrast: str | None = None, n_volumes: int = 2,
               spacing: float = 2.0, fprs: Iterable[float] = FPR_GRID, seed: int = 2_000_000, device="cpu",
-              tau_fpr: float = TAU_FPR, volumes=None, log=print) -> tuple[str, str, dict]:
+              tau_fpr: float = TAU_FPR, volumes=None, log=print, params: dict | None = None) -> tuple[str, str, dict]:
     """Calibrate ``method`` with ``preset`` (default: its default preset) on healthy volumes.
 
     ``volumes``: an iterable of (image, brain mask) pairs; default ``n_volumes``
     healthy phantoms of the model's contrast at ``spacing`` mm, seeds from
     ``seed`` (far from the training seeds).  Returns (preset, backend, record)
-    for ``store``.
+    for ``store``.  ``params`` override the preset (the record then says so: ``params``).
     """
     import SimpleITK as sitk
 
@@ -264,14 +269,14 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     from .pipeline import detect
 
     contrast = contrast or model.config.get("contrast") or "T2"
-    meth = build_method(method, model, preset)
+    params = dict(params or {})
+    record: dict = {"params": dict(params)} if params else {}
+    meth = build_method(method, model, preset, **params)
     preset = meth.preset
     backend = meth.perceptual_backend()
     vols = list(volumes) if volumes is not None else list(healthy_volumes(contrast, n_volumes, seed, spacing))
-    params = {}
-    record: dict = {}
-    if method == "autoddpm":
-        m_vals = autoddpm_stage1_values(model, preset, vols, device=device)
+    if method == "autoddpm" and params.get("threshold") is None:
+        m_vals = autoddpm_stage1_values(model, preset, vols, device=device, params=params)
         tau = float(np.quantile(m_vals, 1.0 - float(tau_fpr)))
         params["threshold"] = tau
         record.update({"tau": tau, "tau_fpr": float(tau_fpr)})

@@ -163,8 +163,11 @@ def select_threshold(model, method: str, meth, threshold: float | None, fpr: flo
         vals = sitk.GetArrayViewFromImage(anomaly)[brain]
         thr = float(np.percentile(vals, pct)) if vals.size else 0.0
         source = f"fallback: {pct:g}th percentile of the in-brain anomaly (uncalibrated)"
+        fall = f"; falling back to the {pct:g}th percentile of this volume (uncalibrated)"
         if warn:
-            notes[-1] = warn + f"; falling back to the {pct:g}th percentile of this volume (uncalibrated)"
+            notes[-1] = warn + fall
+        else:
+            notes.append(f"model {model.id} has no calibrated threshold for {method}/{meth.preset}/{backend}" + fall)
     for n in notes:
         _warnings.warn(n, UserWarning, stacklevel=3)
     return thr, source, notes
