@@ -220,7 +220,9 @@ def cmd_methods(args) -> int:
 
     for name in available_methods():
         d = get_method_class(name).describe()
-        presets = ", ".join(p + ("*" if p == d["default_preset"] else "") for p in d["presets"])
+        nfe = d.get("preset_nfe") or {}
+        presets = ", ".join(p + ("*" if p == d["default_preset"] else "") + (f" ({nfe[p]} NFE)" if p in nfe else "")
+                            for p in d["presets"])
         print(f"{name:12s} {d['title']}")
         print(f"{'':12s} presets: {presets}   networks: {', '.join(d['roles'])}")
         if args.verbose:
