@@ -333,3 +333,35 @@ def test_best_method_reads_the_measurements():
     assert best_method("T2", models).method == "thor"  # measurements, not a fixed list, decide
     with pytest.raises(uad.ModelError, match="FLAIR"):
         best_method("FLAIR", models)
+
+
+def test_detect_without_method_runs_the_best_measured_one(tiny_zoo_dir, tmp_path, monkeypatch, make_volume, capsys):
+    import shutil
+
+    from uad.cli import main
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo_dir, zoo)
+    m = json.loads((zoo / "manifest.json").read_text())
+    m["models"][0]["evaluation"] = {"phantoms": {"n_per_type": 5, "results": {
+        "intensity-baseline": {"tumour": 0.9, "stroke": 0.9, "ms": 0.9},
+        "anoddpm": {"tumour": 0.1, "stroke": 0.1, "ms": 0.1}, "thor": {"tumour": 0.4, "stroke": 0.3, "ms": 0.2}}}}
+    (zoo / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setenv("UAD_MODELS_DIR", str(zoo))
+    monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("uad.zoo.bundled_dirs", lambda: [])
+    img, _, _ = make_volume()
+    inp = str(tmp_path / "scan.nii.gz")
+    sitk.WriteImage(img, inp)
+    fast = ["--param", "level=20", "--param", "steps=3", "--param", "sampler=ddim"]
+    rc = main(["detect", inp, "-o", str(tmp_path / "out"), "--contrast", "T2", "--device", "cpu", "--no-progress",
+               *fast])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "contrast T2 (given)" in out
+    assert "method thor (model tiny-test" in out and "best mean AP (0.300" in out
+    assert (tmp_path / "out" / "scan_anomaly.nii.gz").is_file()
+    # another contrast without measurements: the fallback says so
+    rc = main(["detect", inp, "-o", str(tmp_path / "out2"), "--contrast", "FLAIR", "--device", "cpu",
+               "--no-progress", *fast])
+    assert rc == 0 and "no held-out measurements for FLAIR" in capsys.readouterr().out
