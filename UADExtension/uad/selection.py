@@ -253,7 +253,7 @@ def default_choice(image: sitk.Image | None = None, contrast: str | None = None,
         c = g.contrast
         ctext = f"{c} (guessed, confidence {g.confidence:.2f}: {g.reason})"
         if caught:
-            ctext += f" -- warning: unsure, pass --contrast to override"
+            ctext += " -- warning: unsure, pass --contrast to override"
     entries = [find_model(model)] if model else list_models()
     try:
         return best_method(c, entries), ctext

@@ -269,7 +269,8 @@ class AutoDDPM(Method):
             restoration=restoration, anomaly=amap, nfe=nfe1 + nfe2,
             extras={"noise": self.noise_kind, "nfe_stage1": nfe1, "nfe_stage2": nfe2,
                     "stage2_skipped": nfe2 == 0, "reconstruction": x_rec, "inpainting": x_inp,
-                    "combined_mask": st["combined"], "residual": st["residual"], "binary_mask": binary, "threshold": st["tau"],
+                    "combined_mask": st["combined"], "residual": st["residual"], "binary_mask": binary,
+                    "threshold": st["tau"],
                     "dilation": st["dilation"], "lpips_calls": 1, "perceptual": pname,
                     "tau_source": self.tau_source},
         )
