@@ -71,7 +71,7 @@ def run(model, x, mask, seeds, preset="paper", **kw):
 def test_registry_and_presets(model):
     assert get_method_class("autoddpm") is AutoDDPM
     p = build_method("autoddpm", model, preset="paper").params
-    assert (p.level, p.inpaint_level, p.resample, p.threshold) == (200, 50, 5, 0.13)
+    assert (p.level, p.inpaint_level, p.resample, p.threshold) == (200, 50, 5, 0.13)  # uncalibrated: the paper's
     assert p.recon_sampler == p.inpaint_sampler == "ddpm"
     f = build_method("autoddpm", model, preset="fast").params
     assert (f.recon_sampler, f.recon_steps, f.inpaint_steps, f.resample) == ("ddim", 25, 11, 3)
@@ -127,15 +127,21 @@ def test_pixels_outside_binary_mask_equal_input(model):
             assert float((out.restoration[b] - x[b]).abs().max()) > 0
 
 
-def test_threshold_minus_one_is_per_image_p95(model):
+@pytest.mark.parametrize("region", ["slice", "brain"])
+def test_threshold_minus_one_is_per_image_p95(model, region):
+    """The 95th percentiles (residual normalisation and tau = -1) per slice as the reference, or over the brain."""
     x, mask = slices()
-    _, out = run(model, x, mask, [1, 2, 3], threshold=-1)
+    _, out = run(model, x, mask, [1, 2, 3], threshold=-1, percentile=region)
     ex = out.extras
     comb = ex["combined_mask"].numpy()
     taus = ex["threshold"].numpy()
     for i in range(3):
-        inside = comb[i, 0][mask[i, 0].numpy()]
+        inside = comb[i, 0][mask[i, 0].numpy()] if region == "brain" else comb[i, 0].ravel()
         assert taus[i] == pytest.approx(np.percentile(inside, 95), rel=1e-5, abs=1e-7)
+        rec = ex["reconstruction"][i, 0].numpy()
+        r = np.abs(x[i, 0].numpy() - rec)
+        p95 = np.percentile(r[mask[i, 0].numpy()] if region == "brain" else r, 95)
+        np.testing.assert_allclose(ex["residual"][i, 0].numpy(), np.clip(r / max(p95, 1e-8), 0, 1), atol=1e-5)
         expected = ndimage.binary_dilation(comb[i, 0] > taus[i], np.ones((3, 3))) & mask[i, 0].numpy()
         assert np.array_equal(ex["binary_mask"][i, 0].numpy(), expected)
         # about 5 % of the brain exceeds its own 95th percentile before dilation
@@ -157,7 +163,7 @@ def test_fixed_threshold_path(model):
 
 def test_residual_normalisation(model):
     x, mask = slices(2)
-    m = build_method("autoddpm", model, preset="paper", **SMALL)
+    m = build_method("autoddpm", model, preset="paper", percentile="brain", **SMALL)  # over the brain mask
     rec = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     st = m.masks(x, rec, mask, lambda a, b: torch.ones_like(a))
     r = st["residual"]

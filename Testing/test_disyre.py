@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from uad.networks import small_unet_config
@@ -181,7 +182,7 @@ def test_texture_monotone_in_alpha_for_a_fixed_draw():
     assert prev_diff.sum() > 0
 
 
-def test_bias_changes_one_cluster_by_at_most_alpha():
+def test_bias_changes_the_drawn_clusters_by_at_most_alpha():
     x, m = phantom(2, size=64)
     c = corrupt(x, m, BatchRNG([11, 12]), alpha=0.4, texture=False)
     d = (c.image - x).abs()
@@ -192,13 +193,34 @@ def test_bias_changes_one_cluster_by_at_most_alpha():
     assert torch.equal(c.alpha, c.alpha_bias)
     assert torch.allclose(c.alpha, d.amax(dim=(1, 2, 3)))
     assert torch.all(c.alpha > 0.2)
-    # the strongest changes lie in one intensity cluster of the codebook
+    # the strongest changes lie in the drawn intensity clusters of the codebook (all: the whole shape)
     code = torch.tensor(CODEBOOK)
     for b in range(2):
         strong = d[b, 0] > 0.9 * float(d[b].max())
         q = (x[b, 0][strong].reshape(-1, 1) - code).abs().argmin(1)
-        assert q.unique().numel() == 1
+        assert set(q.unique().tolist()) <= set(c.bias_clusters[b])
+        assert bool(c.bias_whole_shape[b]) == (len(c.bias_clusters[b]) == len(CODEBOOK))
     assert len(CODEBOOK) == 5
+
+
+def test_cluster_selection_as_the_reference():
+    """Each centroid is drawn with p_k = n_k / (N + 1000); none drawn -> the whole shape: the rate of
+    whole-shape corruptions matches the reference formula prod_k (1 - p_k) averaged over the draws."""
+    from uad.corruption import CLUSTER_PRIOR, cluster_probabilities
+
+    p = cluster_probabilities(torch.tensor([300.0, 200.0, 0.0, 0.0, 500.0]), CLUSTER_PRIOR)
+    np.testing.assert_allclose(p.numpy(), [0.15, 0.1, 0.0, 0.0, 0.25])
+    n = 400
+    x, m = phantom(n, size=32)
+    c = corrupt(x, m, BatchRNG(range(5000, 5000 + n)), alpha=0.5, texture=False)
+    ok = ~torch.isnan(c.p_whole_shape)
+    expected = float(c.p_whole_shape[ok].mean())
+    observed = float(c.bias_whole_shape[ok].float().mean())
+    sd = (expected * (1 - expected) / int(ok.sum())) ** 0.5
+    assert abs(observed - expected) < 3.5 * sd + 0.01, (observed, expected)
+    assert 0.45 < expected < 0.95  # most corruptions bias the whole shape, as in the reference
+    # an independent draw per centroid: several clusters biased together happens
+    assert any(len(k) >= 2 and not w for k, w in zip(c.bias_clusters, c.bias_whole_shape.tolist()))
 
 
 @pytest.mark.parametrize("kind", ["square", "disk", "blob"])
@@ -268,12 +290,19 @@ def test_constant_restorer_scores_analytically():
     expect = (x - c).abs() * frac * m
     assert torch.allclose(single.anomaly, expect, atol=1e-6)
     assert torch.allclose(single.restoration, torch.full_like(x, c))
-    multi = build_method("disyre", model, preset="isbi")(x, m, BatchRNG([1, 2]))
+    multi = build_method("disyre", model, preset="multi-step")(x, m, BatchRNG([1, 2]))
     s = CorruptionSchedule()
     alphas = [s.alpha(t) for t in [99, 74, 49, 24]]
     factor = sum(a / alphas[0] for a in alphas) / 4
     assert torch.allclose(multi.anomaly, (x - c).abs() * factor * frac * m, atol=1e-6)
     assert torch.allclose(multi.restoration, torch.full_like(x, c))
+    # ISBI Algorithm 1: x_t <- (1 - a_next) c + a_next x_t, so |x_t - c| shrinks by a_next (ISBI schedule)
+    isbi = build_method("disyre", model, preset="isbi")(x, m, BatchRNG([1, 2]))
+    a_isbi = [CorruptionSchedule(variant="isbi").alpha(t) for t in [99, 74, 49, 24]]
+    assert a_isbi[0] == pytest.approx(1 - math.sqrt(float(s.a64[99] ** 2)), abs=1e-9)  # 1 - sqrt(alpha_bar_99)
+    factor_isbi = sum(math.prod(a_isbi[1:i + 1]) for i in range(4)) / 4
+    assert torch.allclose(isbi.anomaly, (x - c).abs() * factor_isbi * frac * m, atol=1e-6)
+    assert isbi.extras["schedule_note"] and "v2" in isbi.extras["schedule_note"]
     unweighted = build_method("disyre", model, weight_foreground=False)(x, m, BatchRNG([1, 2]))
     assert torch.allclose(unweighted.anomaly * frac, single.anomaly, atol=1e-7)
 
@@ -308,8 +337,10 @@ def test_sliding_window_reproduces_single_pass(size):
     """With a per-pixel restorer, folding overlapping windows must give the single-pass result."""
     x, m = phantom(2, size=size)
     net = Pointwise()
-    whole = build_method("disyre", tiny_model(patch_size=size, net=net), weight_foreground=False)
-    win = build_method("disyre", tiny_model(patch_size=16, net=net), weight_foreground=False, sw_batch_size=7)
+    whole = build_method("disyre", tiny_model(patch_size=size, net=net), "paper", weight_foreground=False)
+    # (with 16-px windows the paper preset costs 4 x windows > 60 NFE, so the default would be "fast")
+    win = build_method("disyre", tiny_model(patch_size=16, net=net), "paper", weight_foreground=False,
+                       sw_batch_size=7)
     a = whole(x, m, BatchRNG([1, 2]))
     b = win(x, m, BatchRNG([1, 2]))
     assert a.extras["windows"] == 1 and b.extras["windows"] > 1
@@ -340,7 +371,7 @@ def test_patch_covering_the_image_is_a_single_pass():
 
 def test_sliding_window_with_a_unet_and_foreground_weighting():
     x, m = phantom(1, size=48)
-    out = build_method("disyre", tiny_model(patch_size=16))(x, m, BatchRNG([1]))
+    out = build_method("disyre", tiny_model(patch_size=16), "paper")(x, m, BatchRNG([1]))
     assert out.anomaly.shape == x.shape and torch.isfinite(out.anomaly).all()
     assert torch.all(out.anomaly[~m[:, :, :, :]] == 0) and out.anomaly.sum() > 0
     assert out.nfe == 4 * (math.ceil((48 - 16) / 4) + 1) ** 2

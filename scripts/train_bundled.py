@@ -6,7 +6,8 @@
 
 Steps: ``uad.training.train`` on MNI-based phantoms -> export the weights into
 models/<id>/ with a manifest entry -> calibrate the default threshold on
-held-out healthy phantoms (95th percentile of healthy brain voxels) ->
+held-out healthy phantoms per method, preset and perceptual backend (uad.calibration; 1% and 5%
+healthy FPR among others) ->
 evaluate every method the model serves on the bundled sample -> write the
 model card models/<id>/README.md.
 """
@@ -26,7 +27,7 @@ import torch
 from uad.imageio import read_image, sample_paths
 from uad.metrics import average_precision, best_dice
 from uad.pipeline import detect
-from uad.training import calibrate_threshold, default_config, export_run, train
+from uad.training import default_config, export_run, train
 from uad.zoo import find_model, load_model, verify
 from uad.networks import count_parameters
 
@@ -105,16 +106,8 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
         + ("This is the small CPU configuration, not the paper's network: expect lower accuracy than a GPU-trained "
            "paper-size model." if tr.get("small") else ""),
         "",
-        "## Thresholds",
-        "",
-        "Calibrated per method (default preset): the 95th percentile of the anomaly map over the healthy brain "
-        "voxels of held-out healthy phantoms, i.e. about 5% of healthy brain voxels are flagged.",
-        "",
-        "| method | threshold | healthy voxels | volumes |",
-        "|---|---|---|---|",
     ]
-    for m, c in extra["calibration"].items():
-        lines.append(f"| {m} | {c['threshold']:.5g} | {c['n_voxels']:,} | {c['n_volumes']} |")
+    lines += threshold_section(entry)
     if extra["sample"]:
         lines += ["", "## Measured on the bundled sample (Resources/SampleData, T2 phantom with a tumour)", "",
                   "| method | preset | AP (brain voxels) | lesion prevalence | best Dice | NFE/slice | seconds (CPU) |",
@@ -173,6 +166,98 @@ def rewrite_card(args) -> None:
                 "calibration": entry["calibration"], "sample": sample, "phantoms": entry["evaluation"]["phantoms"]})
 
 
+def calibrate_bundled(args) -> None:
+    """Re-calibrate a bundled model's thresholds per method, preset and perceptual backend (uad.calibration).
+
+    For every method the model serves (or ``--methods``): its default preset and, with
+    ``--paper``, its paper preset; on ``--calibration-volumes`` healthy phantoms at 2 mm.
+    Each result is written into models/manifest.json as soon as it is measured, and the card's
+    threshold section is rewritten from the stored entry (no re-evaluation).
+    """
+    from uad.calibration import calibrate, store
+    from uad.methods import get_method_class
+
+    e = find_model(args.id)
+    verify(e)
+    model = load_model(e, device="cpu")
+    methods = args.methods.split(",") if args.methods else list(e.data["methods"])
+    for m in methods:
+        cls = get_method_class(m)
+        presets = [cls.default_preset_for(model)]
+        if args.paper and "paper" not in presets:
+            presets.append("paper")
+        if args.presets:
+            presets = args.presets.split(",")
+        for preset in presets:
+            n = args.calibration_volumes if preset == presets[0] else args.paper_volumes
+            t0 = time.time()
+            preset, backend, rec = calibrate(model, m, preset, contrast=e.data.get("contrast"), n_volumes=n,
+                                             spacing=2.0, device=args.device)
+            rec["seconds"] = round(time.time() - t0, 1)
+            update_entry_in_place(args.id, lambda entry: store(entry, m, preset, backend, rec))
+            print(f"stored {args.id}: {m}/{preset}/{backend} ({rec['seconds']:.0f} s)", flush=True)
+    entry = dict(find_model(args.id).data)
+    card = ROOT / "models" / args.id / "README.md"
+    if card.is_file():
+        update_card_thresholds(entry, card)
+
+
+def update_entry_in_place(model_id: str, change) -> dict:
+    """Apply ``change(entry)`` to the bundled manifest entry ``model_id`` where it stands (order kept)."""
+    from uad.zoo import MANIFEST, _manifest_lock, _read_manifest, _write_manifest
+
+    path = ROOT / "models" / MANIFEST
+    with _manifest_lock(path):
+        data = _read_manifest(path)
+        for e in data["models"]:
+            if e.get("id") == model_id:
+                change(e)
+                _write_manifest(path, data)
+                return e
+    raise SystemExit(f"{model_id}: not in {path}")
+
+
+def threshold_section(entry: dict) -> list[str]:
+    """The card's threshold table from the manifest entry's calibration (new and legacy records)."""
+    from uad.calibration import calibration_record
+
+    lines = ["## Thresholds", "",
+             "Calibrated per method, preset and perceptual backend on held-out healthy phantoms "
+             "(uad.calibration): the anomaly value that flags the given fraction of healthy brain voxels after "
+             "the method's post-processing. `uad detect` uses the 1% value by default (`--fpr 0.05` for 5%) "
+             "and warns when the preset or backend in use has no calibration. AutoDDPM's stage-1 tau is "
+             "calibrated the same way (5% of healthy stage-1 pixels). The perceptual backend on the calibration "
+             "machine was the SSIM fallback (no LPIPS weights); with real LPIPS, THOR and AutoDDPM run "
+             "uncalibrated (warned) until calibrated for it.", "",
+             "| method | preset | perceptual backend | threshold at 1% | at 5% | AutoDDPM tau | NFE/slice | "
+             "healthy volumes (2 mm) | voxels |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, cal in (entry.get("calibration") or {}).items():
+        if not isinstance(cal, dict) or "presets" not in cal:
+            continue
+        for preset, per in cal["presets"].items():
+            for backend in per:
+                r = calibration_record(entry, m, preset, backend)
+                th = r.get("thresholds", {})
+                tau = f"{r['tau']:.4g}" if r.get("tau") is not None else "-"
+                lines.append(f"| {m} | {preset} | {backend} | {th.get('0.01', float('nan')):.4g} | "
+                             f"{th.get('0.05', float('nan')):.4g} | {tau} | {r.get('nfe_per_slice')} | "
+                             f"{r.get('n_volumes')} | {r.get('n_voxels'):,} |")
+    return lines
+
+
+def update_card_thresholds(entry: dict, card: Path) -> None:
+    """Replace the '## Thresholds' section of a card (up to the next '## ') by ``threshold_section``."""
+    text = card.read_text().splitlines()
+    try:
+        start = next(i for i, ln in enumerate(text) if ln.startswith("## Thresholds"))
+    except StopIteration:
+        start = len(text)
+        text.append("")
+    end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
+    new = text[:start] + threshold_section(entry) + [""] + text[end:]
+    card.write_text("\n".join(new).rstrip() + "\n")
+
+
 def _hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -197,6 +282,12 @@ def main() -> None:
     ap.add_argument("--train-minutes", type=float, default=None, help="with --card-only: training wall time")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--calibration-volumes", type=int, default=2)
+    ap.add_argument("--calibrate-only", action="store_true",
+                    help="re-calibrate the bundled model per method / preset / perceptual backend (no training)")
+    ap.add_argument("--methods", default=None, help="with --calibrate-only: comma-separated methods")
+    ap.add_argument("--presets", default=None, help="with --calibrate-only: comma-separated presets")
+    ap.add_argument("--paper", action="store_true", help="with --calibrate-only: also the paper preset")
+    ap.add_argument("--paper-volumes", type=int, default=1)
     ap.add_argument("--description", default="")
     args = ap.parse_args()
 
@@ -204,6 +295,8 @@ def main() -> None:
     t0 = time.time()
     if args.card_only:
         return rewrite_card(args)
+    if args.calibrate_only:
+        return calibrate_bundled(args)
     if not args.finalize_only:
         cfg = default_config(args.method, contrast=args.contrast, steps=args.steps, batch_size=args.batch_size,
                              image_size=args.image_size, noise=args.noise)
@@ -223,13 +316,15 @@ def main() -> None:
     verify(find_model(args.id))
     model = load_model(find_model(args.id), device="cpu")
     methods = entry["methods"]
-    thresholds, calibration = {}, {}
-    for m in methods:
-        cal = calibrate_threshold(model, m, contrast=args.contrast, n_volumes=args.calibration_volumes,
-                                  device=args.device)
-        thresholds[m], calibration[m] = cal["threshold"], cal
-        print(f"threshold ({m}, default preset): {cal['threshold']:.5g}")
-    extra.update({"threshold": thresholds, "calibration": calibration})
+    from uad.calibration import calibrate, store
+
+    cal_entry: dict = {}
+    for m in methods:  # the default preset of every method, for the perceptual backend of this machine
+        preset, backend, rec = calibrate(model, m, None, contrast=args.contrast,
+                                         n_volumes=args.calibration_volumes, device=args.device)
+        store(cal_entry, m, preset, backend, rec)
+    calibration = cal_entry["calibration"]
+    extra.update({"threshold": cal_entry["threshold"], "calibration": calibration})
     entry = export_run(run_dir, models_dir, args.id, extra)
     model = load_model(find_model(args.id), device="cpu")
     sample = evaluate_on_sample(model, methods, args.device) if args.contrast == "T2" else {}

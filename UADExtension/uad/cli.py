@@ -217,9 +217,10 @@ def _cmd_detect(args, json_events: bool = False) -> int:
     if dup:
         raise InputError(f"several inputs have the same name stem ({', '.join(dup)}); their outputs would collide")
     params = parse_params(args.param)
-    name = method_key(args.method)
-    method_class(name)
-    check_params(name, params)
+    name = method_key(args.method) if args.method is not None else None  # None: chosen per case (contrast)
+    if name is not None:
+        method_class(name)
+        check_params(name, params)
     threshold = check_threshold(args.threshold) if args.threshold is not None else None
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
@@ -231,15 +232,19 @@ def _cmd_detect(args, json_events: bool = False) -> int:
     # a cohort (several inputs, a folder, torchrun) reports failing cases in summary.csv and goes on
     single = len(cases) == 1 and not ctx.enabled and not any(Path(x).is_dir() for x in args.inputs)
     errors: dict[int, str] = {}
+    choices: dict[int, tuple] = {}  # case -> (method, model id, preset)
     voxels = 0
     for i, c in enumerate(cases):
         try:
             img = read_image(c.path)
             validate(img, name=str(c.path))
+            mimg = None
             if c.mask is not None:
-                validate_mask(read_image(c.mask), img, name=str(c.mask))
+                mimg = read_image(c.mask)
+                validate_mask(mimg, img, name=str(c.mask))
             voxels = max(voxels, int(np.prod(img.GetSize(), dtype=np.int64)))
-            del img
+            choices[i] = _choose_method(args, name, img, c.path, mimg, say)
+            del img, mimg
         except UADError as e:
             if single:
                 raise
@@ -264,11 +269,17 @@ def _cmd_detect(args, json_events: bool = False) -> int:
     where = f"rank {ctx.rank}: " if ctx.enabled else ""
     print(f"{where}device: {describe_device(dev)}" + (" (picked by --device auto)" if args.device == "auto"
                                                       else ""))
-    model = resolve_model(args.model, name, dev)
-    build(name, model, args.preset, params)
-    model_contrast = (model.config.get("contrast") or "").upper() or None
+    models = {}
+    for key in dict.fromkeys(choices.values()):
+        meth_name, model_id, preset = key
+        if (meth_name, model_id) not in models:
+            models[(meth_name, model_id)] = resolve_model(model_id, meth_name, dev)
+        check_params(meth_name, params)
+        build(meth_name, models[(meth_name, model_id)], preset, params)
 
     from tqdm import tqdm
+
+    from .overview import overview_title
 
     rows = []
     mine = [i for i in range(len(cases)) if i % ctx.world_size == ctx.rank]
@@ -281,6 +292,9 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                 rows.append(_case_row(c, i, status="error", error=errors[i]))
                 continue
             t_case = time.perf_counter()
+            name, model_id, preset = choices[i]
+            model = models[(name, model_id)]
+            model_contrast = (model.config.get("contrast") or "").upper() or None
             try:
                 image = read_image(p)
                 bmask = read_image(c.mask) if c.mask is not None else None
@@ -304,8 +318,9 @@ def _cmd_detect(args, json_events: bool = False) -> int:
 
                 try:
                     result = detect(image, method=name, model=model, device=dev, seed=args.seed,
-                                    batch_size=args.batch_size, preset=args.preset, params=params,
+                                    batch_size=args.batch_size, preset=preset, params=params,
                                     threshold=threshold, brain_mask=bmask, progress=progress, log=print,
+                                    fpr=args.fpr, contrast=scan_contrast if scan_contrast in CONTRASTS else None,
                                     skull_stripped=args.skull_stripped,
                                     bias_correction=(None if args.bias_correction == "auto"
                                                      else args.bias_correction == "yes"))
@@ -313,8 +328,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                     bar.close()
                 info = result.info
                 outputs = _outputs(outdir, c.stem)
-                title = (f"{p.name}: {info['method']} ({info['preset']}), model {info['model']}, seed {info['seed']}, "
-                         f"threshold {info['threshold']:.3g} ({info['threshold_source'].split(':')[0]})")
+                title = overview_title(p.name, info)
                 _write_all(result, image, outputs, title, c.digest or sha256_file(p))
             except (Cancelled, KeyboardInterrupt):
                 raise
@@ -337,8 +351,8 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                                   seconds=f"{info['seconds']:.2f}", error=""))
             print(f"{p}: {info['slices']} slices, {info['network_evaluations']} network evaluations, "
                   f"{info['seconds']:.1f} s on {info['device']}; threshold {info['threshold']:.4g} "
-                  f"({info['threshold_source']})")
-            for w in warnings + list(info.get("preprocess", {}).get("warnings", [])):
+                  f"({info['threshold_source']}); perceptual backend {info.get('perceptual_backend', 'none')}")
+            for w in warnings + list(info.get("warnings", [])) + list(info.get("preprocess", {}).get("warnings", [])):
                 print(f"  warning: {w}")
                 if json_events:
                     _emit_json("warning", message=_one_line(w), source="preprocess", index=i)
@@ -377,6 +391,34 @@ def _cmd_detect(args, json_events: bool = False) -> int:
             if not ctx.is_main:
                 return 0
     return status
+
+
+CONTRASTS = ("T1", "T2", "FLAIR")
+
+
+def _choose_method(args, name, image, path, brain_mask, say) -> tuple:
+    """(method, model id, preset) for one case: the given ``--method``, else the method whose bundled
+    model measured best for the case's contrast (``--contrast``, the metadata / file name, or
+    ``uad.selection.guess_contrast``), printed with the reason."""
+    if name is not None:
+        return name, args.model, args.preset
+    from .imageio import metadata_contrast
+    from .pipeline import method_key
+    from .selection import default_choice
+
+    given = args.contrast or metadata_contrast(image, path)
+    if given and str(given).upper() not in CONTRASTS:
+        raise InputError(f"{path}: no bundled model for contrast {given}; give --method and --model")
+    try:
+        choice, ctext = default_choice(image, given, args.model, brain_mask)
+    except ValueError as e:
+        raise InputError(f"{path}: {_one_line(e)}") from None
+    if given and not args.contrast:
+        ctext = ctext.replace("(given)", "(metadata / file name)")
+    say(f"{path}: contrast {ctext}")
+    say(f"{path}: method {choice.method} (model {choice.model}"
+        f"{', preset ' + choice.preset if choice.preset and not args.preset else ''}): {choice.reason}")
+    return method_key(choice.method), args.model or choice.model, args.preset or choice.preset
 
 
 def _scan_contrast(given, image, path) -> tuple[str | None, str]:
@@ -427,7 +469,9 @@ def cmd_methods(args) -> int:
 
     for name in available_methods():
         d = get_method_class(name).describe()
-        presets = ", ".join(p + ("*" if p == d["default_preset"] else "") for p in d["presets"])
+        nfe = d.get("preset_nfe") or {}
+        presets = ", ".join(p + ("*" if p == d["default_preset"] else "") + (f" ({nfe[p]} NFE)" if p in nfe else "")
+                            for p in d["presets"])
         print(f"{name:12s} {d['title']}")
         print(f"{'':12s} presets: {presets}   networks: {', '.join(d['roles'])}")
         if args.verbose:
@@ -555,13 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3-D volumes (NIfTI, NRRD, MHA, ...) or folders of them (masks and uad outputs in a folder "
                         "are skipped; a folder's <stem>_brainmask file is the brain mask of <stem>)")
     d.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
-    d.add_argument("--method", default="anoddpm", help="method name (see 'uad methods'; default anoddpm)")
+    d.add_argument("--method", default=None,
+                   help="method name (see 'uad methods'); default: the method whose bundled model measured best "
+                        "on the held-out set for the input's contrast (printed with the reason)")
     d.add_argument("--model", default=None, metavar="ID", help="model id (default: the method's default model)")
     d.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--preset", default=None, help="method preset (default: the method's default)")
     d.add_argument("--threshold", type=float, default=None,
-                   help="anomaly threshold for the mask (default: the model's calibrated threshold)")
+                   help="anomaly threshold for the mask (default: the model's threshold calibrated for the "
+                        "method, preset and perceptual backend at --fpr)")
+    d.add_argument("--fpr", type=float, default=None, metavar="RATE",
+                   help="healthy false-positive rate of the calibrated threshold, a fraction of healthy brain "
+                        "voxels (default 0.01; 0.05 as THOR and AutoDDPM calibrate)")
     d.add_argument("--batch-size", type=int, default=16, metavar="B", help="slices per batch (default 16)")
     d.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter overriding the preset (repeatable)")
@@ -580,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing files in OUTDIR even when they are not uad's outputs of the same input "
                         "(inputs and brain masks of the run are never replaced)")
     d.add_argument("--contrast", default=None, type=str.upper, choices=("T1", "T2", "FLAIR", "PD"),
-                   help="the scans' contrast (default: from the image metadata / file name); a model for another "
-                        "contrast gets a warning")
+                   help="the scans' contrast (default: from the image metadata / file name, else guessed from the "
+                        "intensities, see uad.selection.guess_contrast); it chooses the default method, and a model "
+                        "for another contrast gets a warning")
     d.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: the cores this process may use, os.sched_getaffinity, "
                         "shared among torchrun processes, at most $OMP_NUM_THREADS)")

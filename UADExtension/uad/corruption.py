@@ -22,6 +22,12 @@ Two parts:
     The reference's evaluation labels [99, 74, 49, 24] therefore become
     [0, 25, 50, 75] here (alpha ~ 0.0045, 0.051, 0.27, 0.73).
 
+    ``variant="isbi"`` (config key ``variant``) is the ISBI paper's schedule
+    instead: severity(t) = 1 - sqrt(alpha_bar_t) (0.0005 at t = 0 ... 0.9955
+    at t = 99, the DDPM analogue the paper names), with the same label map
+    ``argmin |severity - alpha|``.  A model is trained with one variant and
+    must be used with it.
+
 ``corrupt(x, mask, rng, ...)``
     The DAG-like generator ("disentangled anomaly generation", DISYRE v2) on a
     batch of [0, 1] slices, with every random draw of item b taken from
@@ -38,10 +44,13 @@ Two parts:
        min-max matched to the image values under the shape,
        ``x <- x + alpha_texture * m * (patch - x)``  (= x (1 - m a) + patch m a);
     4. intensity bias: the image is quantised to the 5-centroid codebook
-       [0.00565, 0.383, 0.612, 0.769, 0.939]; ONE cluster present in the shape
-       is chosen (probability ~ n_k / (n_k + 1000 px), n_k its pixel count in
-       the shape; all clusters when the shape is empty), the bias mask is
-       (cluster AND shape) blurred with sigma = 1 px,
+       [0.00565, 0.383, 0.612, 0.769, 0.939]; as the reference, EACH centroid
+       is drawn independently with probability p_k = n_k / (N + 1000 px)
+       (n_k its pixel count in the shape, N the shape's pixel count, 1000 px
+       at 128 px scaled with the image area), the bias mask is the union of
+       the drawn clusters AND the shape -- the WHOLE shape when none is drawn
+       (probability prod_k (1 - p_k), about two thirds for typical shapes) --
+       blurred with sigma = 1 px,
        ``x <- clip(x + alpha_bias * sign * mb, 0, 1)``; the effective
        alpha_bias is the largest change this makes;
     5. label alpha = max(alpha_texture, alpha_bias) -> t = label(alpha).
@@ -70,6 +79,7 @@ BLUR_SIGMA_MAX = 5.0
 BLUR_P = 0.7
 CLUSTER_PRIOR = 1000.0
 SHAPES = ("square", "disk", "blob")
+VARIANTS = ("v2", "isbi")
 
 
 # --------------------------------------------------------------------------- schedule
@@ -79,6 +89,7 @@ class CorruptionScheduleConfig:
     schedule: str = "linear_beta"
     beta_start: float = 1e-3
     beta_end: float = 2e-1
+    variant: str = "v2"  # v2: severity(t) = sqrt(ab_{T-1-t}) (v2 code); isbi: 1 - sqrt(ab_t) (ISBI paper)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "CorruptionScheduleConfig":
@@ -93,9 +104,14 @@ class CorruptionScheduleConfig:
 class CorruptionSchedule:
     """Severity alpha per timestep (increasing in t) and the alpha -> t label map."""
 
-    def __init__(self, config: CorruptionScheduleConfig | dict | None = None):
+    def __init__(self, config: CorruptionScheduleConfig | dict | None = None, variant: str | None = None):
         self.config = (config if isinstance(config, CorruptionScheduleConfig)
                        else CorruptionScheduleConfig.from_dict(config))
+        if variant is not None:
+            self.config = CorruptionScheduleConfig(**dict(self.config.to_dict(), variant=variant))
+        if self.config.variant not in VARIANTS:
+            raise ValueError(f"corruption schedule variant must be one of {', '.join(VARIANTS)}, "
+                             f"got {self.config.variant!r}")
         from .diffusion import ScheduleConfig, _monai_tables
 
         _, alpha_bar = _monai_tables(ScheduleConfig(
@@ -103,7 +119,11 @@ class CorruptionSchedule:
             beta_start=self.config.beta_start, beta_end=self.config.beta_end))
         self.T = int(self.config.num_train_timesteps)
         self.a64 = alpha_bar.sqrt()  # a_t = sqrt(alpha_bar_t), decreasing (the reference's table)
-        self.severity64 = self.a64.flip(0)  # severity(t) = a_{T-1-t}, increasing
+        self.variant = self.config.variant
+        if self.variant == "isbi":
+            self.severity64 = 1.0 - self.a64  # the ISBI paper: alpha_t = 1 - sqrt(alpha_bar_t), increasing
+        else:
+            self.severity64 = self.a64.flip(0)  # severity(t) = a_{T-1-t}, increasing
 
     def alpha(self, t) -> float | torch.Tensor:
         """Corruption severity at timestep(s) t (int -> float, LongTensor -> float tensor)."""
@@ -224,6 +244,12 @@ def random_shape(g: torch.Generator, box: int, scale: float, kind: str | None = 
     return shape.float(), kind
 
 
+def cluster_probabilities(counts: torch.Tensor, prior: float = CLUSTER_PRIOR) -> torch.Tensor:
+    """p_k = n_k / (N + prior) per codebook centroid (N = sum n_k), as the reference's bias corruption."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    return counts / (counts.sum() + float(prior))
+
+
 # --------------------------------------------------------------------------- corruption
 @dataclass
 class Corruption:
@@ -234,6 +260,9 @@ class Corruption:
     alpha_texture: torch.Tensor  # (B,)
     alpha_bias: torch.Tensor  # (B,) effective bias (largest change of the bias step)
     kinds: list
+    bias_whole_shape: torch.Tensor | None = None  # (B,) bool: no centroid drawn, the whole shape biased
+    p_whole_shape: torch.Tensor | None = None  # (B,) the reference formula prod_k (1 - p_k) for that draw
+    bias_clusters: list | None = None  # per item: the codebook clusters biased (all when the whole shape)
 
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG, schedule: CorruptionSchedule | None = None,
@@ -277,6 +306,9 @@ def _corrupt(x, mask, rng, schedule, alpha, donors, texture, bias, shape_kind) -
     shapes = torch.zeros_like(x)
     a_tex = torch.zeros(B)
     a_bias = torch.zeros(B)
+    whole = torch.zeros(B, dtype=torch.bool)
+    p_whole = torch.full((B,), float("nan"))
+    clusters: list = [()] * B
     kinds: list = []
     for b in range(B):
         g = rng.generators[b]
@@ -325,15 +357,18 @@ def _corrupt(x, mask, rng, schedule, alpha, donors, texture, bias, shape_kind) -
             q = (cur.reshape(-1, 1) - codebook.reshape(1, -1)).abs().argmin(dim=1).reshape(H, W)
             inside = m > 0.5 if (m > 0.5).any() else m > 1e-3
             counts = torch.stack([((q == k) & inside).sum() for k in range(len(CODEBOOK))]).double().cpu()
-            prior = CLUSTER_PRIOR * scale ** 2
-            w = counts / (counts + prior)
-            u = _uniform(g, 0.0, 1.0)
-            if float(w.sum()) > 0:
-                cdf = torch.cumsum(w / w.sum(), 0)
-                k = int(min(int((cdf < u).sum()), len(CODEBOOK) - 1))
-                sel = q == k
-            else:
+            p_k = cluster_probabilities(counts, CLUSTER_PRIOR * scale ** 2)
+            drawn = [_uniform(g, 0.0, 1.0) < float(pk) for pk in p_k]  # one draw per centroid, fixed order
+            if any(drawn):
+                sel = torch.zeros(H, W, dtype=torch.bool, device=dev)
+                for k, d_k in enumerate(drawn):
+                    if d_k:
+                        sel |= q == k
+            else:  # no centroid drawn: the whole shape is biased
                 sel = torch.ones(H, W, dtype=torch.bool, device=dev)
+            whole[b] = not any(drawn)
+            clusters[b] = tuple(k for k, d_k in enumerate(drawn) if d_k) or tuple(range(len(CODEBOOK)))
+            p_whole[b] = float(torch.prod(1.0 - p_k))
             if ab > 0:
                 mb = gaussian_blur(sel.to(dt) * m, 1.0 * scale) * fg.to(dt)
                 new = (cur + (ab * sign) * mb).clamp(0.0, 1.0)
@@ -343,4 +378,5 @@ def _corrupt(x, mask, rng, schedule, alpha, donors, texture, bias, shape_kind) -
     a = torch.maximum(a_tex, a_bias)
     t = schedule.label(a).to(dev)
     return Corruption(image=out, alpha=a.to(dev), t=t, shape=shapes, alpha_texture=a_tex.to(dev),
-                      alpha_bias=a_bias.to(dev), kinds=kinds)
+                      alpha_bias=a_bias.to(dev), kinds=kinds, bias_whole_shape=whole, p_whole_shape=p_whole,
+                      bias_clusters=clusters)

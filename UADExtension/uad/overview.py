@@ -99,3 +99,13 @@ def _probe(image: sitk.Image) -> sitk.Image:
     probe = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
     probe.CopyInformation(image)
     return probe
+
+
+def overview_title(name: str, info: dict) -> str:
+    """The overview's title: input, method (preset), model, seed, perceptual backend and threshold source."""
+    backend = info.get("perceptual_backend") or "none"
+    src = str(info.get("threshold_source", "")).split(":")[0]
+    thr = info.get("threshold")
+    thr_txt = f"{thr:.3g}" if isinstance(thr, (int, float)) else "-"
+    return (f"{name}: {info.get('method')} ({info.get('preset')}), model {info.get('model')}, seed {info.get('seed')}, "
+            f"perceptual {backend}, threshold {thr_txt} ({src})")

@@ -397,6 +397,50 @@ def run_batches(meth, stack, dev, seed: int, batch_size: int, rest: np.ndarray, 
             "oom_retries": retries}
 
 
+def _default_fpr() -> float:
+    from .calibration import DEFAULT_FPR
+
+    return DEFAULT_FPR
+
+
+def select_threshold(model, method: str, meth, threshold: float | None, fpr: float | None,
+                     anomaly: sitk.Image, brain: np.ndarray) -> tuple[float, str, list[str]]:
+    """(threshold, source, warnings): explicit > calibrated for (method, preset, backend, fpr) >
+    legacy model threshold (warned) > (1 - fpr) percentile of this volume (warned, uncalibrated)."""
+    import warnings as _warnings
+
+    from .calibration import fpr_key, lookup_threshold
+
+    rate = float(fpr if fpr is not None else _default_fpr())
+    fpr_key(rate)  # validates
+    notes: list[str] = []
+    tau_source = getattr(meth, "tau_source", "")
+    if tau_source.startswith("uncalibrated"):
+        notes.append(f"{method}: stage-1 tau {tau_source} (no calibration for {meth.preset}/"
+                     f"{meth.perceptual_backend()})")
+    if threshold is not None:
+        return float(threshold), "explicit", notes
+    backend = meth.perceptual_backend()
+    thr, source, warn = lookup_threshold(model.config, method, meth.preset, backend, rate)
+    if thr is None and warn is None and model_threshold(model, method, meth.preset) is not None:
+        thr, source = model_threshold(model, method, meth.preset), "model"
+    if warn:
+        notes.append(warn)
+    if thr is None:
+        pct = 100.0 * (1.0 - rate)
+        vals = sitk.GetArrayViewFromImage(anomaly)[brain]
+        thr = float(np.percentile(vals, pct)) if vals.size else 0.0
+        source = f"fallback: {pct:g}th percentile of the in-brain anomaly (uncalibrated)"
+        fall = f"; falling back to the {pct:g}th percentile of this volume (uncalibrated)"
+        if warn:
+            notes[-1] = warn + fall
+        else:
+            notes.append(f"model {model.id} has no calibrated threshold for {method}/{meth.preset}/{backend}" + fall)
+    for n in notes:
+        _warnings.warn(n, UserWarning, stacklevel=3)
+    return thr, source, notes
+
+
 def method_key(method: str) -> str:
     return str(method).lower().replace("-", "_")
 
@@ -408,16 +452,20 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
            cancel: Callable[[], bool] | None = None, skull_stripped="auto",
            bias_correction: bool | None = None, preprocessing: dict | None = None,
            contrast: str | None = None, forward: Callable | None = None,
-           log: Callable[[str], None] | None = None) -> DetectionResult:
+           log: Callable[[str], None] | None = None, fpr: float | None = None) -> DetectionResult:
     """Run anomaly detection on a 3-D volume.
 
     ``model``: a ``uad.zoo.Model``, a model id, or None for the method's default
     model.  ``params`` override the ``preset`` of the method.  ``progress(done,
     total)`` is called after every batch of slices; when ``cancel()`` returns
     true, ``uad.Cancelled`` is raised before the next batch.  The threshold of
-    the binary mask is ``threshold`` if given, else the model's calibrated
-    threshold, else the 99th percentile of the in-brain anomaly values
-    (``info["threshold_source"]`` says which).  The input image is not modified.
+    the binary mask is ``threshold`` if given, else the model's threshold
+    calibrated for this method, preset and perceptual backend at the healthy
+    false-positive rate ``fpr`` (default 1 % of healthy brain voxels; see
+    ``uad.calibration``), else -- with a warning -- the (1 - fpr) percentile of
+    this volume's in-brain anomaly values (``info["threshold_source"]`` says
+    which; ``info["warnings"]`` lists the warnings, ``info["perceptual_backend"]``
+    the backend of the map).  The input image is not modified.
 
     Preprocessing follows the model's ``preprocessing`` profile (``uad.preprocess.DEFAULT_PROFILE``;
     ``preprocessing`` overrides keys of it).  ``skull_stripped``: "auto" (detected), True or False:
@@ -479,14 +527,7 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     restoration, anomaly = to_volumes(stack, rest, anom)
     brain = stack.brain_mask_array()
 
-    if threshold is not None:
-        thr, source = float(threshold), "explicit"
-    elif model_threshold(m, name, meth.preset) is not None:
-        thr, source = model_threshold(m, name, meth.preset), "model"
-    else:
-        vals = sitk.GetArrayViewFromImage(anomaly)[brain]
-        thr = float(np.percentile(vals, FALLBACK_PERCENTILE)) if vals.size else 0.0
-        source = f"fallback: {FALLBACK_PERCENTILE:g}th percentile of the in-brain anomaly (uncalibrated)"
+    thr, source, notes = select_threshold(m, name, meth, threshold, fpr, anomaly, brain)
     mask = threshold_mask(anomaly, thr, int(post.get("min_component_size") or 0))
     brain_img = stack.brain_mask_image()
 
@@ -507,6 +548,9 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
         "seconds": time.perf_counter() - t0,
         "threshold": thr,
         "threshold_source": source,
+        "fpr": float(fpr if fpr is not None else _default_fpr()),
+        "perceptual_backend": meth.perceptual_backend(),
+        "warnings": notes,
         "postprocess": post,
         "image_size": stack.image_size,
         "preprocess": dict(stack.info),

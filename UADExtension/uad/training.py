@@ -429,15 +429,78 @@ def _strip_ext(name: str) -> str:
     return name
 
 
+LABELS_CSV = "labels.csv"
+
+
+def _find_beside(f: Path, suffixes) -> Path | None:
+    stem = _strip_ext(f.name)
+    for suffix in suffixes:
+        for e in VOLUME_EXTS:
+            m = f.parent / f"{stem}{suffix}{e}"
+            if m.is_file():
+                return m
+    return None
+
+
+def _volumes_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.name.endswith(VOLUME_EXTS) and not any(s in p.name for s in ("_brainmask", "_mask", "_lesion")))
+
+
+def _interleave(a: list, b: list) -> list:
+    out = []
+    for i in range(max(len(a), len(b))):
+        out += a[i:i + 1] + b[i:i + 1]
+    return out
+
+
+def read_labels_csv(path: Path) -> dict:
+    """{(file name, slice or None): label} from a CSV with columns ``file,label`` and optionally ``slice``.
+
+    ``label``: 0 / healthy or 1 / lesion (anomalous).  A row without ``slice`` labels every slice of
+    the volume; ``slice`` is the axial index in the volume's canonical (LPS) slice order.
+    """
+    out = {}
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "file" not in rows[0] or "label" not in rows[0]:
+        raise UADError(f"{path}: a labels CSV needs the columns 'file' and 'label' (and optionally 'slice')")
+    names = {"0": 0, "healthy": 0, "normal": 0, "1": 1, "lesion": 1, "anomalous": 1, "abnormal": 1}
+    for i, r in enumerate(rows, start=2):
+        lab = names.get(str(r["label"]).strip().lower())
+        if lab is None:
+            raise UADError(f"{path}, line {i}: label {r['label']!r} is not 0/healthy or 1/lesion")
+        sl = str(r.get("slice") or "").strip()
+        out[(Path(str(r["file"]).strip()).name, int(sl) if sl else None)] = lab
+    return out
+
+
 class VolumeFolderSource:
-    """Training slices from a folder of healthy volumes (NIfTI, NRRD, ...).
+    """Training slices from a folder of volumes (NIfTI, NRRD, ...).
 
     Optional brain masks are picked up from ``<stem>_brainmask.<ext>`` (or
     ``_mask``) files next to each volume; otherwise the preprocessing computes
-    one for skull-stripped input.  Files named ``*_lesion*`` are ignored.  The
-    first ``holdout_fraction`` of the (sorted) volumes, at least one, is held
-    out for validation (``holdout=True`` gives those); with a single volume,
-    validation uses that volume too (``self.warning`` says so).
+    one for skull-stripped input.  The first ``holdout_fraction`` of the
+    (sorted) volumes, at least one, is held out for validation
+    (``holdout=True`` gives those); with a single volume, validation uses that
+    volume too (``self.warning`` says so).
+
+    Image-level labels (0 healthy, 1 lesion; ``labels=True``, for the weakly
+    supervised methods such as Wolleb et al.), from the first source that
+    exists, in this order:
+
+    1. a labels CSV (``labels_csv``, default ``<folder>/labels.csv``) with
+       columns ``file,label[,slice]`` (``read_labels_csv``);
+    2. ``healthy/`` and ``lesion/`` sub-folders: every slice of a healthy volume
+       is 0; a lesion volume's slice is 1 where its lesion mask
+       (``<stem>_lesion.<ext>`` beside it) has a voxel, else every slice is 1;
+    3. lesion masks beside the volumes (``<stem>_lesion.<ext>``): 1 for the
+       slices with lesion voxels, 0 for the others and for volumes without one.
+
+    A source that yields one class only raises ``UADError`` (a classifier
+    would learn a constant).  Without ``labels`` (unsupervised methods) the
+    ``lesion/`` sub-folder is skipped, lesion files are ignored, and every
+    label is 0.
 
     ``rank`` / ``world_size``: this process's disjoint shard for data-parallel
     training: volumes ``rank, rank + world_size, ...`` when there are at least
@@ -446,28 +509,47 @@ class VolumeFolderSource:
 
     def __init__(self, folder: str | os.PathLike, image_size: int, holdout: bool = False,
                  holdout_fraction: float = 0.1, normalisation: dict | None = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, labels: bool = False, labels_csv: str | os.PathLike | None = None):
         from .imageio import read_image
-        from .preprocess import preprocess
+        from .preprocess import _mask_on_grid, orient_array, preprocess
 
         folder = Path(folder)
         if not folder.is_dir():
             raise UADError(f"training data {folder}: no such folder (give a folder of healthy volumes, "
                            f"or 'phantoms')")
-        files = sorted(p for p in folder.iterdir()
-                       if p.name.endswith(VOLUME_EXTS)
-                       and not any(s in p.name for s in ("_brainmask", "_mask", "_lesion")))
-        if not files:
+        csv_path = Path(labels_csv) if labels_csv else folder / LABELS_CSV
+        if labels_csv and not csv_path.is_file():
+            raise UADError(f"labels CSV {csv_path}: no such file")
+        table = read_labels_csv(csv_path) if (labels and csv_path.is_file()) else None
+        sub_h, sub_l = folder / "healthy", folder / "lesion"
+        if sub_h.is_dir() or sub_l.is_dir():
+            kinds = [(f, 0) for f in (_volumes_in(sub_h) if sub_h.is_dir() else [])]
+            if labels or table is not None:
+                kinds += [(f, 1) for f in (_volumes_in(sub_l) if sub_l.is_dir() else [])]
+            self.label_source = "healthy/ and lesion/ sub-folders"
+        else:
+            kinds = [(f, None) for f in _volumes_in(folder)]
+            self.label_source = "lesion masks beside the volumes"
+        if table is not None:
+            self.label_source = f"labels CSV {csv_path}"
+        if not labels:
+            self.label_source = "none (all 0)"
+        files_all = [f for f, _ in kinds]
+        if not files_all:
             raise UADError(f"no volumes (.nii.gz, .nii, .nrrd, .mha) found in {folder}")
+        kind_of = dict(kinds)
         self.warning = None
-        n_hold = max(1, int(round(len(files) * holdout_fraction))) if len(files) > 1 else 0
+        n_hold = max(1, int(round(len(files_all) * holdout_fraction))) if len(files_all) > 1 else 0
+        if labels and any(kind_of[f] == 1 for f in files_all):
+            files_all = _interleave([f for f in files_all if kind_of[f] != 1],
+                                    [f for f in files_all if kind_of[f] == 1])  # both classes held out
         if holdout:
-            files = files[:n_hold] or files
+            files = files_all[:n_hold] or files_all
             if n_hold == 0:
                 self.warning = (f"{folder} has a single volume: validation uses the training volume "
                                 f"(add more volumes for a real held-out validation)")
         else:
-            files = files[n_hold:] or files
+            files = files_all[n_hold:] or files_all
         self.shard = "all"
         slice_shard = False
         if world_size > 1 and not holdout:
@@ -477,30 +559,52 @@ class VolumeFolderSource:
             else:
                 slice_shard = True
                 self.shard = f"slices {rank}::{world_size}"
-        slices, masks = [], []
-        for f in files:
-            stem = _strip_ext(f.name)
-            mask_img = None
-            for suffix in ("_brainmask", "_mask"):
-                for e in VOLUME_EXTS:
-                    m = f.parent / f"{stem}{suffix}{e}"
-                    if m.is_file():
-                        mask_img = read_image(m)
-                        break
-                if mask_img is not None:
-                    break
-            stack = preprocess(read_image(f), image_size, brain_mask=mask_img, normalisation=normalisation)
+        slices, masks, labs, owner, where = [], [], [], [], []
+        for fi, f in enumerate(files):
+            mask_p = _find_beside(f, ("_brainmask", "_mask"))
+            mask_img = read_image(mask_p) if mask_p is not None else None
+            image = read_image(f)
+            stack = preprocess(image, image_size, brain_mask=mask_img, normalisation=normalisation)
             keep = stack.masks.reshape(len(stack.masks), -1).mean(1) > 0.05
+            y = np.zeros(len(stack.indices), np.int64)
+            if labels:
+                if table is not None:
+                    if (f.name, None) in table:
+                        y[:] = table[(f.name, None)]
+                    for i, k in enumerate(stack.indices.tolist()):
+                        y[i] = table.get((f.name, int(k)), y[i])
+                else:
+                    les_p = _find_beside(f, ("_lesion",))
+                    if les_p is not None:
+                        les = orient_array(_mask_on_grid(read_image(les_p), image), stack.permute, stack.flip)
+                        y = les[stack.indices].reshape(len(stack.indices), -1).any(1).astype(np.int64)
+                    elif kind_of[f] == 1:
+                        y[:] = 1
             slices.append(stack.slices[keep])
             masks.append(stack.masks[keep])
+            labs.append(y[keep])
+            owner.append(np.full(int(keep.sum()), fi))
+            where.append(stack.indices[keep])
         self.slices = np.concatenate(slices).astype(np.float32)
         self.masks = np.concatenate(masks)
+        self.labels = np.concatenate(labs)
+        self.slice_file = np.concatenate(owner)  # per slice: index into self.files
+        self.slice_index = np.concatenate(where)  # per slice: canonical axial index in its volume
         if slice_shard:
             self.slices = np.ascontiguousarray(self.slices[rank::world_size])
             self.masks = np.ascontiguousarray(self.masks[rank::world_size])
+            self.labels = np.ascontiguousarray(self.labels[rank::world_size])
+            self.slice_file = self.slice_file[rank::world_size]
+            self.slice_index = self.slice_index[rank::world_size]
         if len(self.slices) == 0:
             raise UADError(f"no slices with enough brain in {', '.join(f.name for f in files)} "
                            f"(for process {rank} of {world_size})")
+        if labels and not holdout and len(np.unique(self.labels)) < 2:
+            only = "healthy (0)" if int(self.labels[0]) == 0 else "lesion (1)"
+            raise UADError(
+                f"training data {folder}: every slice is labelled {only} (labels from {self.label_source}); "
+                f"a weakly supervised method needs healthy AND lesion slices: put <stem>_lesion.nii.gz masks "
+                f"beside the volumes, a {LABELS_CSV} (file,label[,slice]), or healthy/ and lesion/ sub-folders")
         self.files = files
 
     def sample_batch(self, batch_size: int, generator: np.random.Generator):
@@ -511,10 +615,14 @@ class VolumeFolderSource:
         x[flip] = x[flip][..., ::-1]
         m[flip] = m[flip][..., ::-1]
         return (torch.from_numpy(np.ascontiguousarray(x))[:, None], torch.from_numpy(np.ascontiguousarray(m))[:, None],
-                torch.zeros(batch_size, dtype=torch.long))
+                torch.from_numpy(self.labels[idx].copy()))
 
     def describe(self) -> str:
-        return f"{len(self.files)} volume(s), {len(self.slices)} slices ({self.shard})"
+        lab = ""
+        if self.label_source != "none (all 0)":
+            lab = f", labels from {self.label_source}: {int((self.labels == 1).sum())} lesion / " \
+                  f"{int((self.labels == 0).sum())} healthy slices"
+        return f"{len(self.files)} volume(s), {len(self.slices)} slices ({self.shard}){lab}"
 
 
 def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | None = None, rank: int = 0,
@@ -530,7 +638,7 @@ def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | N
                                    lesion_fraction=cfg.lesion_fraction, holdout=holdout,
                                    normalisation=normalisation, prefetch=not holdout)
     return VolumeFolderSource(cfg.data, cfg.image_size, holdout=holdout, normalisation=normalisation,
-                              rank=rank, world_size=world_size)
+                              rank=rank, world_size=world_size, labels=get_method_class(cfg.method).needs_labels)
 
 
 def _describe_source(source) -> str:

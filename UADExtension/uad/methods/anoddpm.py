@@ -48,7 +48,6 @@ class AnoDDPM(Method):
         "paper": {},
         "fast": {"steps": 25, "sampler": "ddim", "error": "abs"},
     }
-    default_preset = "fast"
 
     def validate(self) -> None:
         p = self.params
@@ -67,6 +66,9 @@ class AnoDDPM(Method):
         if self.params.sampler == "ddim":
             return {"variance": "only the ddpm sampler draws noise with a step variance"}
         return {}
+
+    def nfe_per_slice(self) -> int:
+        return len(partial_timesteps(self.params.level - 1, self.params.steps))
 
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         p = self.params

@@ -2,10 +2,15 @@
 
 Stage 1 (masking): a partial DDPM reconstruction x_rec from level L_recon.
 The residual r = |x - x_rec| is divided by its per-image 95th percentile
-(over the brain mask) and clipped to [0, 1]; the combined mask is
-M = P(x, x_rec) * r (P: the LPIPS-SqueezeNet spatial map); the binary
-inpainting mask is B = dilate_3x3(M > tau), restricted to the brain, with tau
-a fixed threshold (0.13) or, for tau = -1, the per-image 95th percentile of M.
+(over the whole slice, as the reference; ``percentile="brain"``: over the
+brain mask) and clipped to [0, 1]; the combined mask is M = P(x, x_rec) * r
+(P: the LPIPS-SqueezeNet spatial map, or the SSIM fallback); the binary
+inpainting mask is B = dilate_3x3(M > tau), restricted to the brain.  tau is
+calibrated on healthy slices for the model, preset and perceptual backend in
+use (``uad.calibration``: the value that flags 5 % of healthy brain pixels,
+the reference README's "at most 5 % false positives"); without a calibration
+the paper's 0.13 is used with a warning; tau = -1 is the per-image 95th
+percentile of M.
 
 Stage 2 (stitch + re-sample): RePaint (Lugmayr et al. 2022) from the noised
 reconstruction at level L_inpaint: at every step the known region (outside B)
@@ -19,18 +24,16 @@ Anomaly map: A = |x - restoration| * M (zero outside B and outside the brain).
 Fixes relative to the released code (methods.md section 4): a scalar threshold
 works (the reference indexed a float: TypeError) as does tau = -1; LPIPS sees
 [0, 1] gray images with ``normalize=True`` (not [-3, 1]); the jump back from
-t-1 to t uses beta_t (the reference used beta_{t-1}); the percentiles are taken
-over the brain mask (the reference used the whole slice, which lets the
-background margin of the crop decide the normalisation).  The threshold 0.13
-was tuned on the reference's LPIPS input scaling and on its data: calibrate it
-on healthy slices (AutoDDPM: <= 5 % false-positive pixels), and certainly when
-the perceptual backend is the SSIM fallback.
+t-1 to t uses beta_t (the reference used beta_{t-1}).  The threshold 0.13
+was tuned on the reference's LPIPS input scaling and on its data, so it is
+re-calibrated per model, preset and backend (an absolute constant means
+something else under the SSIM fallback).
 
 Presets
 -------
 ``paper``: L_recon = 200 (full ancestral chain, 201 network evaluations),
 L_inpaint = 50 with U = 5 resamples per step (50 x 5 = 250 evaluations; no
-evaluation at t = 0): 451 evaluations per slice; tau = 0.13.
+evaluation at t = 0): 451 evaluations per slice; tau calibrated (0.13 uncalibrated).
 ``fast``: stage 1 a 25-step deterministic DDIM chain from 200; stage 2 RePaint
 on 11 strided timesteps (10 jumps of 5 steps, DDIM steps with eta = 1, i.e.
 ancestral-like) with U = 3 resamples: 25 + 30 = 55 evaluations, about 8x cheaper.
@@ -55,6 +58,9 @@ from .base import Method, MethodOutput
 from .common import ddpm_loss, reverse_chain
 
 
+PAPER_TAU = 0.13  # the reference's masking threshold (its README: re-tune per dataset)
+
+
 @dataclass
 class AutoDDPMParams:
     level: int = 200  # L_recon: stage-1 start timestep (L+1 NFE on the DDPM chain)
@@ -65,7 +71,8 @@ class AutoDDPMParams:
     inpaint_sampler: str = "ddpm"  # ddpm | ddim
     resample: int = 5  # U: RePaint resamples per step
     eta: float = 1.0  # DDIM stochasticity of the stage-2 steps (inpaint_sampler='ddim' only)
-    threshold: float = 0.13  # tau on M; -1: the per-image 95th percentile of M
+    threshold: float | None = None  # tau on M; None: the model's calibrated tau (else 0.13); -1: per-image P95 of M
+    percentile: str = "slice"  # where the 95th percentiles are taken: slice (reference) | brain
     dilation: int | None = None  # square dilating the binary mask; None: 3 px at 128 px, scaled (>= 3)
     noise: str | None = None  # gaussian | simplex; None: the model's training noise
     perceptual: Any = "auto"  # auto | lpips | ssim | callable(a01, b01) -> (B, 1, H, W)
@@ -96,7 +103,6 @@ class AutoDDPM(Method):
         "fast": {"recon_steps": 25, "recon_sampler": "ddim", "inpaint_steps": 11, "inpaint_sampler": "ddim",
                  "resample": 3},
     }
-    default_preset = "fast"
 
     def validate(self) -> None:
         p = self.params
@@ -117,9 +123,11 @@ class AutoDDPM(Method):
                 raise ValueError(f"autoddpm: a strided {name} chain needs {name}_sampler='ddim'")
         if int(p.resample) < 1:
             raise ValueError(f"autoddpm: resample must be >= 1, got {p.resample}")
-        if not (float(p.threshold) == -1 or float(p.threshold) >= 0):
+        if p.threshold is not None and not (float(p.threshold) == -1 or float(p.threshold) >= 0):
             raise ValueError(f"autoddpm: threshold must be >= 0, or -1 for the per-image 95th percentile, "
                              f"got {p.threshold}")
+        if p.percentile not in ("slice", "brain"):
+            raise ValueError(f"autoddpm: percentile must be 'slice' or 'brain', got {p.percentile!r}")
         if p.dilation is not None and (int(p.dilation) < 1 or int(p.dilation) % 2 == 0):
             raise ValueError(f"autoddpm: dilation must be an odd number >= 1, got {p.dilation}")
         if not 0 <= float(p.eta) <= 1:
@@ -128,8 +136,40 @@ class AutoDDPM(Method):
             from ..perceptual import _normalise
 
             _normalise(p.perceptual)
+        tau, self.tau_source = self._resolve_tau(p.threshold)
         self.params = dataclasses.replace(p, level=int(p.level), inpaint_level=int(p.inpaint_level),
-                                          resample=int(p.resample), threshold=float(p.threshold))
+                                          resample=int(p.resample), threshold=tau)
+
+    def _resolve_tau(self, tau) -> tuple[float, str]:
+        """tau as given, else the model's calibration for this preset and backend, else the paper's 0.13."""
+        if tau is not None:
+            return float(tau), "explicit"
+        from ..calibration import lookup_tau, warn
+
+        backend = self.perceptual_backend()
+        cal = lookup_tau(self.model.config, self.preset, backend)
+        if cal is not None:
+            return cal, f"calibrated for {self.preset}/{backend}"
+        msg = (f"autoddpm: model {self.model.id} has no stage-1 tau calibrated for {self.preset}/{backend}; "
+               f"using the paper's {PAPER_TAU}, tuned on other data and LPIPS scaling (calibrate it: "
+               f"scripts/train_bundled.py --calibrate-only or uad.calibration.calibrate)")
+        warn(msg)
+        return PAPER_TAU, f"uncalibrated: the paper's {PAPER_TAU}"
+
+    def nfe_per_slice(self) -> int:
+        """Stage 1 plus stage 2 (stage 2 is skipped, and costs nothing, when no pixel is masked)."""
+        p = self.params
+        n_inpaint = len(partial_timesteps(p.inpaint_level, p.inpaint_steps)) - 1
+        return len(partial_timesteps(p.level, p.recon_steps)) + n_inpaint * p.resample
+
+    def perceptual_backend(self) -> str:
+        """"lpips-squeeze", "ssim-fallback" (what "auto" resolves to here) or a custom map's name."""
+        f = self.params.perceptual
+        if callable(f):
+            return str(getattr(f, "name", getattr(f, "__name__", "custom")))
+        from ..perceptual import perceptual_backend
+
+        return perceptual_backend(f)
 
     def _perceptual(self, device):
         f = self.params.perceptual
@@ -144,11 +184,12 @@ class AutoDDPM(Method):
     def masks(self, x: torch.Tensor, x_rec: torch.Tensor, mask: torch.Tensor, perceptual) -> dict:
         """Residual, combined mask M, per-image threshold and binary mask B from x and x_rec in [0, 1]."""
         p = self.params
+        region = None if p.percentile == "slice" else mask  # the reference: P95 over the whole slice
         r = (x - x_rec).abs()
-        r = (r / masked_quantile(r, mask, 0.95).clamp_min(1e-8)).clamp(0, 1)
+        r = (r / masked_quantile(r, region, 0.95).clamp_min(1e-8)).clamp(0, 1)
         combined = perceptual(x, x_rec).to(x.dtype) * r
         if p.threshold == -1:
-            tau = masked_quantile(combined, mask, 0.95)
+            tau = masked_quantile(combined, region, 0.95)
         else:
             tau = torch.full((x.shape[0], 1, 1, 1), p.threshold, dtype=x.dtype, device=x.device)
         k = int(p.dilation) if p.dilation is not None else scaled_kernel(3, int(x.shape[-1]), minimum=3)
@@ -189,6 +230,22 @@ class AutoDDPM(Method):
         # t = 0: no further evaluation; the last estimate inside B, the clean input outside
         return b * x_t + (1 - b) * x_m, nfe
 
+    def _stage1(self, x_m: torch.Tensor, rng: BatchRNG) -> tuple[torch.Tensor, int]:
+        """The coarse reconstruction (model range, clamped) and its network evaluations."""
+        p = self.params
+        lo, hi = self.model.intensity_range
+        eps = make_noise(self.noise_kind, rng, x_m.shape[1:], **self.noise_options).to(x_m)
+        ts = partial_timesteps(p.level, p.recon_steps)
+        x_t = self.diffusion.q_sample(x_m, ts[0], eps)
+        rec_m, _, nfe = reverse_chain(self.diffusion, self.model.net("denoiser"), x_t, ts, rng,
+                                      sampler=p.recon_sampler, noise=self.noise_kind, variance="fixed_small",
+                                      eta=0.0, noise_options=self.noise_options)
+        return rec_m.clamp(lo, hi), nfe
+
+    def reconstruct(self, x: torch.Tensor, rng: BatchRNG) -> torch.Tensor:
+        """Stage 1 alone: the reconstruction in [0, 1] (used to calibrate tau on healthy slices)."""
+        return self.from_model(self._stage1(self.to_model(x), rng)[0])
+
     # -- inference ------------------------------------------------------------
     def ignored_parameters(self) -> dict[str, str]:
         if self.params.inpaint_sampler == "ddpm":
@@ -196,20 +253,12 @@ class AutoDDPM(Method):
         return {}
 
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
-        p = self.params
-        net = self.model.net("denoiser")
         lo, hi = self.model.intensity_range
         mask = mask.bool()
         perceptual, pname = self._perceptual(x.device)
 
         x_m = self.to_model(x)
-        eps = make_noise(self.noise_kind, rng, x.shape[1:], **self.noise_options).to(x)
-        ts = partial_timesteps(p.level, p.recon_steps)
-        x_t = self.diffusion.q_sample(x_m, ts[0], eps)
-        rec_m, _, nfe1 = reverse_chain(self.diffusion, net, x_t, ts, rng, sampler=p.recon_sampler,
-                                       noise=self.noise_kind, variance="fixed_small", eta=0.0,
-                                       noise_options=self.noise_options)
-        rec_m = rec_m.clamp(lo, hi)
+        rec_m, nfe1 = self._stage1(x_m, rng)
         x_rec = self.from_model(rec_m)
         st = self.masks(x, x_rec, mask, perceptual)
         binary = st["binary"]
@@ -225,8 +274,10 @@ class AutoDDPM(Method):
             restoration=restoration, anomaly=amap, nfe=nfe1 + nfe2,
             extras={"noise": self.noise_kind, "nfe_stage1": nfe1, "nfe_stage2": nfe2,
                     "stage2_skipped": nfe2 == 0, "reconstruction": x_rec, "inpainting": x_inp,
-                    "combined_mask": st["combined"], "binary_mask": binary, "threshold": st["tau"],
-                    "dilation": st["dilation"], "lpips_calls": 1, "perceptual": pname},
+                    "combined_mask": st["combined"], "residual": st["residual"], "binary_mask": binary,
+                    "threshold": st["tau"],
+                    "dilation": st["dilation"], "lpips_calls": 1, "perceptual": pname,
+                    "tau_source": self.tau_source},
         )
 
     # -- training / model -------------------------------------------------------

@@ -18,6 +18,21 @@ import torch
 from ..rng import BatchRNG
 from ..zoo import Model
 
+#: A method's default preset is its paper preset unless that costs more network evaluations per
+#: slice than this (issue 7, point 6); then the closest cheaper preset (see ``Method.default_preset_for``).
+MAX_DEFAULT_NFE = 60
+
+
+class _DefaultPreset:
+    """``Method.default_preset``: computed from the presets' network evaluations, not declared.
+
+    On the class it uses the method's nominal model (its ``default_model_config``
+    at 64 px); on an instance, the instance's model.
+    """
+
+    def __get__(self, obj, cls):
+        return cls.default_preset_for(obj.model if obj is not None else None)
+
 
 @dataclass
 class MethodOutput:
@@ -36,7 +51,7 @@ class Method:
     roles: ClassVar[tuple[str, ...]] = ("denoiser",)  # networks the model must provide
     Params: ClassVar[type] = None  # a dataclass whose defaults are the paper's
     presets: ClassVar[dict[str, dict]] = {"paper": {}}
-    default_preset: ClassVar[str] = "paper"
+    default_preset = _DefaultPreset()  # the NFE rule below (a str on the class and on instances)
     # Volume-level post-processing the method's paper applies to the anomaly map, applied by the
     # pipeline after the slices are stacked (keys: erode_mask_iterations, median_size, min_component_size).
     postprocess: ClassVar[dict] = {}
@@ -47,7 +62,7 @@ class Method:
         self.model = model
         for role in self.roles:
             model.net(role)  # raises a clear ModelError when missing
-        self.preset = preset or self.default_preset
+        self.preset = preset or type(self).default_preset_for(model)
         if self.preset not in self.presets:
             raise ValueError(f"method {self.name}: unknown preset {self.preset!r} "
                              f"(available: {', '.join(self.presets)})")
@@ -64,6 +79,54 @@ class Method:
             k, why = next(iter(ignored.items()))
             raise ValueError(f"method {self.name}: parameter {k} has no effect with preset {self.preset!r} and "
                              f"these settings ({why}); leave it out")
+
+    # -- cost and the default preset -----------------------------------------
+    def nfe_per_slice(self) -> int:
+        """Network evaluations per slice of the model's resolution, computed from the parameters
+        (an upper bound where a run may skip work, e.g. AutoDDPM's stage 2 without a mask)."""
+        raise NotImplementedError(f"{self.name} does not compute its NFE")
+
+    @classmethod
+    def nominal_model(cls) -> Model:
+        """A weightless stand-in of the method's default model (64 px) to cost the presets."""
+        cfg = cls.default_model_config(image_size=64, small=True)
+        return Model(f"nominal-{cls.name}", cfg, {role: None for role in cls.roles})
+
+    @classmethod
+    def preset_costs(cls, model: Model | None = None) -> dict[str, int]:
+        """{preset: network evaluations per slice} on ``model`` (default: the nominal model)."""
+        import warnings
+
+        model = model if model is not None else cls.nominal_model()
+        with warnings.catch_warnings():  # e.g. "uncalibrated" notes: only costs are wanted here
+            warnings.simplefilter("ignore")
+            return {name: int(cls(model, preset=name).nfe_per_slice()) for name in cls.presets}
+
+    @classmethod
+    def default_preset_for(cls, model: Model | None = None) -> str:
+        """The rule: ``paper`` if it costs at most ``MAX_DEFAULT_NFE`` evaluations per slice; else the
+        most expensive preset within that budget (the closest to the paper); else the cheapest."""
+        if model is None and "_nominal_default" in cls.__dict__:
+            return cls.__dict__["_nominal_default"]
+        try:
+            costs = cls.preset_costs(model)
+        except NotImplementedError:
+            return "paper" if "paper" in cls.presets else next(iter(cls.presets))
+        if costs.get("paper", MAX_DEFAULT_NFE + 1) <= MAX_DEFAULT_NFE:
+            choice = "paper"
+        else:
+            within = {k: v for k, v in costs.items() if v <= MAX_DEFAULT_NFE}
+            if within:
+                choice = max(within, key=lambda k: (within[k], k == "fast"))
+            else:
+                choice = min(costs, key=lambda k: costs[k])
+        if model is None:
+            cls._nominal_default = choice  # the nominal model never changes: cache per class
+        return choice
+
+    def perceptual_backend(self) -> str:
+        """The perceptual backend the anomaly map depends on ("none" for methods without one)."""
+        return "none"
 
     # -- hooks --------------------------------------------------------------
     def validate(self) -> None:
@@ -112,4 +175,5 @@ class Method:
     def describe(cls) -> dict:
         defaults = {f.name: f.default for f in dataclasses.fields(cls.Params)}
         return {"name": cls.name, "title": cls.title, "reference": cls.reference, "roles": list(cls.roles),
-                "parameters": defaults, "presets": cls.presets, "default_preset": cls.default_preset}
+                "parameters": defaults, "presets": cls.presets, "default_preset": cls.default_preset,
+                "preset_nfe": cls.preset_costs()}

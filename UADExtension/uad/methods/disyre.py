@@ -20,13 +20,22 @@ convention (same alpha): [75, 50, 25, 0], i.e. alpha ~ 0.73, 0.27, 0.051,
 network call of the reference loop, the most "healed" prediction);
 ``restoration="mean"`` averages the x0 predictions instead.
 
-``multi-step`` (Algorithm 1 of the ISBI paper, cold-diffusion update): start
-at the strongest label and walk down the trailing grid [99, 74, 49, 24]
+``multi-step`` (the v2 code's multi-step restoration, cold-diffusion update):
+start at the strongest label and walk down the trailing grid [99, 74, 49, 24]
 (alpha ~ 0.9995, 0.71, 0.26, 0.047); at each label x0 = P(x_t, t),
 AS += |x_t - x0|, then x_t <- x0 + (a_next / a_t)(x_t - x0), clamped to
 [0, 1] (the reference's ``x - [x0 (1-a) + a xT] + [x0 (1-a') + a' xT]`` with
 xT = (x - x0 (1-a)) / a, simplified); the last x0 is the restoration.
-AS is divided by the number of labels in both modes.
+
+``isbi`` (Algorithm 1 of the ISBI paper as written): the same walk t = T,
+T - step_size, ... over the ISBI schedule alpha_t = 1 - sqrt(alpha_bar_t)
+([99, 74, 49, 24] -> alpha ~ 0.9955, 0.95, 0.73, 0.27), and the plain
+interpolation of Eq. 1 with m = 1 as the update:
+x_t <- (1 - alpha_next) x0 + alpha_next x_t.  A model trained with the v2
+schedule (the default) gets a note in the output's extras that its labels
+mean other severities; train with ``schedule.variant = "isbi"`` for the
+true ISBI variant.
+AS is divided by the number of labels in all modes.
 
 Then AS is multiplied by the brain fraction of the window (weight_foreground)
 and zeroed outside the brain mask.  Slices larger than the model's training
@@ -38,7 +47,8 @@ windows tile, folded with a Gaussian importance map (sigma = patch/8, floor
 Presets
 -------
 ``paper``: mean-single-step, 4 labels [75, 50, 25, 0] (reference evaluation).
-``isbi``: multi-step with 4 labels [99, 74, 49, 24] (step_size 25, ISBI Table 2).
+``isbi``: the ISBI paper's Algorithm 1, 4 labels [99, 74, 49, 24] (step_size 25).
+``multi-step``: the v2 code's multi-step restoration on the same labels.
 ``fast``: mean-single-step with the 2 strongest paper labels [75, 50]
 (alpha 0.73, 0.27): the mildest labels barely change the input and add little.
 NFE = labels x windows per slice.
@@ -56,13 +66,13 @@ from ..networks import call_unet
 from ..rng import BatchRNG
 from .base import Method, MethodOutput
 
-MODES = ("mean-single-step", "multi-step")
+MODES = ("mean-single-step", "multi-step", "isbi")
 
 
 @dataclass
 class DISYREParams:
     steps: int = 4  # number of labels N (ignored when ``labels`` is given)
-    mode: str = "mean-single-step"  # mean-single-step | multi-step
+    mode: str = "mean-single-step"  # mean-single-step | multi-step (v2 code, cold diffusion) | isbi (Algorithm 1)
     labels: tuple | None = None  # explicit label timesteps (this package's convention)
     weight_foreground: bool = True  # multiply the window's score by its brain fraction
     restoration: str = "strongest"  # mean-single-step restoration: strongest | mean
@@ -137,10 +147,10 @@ class DISYRE(Method):
     Params = DISYREParams
     presets = {
         "paper": {},
-        "isbi": {"mode": "multi-step"},
+        "isbi": {"mode": "isbi"},
+        "multi-step": {"mode": "multi-step"},
         "fast": {"labels": (75, 50)},
     }
-    default_preset = "paper"
 
     def validate(self) -> None:
         p = self.params
@@ -148,7 +158,12 @@ class DISYRE(Method):
             raise ValueError(f"disyre: mode must be one of {', '.join(MODES)}, got {p.mode!r}")
         if p.restoration not in ("strongest", "mean"):
             raise ValueError(f"disyre: restoration must be 'strongest' or 'mean', got {p.restoration!r}")
-        self.schedule = CorruptionSchedule(self.model.schedule)
+        self.schedule = CorruptionSchedule(self.model.schedule, variant="isbi" if p.mode == "isbi" else None)
+        self.variant_note = None
+        trained = CorruptionSchedule(self.model.schedule).variant
+        if p.mode == "isbi" and trained != "isbi":
+            self.variant_note = (f"disyre isbi: model {self.model.id} was trained with the {trained} severity "
+                                 f"schedule; its labels mean other severities than the ISBI schedule assumes")
         T = self.schedule.T
         if p.labels is not None:
             labels = [int(t) for t in p.labels]
@@ -160,8 +175,17 @@ class DISYRE(Method):
             if not 1 <= int(p.steps) <= T:
                 raise ValueError(f"disyre: steps must be in [1, {T}], got {p.steps}")
             self.labels = (self.schedule.reference_labels(p.steps) if p.mode == "mean-single-step"
-                           else self.schedule.trailing(p.steps))
+                           else self.schedule.trailing(p.steps))  # multi-step / isbi: t = T, T - step, ...
         self.patch = int(self.model.config.get("patch_size") or self.model.image_size)
+
+    def nfe_per_slice(self) -> int:
+        """Labels x sliding windows on a slice of the model's resolution."""
+        size = self.model.image_size
+        if size <= self.patch:
+            return len(self.labels)
+        stride = max(int(0.25 * self.patch), 1)
+        n = len(window_starts(size, self.patch, stride)[0])
+        return len(self.labels) * n * n
 
     # -- one pass on patch-sized inputs -----------------------------------
     def _pipeline(self, x: torch.Tensor, mask: torch.Tensor):
@@ -185,9 +209,12 @@ class DISYRE(Method):
                 x0 = self.from_model(call_unet(net, self.to_model(cur), t).to(x.dtype))
                 score += (cur - x0).abs()
                 if i + 1 < n:
-                    a_t = self.schedule.alpha(t)
                     a_n = self.schedule.alpha(self.labels[i + 1])
-                    cur = (x0 + (a_n / a_t) * (cur - x0)).clamp(0.0, 1.0)
+                    if p.mode == "isbi":  # Q(x0_hat, x_t, t_next, m = 1): plain interpolation (Eq. 1)
+                        cur = ((1.0 - a_n) * x0 + a_n * cur).clamp(0.0, 1.0)
+                    else:  # the v2 code's cold-diffusion update
+                        a_t = self.schedule.alpha(t)
+                        cur = (x0 + (a_n / a_t) * (cur - x0)).clamp(0.0, 1.0)
                 else:
                     rest = x0
         score = score / n
@@ -216,6 +243,7 @@ class DISYRE(Method):
         amap = score.clamp_min(0) * mask.to(score.dtype)
         return MethodOutput(restoration=rest.clamp(0, 1), anomaly=amap, nfe=len(self.labels) * nwin,
                             extras={"labels": list(self.labels), "mode": self.params.mode, "windows": nwin,
+                                    "schedule_note": self.variant_note,
                                     "alphas": [round(self.schedule.alpha(t), 4) for t in self.labels]})
 
     # -- training -----------------------------------------------------------

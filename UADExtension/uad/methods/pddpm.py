@@ -116,7 +116,6 @@ class PDDPM(Method):
         "fast": {},  # identical on purpose: already one network evaluation per patch (see module doc)
         "overlap": {"overlap": True},
     }
-    default_preset = "paper"
     postprocess = {"erode_mask_iterations": 3, "median_size": 5, "min_component_size": 7}
 
     def validate(self) -> None:
@@ -156,6 +155,10 @@ class PDDPM(Method):
         if bad:
             raise ValueError(f"pddpm: patch indices {bad} outside the grid of {len(grid)} cells")
         return [grid[int(i)] for i in sel]
+
+    def nfe_per_slice(self) -> int:
+        size = self.model.image_size
+        return len(self.boxes(size, size))
 
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         p = self.params

@@ -109,7 +109,6 @@ class THOR(Method):
         "paper": {},
         "fast": {"sampler": "ddim", "steps": 25},
     }
-    default_preset = "fast"
 
     def validate(self) -> None:
         p = self.params
@@ -167,6 +166,18 @@ class THOR(Method):
         if p.sampler == "ddpm" or p.steps is None:
             return list(range(p.level, -1, -1))
         return sorted(set(partial_timesteps(p.level, int(p.steps))) | set(self.checkpoints()), reverse=True)
+
+    def nfe_per_slice(self) -> int:
+        return len(self.timesteps())
+
+    def perceptual_backend(self) -> str:
+        """"lpips-squeeze", "ssim-fallback" (what "auto" resolves to here) or a custom map's name."""
+        f = self.params.perceptual
+        if callable(f):
+            return str(getattr(f, "name", getattr(f, "__name__", "custom")))
+        from ..perceptual import perceptual_backend
+
+        return perceptual_backend(f)
 
     def _perceptual(self, device) -> tuple[PerceptualFn, str]:
         f = self.params.perceptual

@@ -104,7 +104,6 @@ class Wolleb(Method):
         "tutorial": {"level": 200, "scale": 6.0},
         "fast": {"steps": 50},
     }
-    default_preset = "fast"
     needs_labels = True
 
     def validate(self) -> None:
@@ -137,6 +136,11 @@ class Wolleb(Method):
             raise ModelError(f"model {self.model.id}: the classifier was built for another input size than "
                              f"image_size {self.model.image_size} (its 'input_shape' must be "
                              f"[{self.model.image_size}, {self.model.image_size}])")
+
+    def nfe_per_slice(self) -> int:
+        """Encoding and decoding UNet calls plus classifier passes (none with s = 0)."""
+        k = len(self.grid) - 1
+        return 2 * k + (k if self.params.scale != 0 else 0)
 
     # -- the two loops --------------------------------------------------------
     def encode(self, x_m: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:

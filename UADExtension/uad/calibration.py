@@ -1,0 +1,311 @@
+"""Thresholds calibrated per method, preset and perceptual backend at a healthy false-positive rate.
+
+A detection threshold only means something for the exact map it was measured
+on: the method, its preset (AnoDDPM's paper map is a squared error, its fast
+map an absolute one), the perceptual backend of THOR / AutoDDPM (real LPIPS or
+the SSIM fallback give maps of other scales) and the false-positive rate wanted
+on healthy brains.  Calibration runs the method on held-out *healthy* volumes
+(phantoms of ``uad.phantoms`` by default), takes the in-brain anomaly values
+after the method's post-processing, and stores the threshold that flags a
+given fraction of healthy brain voxels, for a grid of rates (``FPR_GRID``).
+The default rate is 1 % (``DEFAULT_FPR``; 5 % -- THOR's and AutoDDPM's own
+calibration -- flags about 60 ml of a healthy brain); methods with a minimum
+component size (pDDPM) are calibrated on the mask after that filter.
+
+AutoDDPM's stage-1 mask threshold tau is calibrated the same way (its
+README's intent: at most ``TAU_FPR`` = 5 % false-positive pixels on healthy
+data) for the backend in use, before its final-map threshold.
+
+Manifest structure (one model entry)::
+
+    "calibration": {
+      "<method>": {
+        "presets": {
+          "<preset>": {
+            "<backend>": {                    # "lpips-squeeze", "ssim-fallback" or "none"
+              "thresholds": {"0.01": 0.21, "0.05": 0.12, ...},   # healthy FPR -> threshold
+              "tau": 0.08, "tau_fpr": 0.05,   # AutoDDPM only
+              "n_volumes": 2, "n_voxels": 512000, "contrast": "T2", "spacing_mm": 2.0,
+              "seeds": [2000000, 2000001], "nfe_per_slice": 31, "sha256": "<weights>",
+              "postprocess": {...}, "date": "2026-12-01"}}}}}
+
+Old entries (``"calibration": {"<method>": {"threshold": x, "quantile": 0.95,
+...}}`` and ``"threshold": {"<method>": x}`` or one number) are still read:
+``lookup_threshold`` returns them only as a *legacy* threshold, with a
+warning that their preset, backend and rate were not recorded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import warnings
+from typing import Iterable
+
+import numpy as np
+
+#: healthy false-positive rates stored by a calibration (fractions of healthy brain voxels)
+FPR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+DEFAULT_FPR = 0.01
+TAU_FPR = 0.05  # AutoDDPM's stage-1 mask: "at most 5 % false positives" on healthy data (its README)
+NO_BACKEND = "none"
+
+
+def fpr_key(fpr: float) -> str:
+    """The manifest key of a rate: 0.01 -> "0.01"."""
+    f = float(fpr)
+    if not 0 < f < 1:
+        raise ValueError(f"the healthy false-positive rate must be in (0, 1), got {fpr}")
+    return f"{f:g}"
+
+
+def _new_format(cal) -> bool:
+    return isinstance(cal, dict) and isinstance(cal.get("presets"), dict)
+
+
+def calibration_record(config: dict, method: str, preset: str, backend: str) -> dict | None:
+    """The stored record for (method, preset, backend), or None."""
+    cal = (config.get("calibration") or {}).get(method)
+    if not _new_format(cal):
+        return None
+    rec = (cal["presets"].get(preset) or {}).get(backend)
+    return rec if isinstance(rec, dict) else None
+
+
+def stale(config: dict, record: dict) -> bool:
+    """True when the record was measured on weights other than the entry's (both sha256 known)."""
+    a, b = record.get("sha256"), config.get("sha256")
+    return bool(a and b and str(a).lower() != str(b).lower())
+
+
+def available(config: dict, method: str) -> list[str]:
+    """"preset/backend" pairs calibrated for ``method`` (new format)."""
+    cal = (config.get("calibration") or {}).get(method)
+    if not _new_format(cal):
+        return []
+    return [f"{p}/{b}" for p, per in cal["presets"].items() if isinstance(per, dict) for b in per]
+
+
+def _legacy(config: dict, method: str):
+    """(value, quantile) of an old-format threshold for ``method``, or None."""
+    cal = (config.get("calibration") or {}).get(method)
+    q = None
+    if isinstance(cal, dict) and "threshold" in cal and not _new_format(cal):
+        q = cal.get("quantile")
+    t = config.get("threshold")
+    if isinstance(t, dict):
+        t = t.get(method)
+        if isinstance(t, dict):
+            return None  # per-preset dicts: read by uad.pipeline.model_threshold
+    if t is None:
+        return None
+    try:
+        return float(t), q
+    except (TypeError, ValueError):
+        return None
+
+
+def lookup_threshold(config: dict, method: str, preset: str, backend: str,
+                     fpr: float = DEFAULT_FPR) -> tuple[float | None, str, str | None]:
+    """(threshold or None, source text, warning or None) for the map in use.
+
+    Exact match (method, preset, backend, rate) -> the calibrated value.  A
+    missing one gives None and a warning that says what is calibrated instead
+    (the caller then falls back to an uncalibrated percentile); an old-format
+    entry without any new record gives its legacy value with a warning.
+    """
+    key = fpr_key(fpr)
+    rec = calibration_record(config, method, preset, backend)
+    if rec is not None and stale(config, rec):
+        return None, "", (f"the {method}/{preset}/{backend} calibration was measured on other weights (sha256 "
+                          f"{str(rec.get('sha256'))[:12]}... vs {str(config.get('sha256'))[:12]}...); recalibrate")
+    if rec is not None:
+        thr = (rec.get("thresholds") or {}).get(key)
+        if thr is not None:
+            n = rec.get("n_volumes")
+            where = f"{n} healthy {rec.get('contrast', '')} volume(s)".replace("  ", " ") if n else "healthy volumes"
+            if rec.get("spacing_mm"):
+                where += f" at {rec['spacing_mm']:g} mm"
+            return (float(thr), f"model: calibrated for {method}/{preset}/{backend} at {100 * float(fpr):g}% "
+                                f"healthy FPR ({where})", None)
+        have = ", ".join(sorted(rec.get("thresholds") or {}, key=float)) or "none"
+        return None, "", (f"model has no {method}/{preset}/{backend} threshold at {100 * float(fpr):g}% healthy "
+                          f"FPR (calibrated rates: {have})")
+    others = available(config, method)
+    if others:
+        return None, "", (f"model has no calibration for {method}/{preset}/{backend} (calibrated: "
+                          f"{', '.join(others)}); the threshold is NOT calibrated for this map")
+    leg = _legacy(config, method)
+    if leg is not None:
+        value, q = leg
+        rate = f"{100 * (1 - float(q)):g}% healthy FPR" if q is not None else "an unrecorded rate"
+        return value, "model", (f"legacy calibration of the model for {method} (preset and perceptual backend "
+                                f"not recorded, {rate}); recalibrate for {preset}/{backend}")
+    return None, "", None
+
+
+def lookup_tau(config: dict, preset: str, backend: str) -> float | None:
+    """AutoDDPM's calibrated stage-1 threshold for (preset, backend), or None."""
+    rec = calibration_record(config, "autoddpm", preset, backend)
+    if rec is None or rec.get("tau") is None or stale(config, rec):
+        return None
+    return float(rec["tau"])
+
+
+def store(entry: dict, method: str, preset: str, backend: str, record: dict) -> dict:
+    """Put ``record`` into ``entry["calibration"]`` (converting an old-format method entry) and
+    keep ``entry["threshold"][method][preset]`` (shown by ``uad models``) at the default rate."""
+    cal = entry.setdefault("calibration", {})
+    cur = cal.get(method)
+    if not _new_format(cur):
+        cur = {"presets": {}}
+        cal[method] = cur
+    cur["presets"].setdefault(preset, {})[backend] = record
+    thr = entry.get("threshold")
+    if not isinstance(thr, dict):
+        thr = {}
+    per = thr.get(method)
+    if not isinstance(per, dict):
+        per = {}
+    value = (record.get("thresholds") or {}).get(fpr_key(DEFAULT_FPR))
+    if value is not None:
+        per[preset] = value
+    thr[method] = per
+    entry["threshold"] = thr
+    return entry
+
+
+def _fpr_after_components(anomalies: list[np.ndarray], brains: list[np.ndarray], thr: float,
+                          min_size: int) -> float:
+    from .postprocess import threshold_mask
+
+    flagged = total = 0
+    for a, b in zip(anomalies, brains):
+        m = threshold_mask(a, thr, min_size).astype(bool)
+        flagged += int((m & b).sum())
+        total += int(b.sum())
+    return flagged / max(total, 1)
+
+
+def thresholds_at(anomalies: list[np.ndarray], brains: list[np.ndarray], fprs: Iterable[float] = FPR_GRID,
+                  min_component_size: int = 0) -> dict[str, float]:
+    """{rate: threshold} flagging ``rate`` of the healthy brain voxels.
+
+    Without component filtering this is the (1 - rate) quantile of the pooled
+    in-brain values.  With it (pDDPM removes components < 7 voxels after
+    thresholding) the threshold is lowered by bisection until the fraction
+    flagged *after* the filter is the rate.
+    """
+    vals = np.concatenate([a[b] for a, b in zip(anomalies, brains)]).astype(np.float64)
+    out = {}
+    for f in fprs:
+        q = float(np.quantile(vals, 1.0 - float(f)))
+        if int(min_component_size or 0) > 1:
+            hi, rate = q, float(f)
+            while True:  # a lower bound that flags at least the rate after the filter
+                rate = min(1.0, 2.0 * rate)
+                lo = float(np.quantile(vals, 1.0 - rate))
+                if rate >= 1.0 or _fpr_after_components(anomalies, brains, lo, min_component_size) >= float(f):
+                    break
+            if _fpr_after_components(anomalies, brains, lo, min_component_size) >= float(f):
+                for _ in range(16):
+                    mid = 0.5 * (lo + hi)
+                    if _fpr_after_components(anomalies, brains, mid, min_component_size) > float(f):
+                        lo = mid
+                    else:
+                        hi = mid
+                q = hi
+        out[fpr_key(f)] = q
+    return out
+
+
+def healthy_volumes(contrast: str, n_volumes: int, seed: int, spacing: float):
+    """(image, brain mask) of ``n_volumes`` healthy phantoms, seeds ``seed, seed+1, ...``."""
+    from .phantoms import make_phantom
+
+    for i in range(int(n_volumes)):
+        ph = make_phantom(seed + i, contrast=contrast, lesion="none", spacing=spacing)
+        yield ph.image, ph.brain_mask
+
+
+def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int = 0,
+                           batch_size: int = 16, params: dict | None = None) -> np.ndarray:
+    """AutoDDPM's stage-1 combined mask M over the brain pixels of healthy volumes (pooled)."""
+    import torch
+
+    from .methods import build_method
+    from .preprocess import preprocess
+    from .rng import BatchRNG
+
+    meth = build_method("autoddpm", model, preset, **dict(params or {}, threshold=0.0))
+    perceptual, _ = meth._perceptual(torch.device(device))
+    vals = []
+    for i, (img, brain) in enumerate(images):
+        stack = preprocess(img, model.image_size, brain_mask=brain, normalisation=model.normalisation)
+        with torch.inference_mode():
+            for b0 in range(0, len(stack), batch_size):
+                b1 = min(len(stack), b0 + batch_size)
+                x = torch.from_numpy(stack.slices[b0:b1, None]).to(device)
+                mk = torch.from_numpy(stack.masks[b0:b1, None]).to(device)
+                rng = BatchRNG.for_slices(int(seed) + i, stack.indices[b0:b1].tolist(), device)
+                rec = meth.reconstruct(x, rng)
+                st = meth.masks(x, rec, mk, perceptual)
+                vals.append(st["combined"][mk].float().cpu().numpy())
+    return np.concatenate(vals) if vals else np.zeros(0, np.float32)
+
+
+def calibrate(model, method: str, preset: str | None = None, contrast: str | None = None, n_volumes: int = 2,
+              spacing: float = 2.0, fprs: Iterable[float] = FPR_GRID, seed: int = 2_000_000, device="cpu",
+              tau_fpr: float = TAU_FPR, volumes=None, log=print, params: dict | None = None) -> tuple[str, str, dict]:
+    """Calibrate ``method`` with ``preset`` (default: its default preset) on healthy volumes.
+
+    ``volumes``: an iterable of (image, brain mask) pairs; default ``n_volumes``
+    healthy phantoms of the model's contrast at ``spacing`` mm, seeds from
+    ``seed`` (far from the training seeds).  Returns (preset, backend, record)
+    for ``store``.  ``params`` override the preset (the record then says so: ``params``).
+    """
+    import SimpleITK as sitk
+
+    from .methods import build_method
+    from .pipeline import detect
+
+    contrast = contrast or model.config.get("contrast") or "T2"
+    params = dict(params or {})
+    record: dict = {"params": dict(params)} if params else {}
+    meth = build_method(method, model, preset, **params)
+    preset = meth.preset
+    backend = meth.perceptual_backend()
+    vols = list(volumes) if volumes is not None else list(healthy_volumes(contrast, n_volumes, seed, spacing))
+    if method == "autoddpm" and params.get("threshold") is None:
+        m_vals = autoddpm_stage1_values(model, preset, vols, device=device, params=params)
+        tau = float(np.quantile(m_vals, 1.0 - float(tau_fpr)))
+        params["threshold"] = tau
+        record.update({"tau": tau, "tau_fpr": float(tau_fpr)})
+        log(f"  autoddpm/{preset}/{backend}: tau {tau:.4g} ({100 * tau_fpr:g}% of healthy stage-1 pixels)")
+    anomalies, brains = [], []
+    for i, (img, brain) in enumerate(vols):
+        res = detect(img, method=method, model=model, device=device, seed=i, preset=preset, params=params,
+                     brain_mask=brain, threshold=float("inf"))
+        anomalies.append(sitk.GetArrayFromImage(res.anomaly))
+        brains.append(sitk.GetArrayFromImage(brain) > 0)
+        post = res.info.get("postprocess") or {}
+        nfe = res.info.get("nfe_per_slice")
+    thr = thresholds_at(anomalies, brains, fprs, int(post.get("min_component_size") or 0))
+    record.update({
+        "thresholds": thr, "n_volumes": len(vols), "n_voxels": int(sum(b.sum() for b in brains)),
+        "contrast": contrast, "spacing_mm": float(spacing) if volumes is None else None,
+        "seeds": [seed + i for i in range(len(vols))] if volumes is None else None,
+        "nfe_per_slice": nfe, "postprocess": post, "sha256": model.config.get("sha256"),
+        "date": datetime.date.today().isoformat(),
+    })
+    log(f"  {method}/{preset}/{backend}: threshold {thr[fpr_key(DEFAULT_FPR)]:.4g} at 1% healthy FPR, "
+        f"{thr[fpr_key(0.05)] if fpr_key(0.05) in thr else float('nan'):.4g} at 5% ({len(vols)} volume(s))")
+    return preset, backend, record
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+__all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
+           "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
+           "autoddpm_stage1_values"]
