@@ -101,6 +101,48 @@ def test_default_method_prefers_disyre_then_a_method_with_a_model(tmp_path, monk
     assert logic.defaultMethod() == "disyre"  # no model at all: the best-measuring method
 
 
+def test_default_choice_follows_the_measured_best_method_for_the_input_contrast(tmp_path, monkeypatch):
+    """With held-out measurements in the manifest, the GUI's default for a T1 volume is the best
+    measured T1 method (uad.selection), not the static rule; without any, the static rule."""
+    import slicer
+    from UADExtensionLib.logic import UADExtensionLogic
+    from uad.phantoms import make_phantom
+
+    ev = lambda m, ap: {"heldout": {"n_per_type": 5, "results": {m: {"tumour": ap, "stroke": ap, "ms": ap}}}}  # noqa: E731
+    _zoo(tmp_path, monkeypatch, [
+        {"id": "a", "methods": ["thor"], "contrast": "T1", "evaluation": ev("thor", 0.40), "file": "a/model.safetensors"},
+        {"id": "b", "methods": ["disyre"], "contrast": "T1", "evaluation": ev("disyre", 0.10),
+         "file": "b/model.safetensors"},
+        {"id": "c", "methods": ["pddpm"], "contrast": "T2", "evaluation": ev("pddpm", 0.90),
+         "file": "c/model.safetensors"}])
+    scene = slicer.vtkMRMLScene()
+    logic = UADExtensionLogic(scene=scene)
+    for mid in "abc":  # installed models (the choice only takes models whose weights are here)
+        (tmp_path / mid).mkdir()
+        (tmp_path / mid / "model.safetensors").write_bytes(b"")
+    method, reason = logic.defaultChoice(contrast="T1")
+    assert method == "thor" and "0.400" in reason
+    assert logic.defaultChoice(contrast="T2")[0] == "pddpm"
+    # from a T1 volume node: the contrast is guessed from the image
+    import SimpleITK as sitk
+
+    ph = make_phantom(5, "T1", spacing=3.0)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    arr = sitk.GetArrayFromImage(ph.image)
+    node.SetSpacing(*ph.image.GetSpacing())
+    import vtk
+    from vtk.util import numpy_support
+
+    img = vtk.vtkImageData()
+    img.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
+    img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(arr.ravel().astype("float32"), deep=True))
+    node.SetAndObserveImageData(img)
+    method, reason = logic.defaultChoice(node)
+    assert method == "thor" and "T1" in reason
+    _zoo(tmp_path, monkeypatch, [{"id": "d", "methods": ["disyre"], "contrast": "T2"}])
+    assert logic.defaultChoice(contrast="T1")[0] == "disyre"  # no measurement: the static rule
+
+
 def test_gui_texts_and_slider_range(tmp_path, monkeypatch):
     from UADExtensionLib.logic import UADExtensionLogic
 

@@ -216,7 +216,8 @@ def test_round_trip_into_cache_list_verify_and_entry(cache, tmp_path, capsys):
 
     e = zoo.find_model("thor-s")
     d = e.data
-    assert d["noise"] == "simplex-raw" and d["noise_params"]["normalise"] == "none"  # from the file name
+    assert d["noise"] == "simplex" and d["noise_options"]["normalise"] == "none"  # from the file name
+    assert d["noise_options"]["frequency"] == 64.0
     assert d["intensity_range"] == [-1.0, 1.0] and d["image_size"] == 128 and d["contrast"] == "T1"
     assert d["schedule"]["beta_start"] == 1e-4 and d["schedule"]["beta_end"] == 0.02
     assert d["schedule"]["prediction_type"] == "epsilon" and d["schedule"]["clip_sample"] is True
@@ -249,7 +250,10 @@ def test_round_trip_into_cache_list_verify_and_entry(cache, tmp_path, capsys):
                                     "perceptual": "ssim"})(torch.full((1, 1, 32, 32), 0.5),
                                                            torch.ones(1, 1, 32, 32, dtype=torch.bool),
                                                            BatchRNG.for_slices(0, [0]))
-    assert out.extras["noise"] == "simplex-raw" and torch.isfinite(out.anomaly).all()
+    assert out.extras["noise"] == "simplex" and torch.isfinite(out.anomaly).all()
+    from uad.noise import options_for
+
+    assert options_for(m.config, "simplex")["normalise"] == "none"  # sampled at the reference amplitude
     a = build("autoddpm", m, "fast").params
     assert (a.level, a.inpaint_level, a.threshold, a.resample) == (200, 50, 0.13, 3)  # fast's resample wins
     assert build("autoddpm", m, "paper").params.resample == 5
@@ -364,19 +368,20 @@ def test_healthy_slices_follow_the_profile():
     assert notes and "no registration" in notes[0]
 
 
-def test_simplex_raw_noise_keeps_the_reference_amplitude():
-    """THOR's simplex network was trained on unscaled simplex fields (std about 0.46), not unit-std ones."""
+def test_reference_simplex_options_keep_the_reference_amplitude():
+    """THOR's simplex network was trained on unscaled simplex fields (std about 0.46), not unit-std ones:
+    the imported entry's ``noise_options`` give those fields, and unit std stays an explicit option."""
     from uad.noise import make_noise
+    from uad.reference import REFERENCE_SIMPLEX_OPTIONS
     from uad.rng import BatchRNG
-    from uad.simplex import simplex_noise
 
-    raw = make_noise("simplex-raw", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64))
-    same = simplex_noise(BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64), normalise="none")
-    unit = make_noise("simplex", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64))
-    assert torch.equal(raw, same)
+    raw = make_noise("simplex", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64), **REFERENCE_SIMPLEX_OPTIONS)
+    unit = make_noise("simplex", BatchRNG.for_slices(0, [0, 1, 2]), (1, 64, 64),
+                      **{**REFERENCE_SIMPLEX_OPTIONS, "normalise": "unit"})
     std = raw.flatten(1).std(1)
     assert ((std > 0.3) & (std < 0.7)).all()
     assert torch.allclose(unit.flatten(1).std(1), torch.ones(3), atol=1e-3)
     # same fields up to the per-field affine rescaling
     z = (raw - raw.mean((2, 3), keepdim=True)) / raw.flatten(2).std(2)[..., None, None]
     assert float((z - unit).abs().max()) < 1e-3
+

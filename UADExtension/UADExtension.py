@@ -208,6 +208,7 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for w in (self.ui.inputSelector, self.ui.brainMaskSelector):
             w.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
         for w in (self.ui.modelComboBox, self.ui.presetComboBox, self.ui.deviceComboBox):
             w.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
@@ -358,6 +359,14 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             p.EndModify(wasModified)
         self._updateApplyButton()
+
+    def onInputChanged(self, node=None) -> None:
+        """A new input: preselect the best measured method for its contrast and say why."""
+        if node is None or self._updatingGUI or self._run is not None:
+            return
+        method, reason = self.logic.defaultChoice(node)
+        self._selectData(self.ui.methodComboBox, method)
+        self.ui.statusLabel.text = _("Default method: {reason}").format(reason=reason)
 
     def onMethodChanged(self, index=None) -> None:
         if self._updatingGUI:

@@ -224,6 +224,26 @@ class UADExtensionLogic:
                 return m
         return "disyre"
 
+    def defaultChoice(self, volumeNode=None, contrast: str | None = None) -> tuple[str, str]:
+        """(method, reason) the GUI preselects for an input: the engine's ``uad.selection.default_choice``
+        (the method whose bundled model measured best on the held-out set for the input's contrast,
+        ``contrast`` or guessed from the volume), else ``defaultMethod(contrast)`` when the engine has no
+        measured choice (no volume, no measurements, engine not installed yet)."""
+        if volumeNode is not None or contrast:
+            try:
+                from uad.selection import default_choice
+
+                from .nodes import volume_node_to_sitk
+
+                image = volume_node_to_sitk(volumeNode) if volumeNode is not None and not contrast else None
+                choice, ctext = default_choice(image, contrast)
+                if choice.method in self.availableMethods():
+                    return choice.method, f"contrast {ctext}; {choice.method}: {choice.reason}"
+            except Exception as e:  # noqa: BLE001 - engine missing or no measurement: the static rule below
+                logging.info("UAD: no measured default method (%s)", e)
+        method = self.defaultMethod(contrast)
+        return method, f"{method}: no held-out measurement for this input; the best-measuring method with a model"
+
     def methodDescription(self, method: str) -> str:
         """'Title (reference)' from the engine's registry, or the title when the engine is not importable."""
         try:

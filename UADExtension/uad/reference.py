@@ -135,9 +135,11 @@ REFERENCE_SCHEDULE = {"num_train_timesteps": 1000, "schedule": "linear_beta", "b
                       "clip_max": 1.0, "variance_type": "fixed_small"}
 
 #: Simplex noise of the reference (3-D fixed-depth octaves 6 / persistence 0.8 / frequency 64 px at
-#: 128 px, raw amplitude: std about 0.46, not rescaled to unit variance).
-REFERENCE_SIMPLEX = {"kind": "simplex-raw", "octaves": 6, "persistence": 0.8, "frequency": 64, "variant": "3d",
+#: 128 px, raw amplitude: std about 0.46, not rescaled to unit variance).  The entry carries the
+#: options the engine's ``simplex`` noise takes (``noise_options``, see ``uad.noise.options_for``).
+REFERENCE_SIMPLEX = {"kind": "simplex", "octaves": 6, "persistence": 0.8, "frequency": 64.0, "variant": "3d",
                      "normalise": "none"}
+REFERENCE_SIMPLEX_OPTIONS = {k: v for k, v in REFERENCE_SIMPLEX.items() if k != "kind"}
 
 DEFAULT_SLICE_RANGE = (0.35, 0.65)
 IMAGE_SIZE = 128
@@ -472,7 +474,8 @@ def measure_input_ranges(net: torch.nn.Module, slices01: np.ndarray | torch.Tens
             for b0 in range(0, x01.shape[0], batch_size):
                 xb = x01[b0:b0 + batch_size]
                 rng = BatchRNG.for_slices(int(seed) + 7919 * t, list(range(b0, b0 + xb.shape[0])), dev)
-                eps = make_noise(noise, rng, xb.shape[1:]).to(xb)
+                eps = make_noise(noise, rng, xb.shape[1:],
+                                 **(REFERENCE_SIMPLEX_OPTIONS if noise == "simplex" else {})).to(xb)
                 x_m = xb * (hi - lo) + lo
                 x_t = d.q_sample(x_m, t, eps)
                 with torch.inference_mode():
@@ -528,7 +531,7 @@ def build_entry(method: str, net_config: dict, noise: str, input_range: Sequence
         "checks": list(checks),
     }
     if noise == "simplex":
-        entry["noise_params"] = {k: v for k, v in REFERENCE_SIMPLEX.items() if k != "kind"}
+        entry["noise_options"] = dict(REFERENCE_SIMPLEX_OPTIONS)
     return entry
 
 
@@ -653,7 +656,7 @@ def model_card(entry: dict) -> str:
              "## Network and sampler", "",
              f"- MONAI DiffusionModelUNet {json.dumps(entry['networks']['denoiser'])}",
              f"- Scheduler: {json.dumps(entry['schedule'])}",
-             f"- Noise: {entry['noise']}" + (f" {json.dumps(entry.get('noise_params'))}" if entry.get('noise_params')
+             f"- Noise: {entry['noise']}" + (f" {json.dumps(entry.get('noise_options'))}" if entry.get('noise_options')
                                              else ""),
              f"- Input intensity range of the network: {entry['intensity_range']}",
              f"- Method parameters: {json.dumps(entry['method_params'])}", "",

@@ -582,12 +582,3 @@ __all__ = [
     "DEFAULT_NORMALISE", "LEGACY_OPTIONS", "REFERENCE_SIZE", "resolve_frequency",
 ]
 
-
-@register_noise("simplex-raw")
-def simplex_raw_noise(rng: BatchRNG, shape: Sequence[int]) -> torch.Tensor:
-    """The 3-D variant at the reference's raw amplitude (``normalise="none"``, std about 0.46).
-
-    The noise of the published THOR simplex checkpoint (``uad.reference``): its network was
-    trained on unscaled fields, so it must be sampled with them.
-    """
-    return simplex_noise(rng, shape, normalise="none")
