@@ -1,0 +1,20 @@
+#!/bin/sh
+# The run of this folder: continue the bundled T2 DDPM (ddpm-t2-phantom) with EMA 0.999,
+# training timesteps t < 400 (covers THOR 350, AnoDDPM 250, AutoDDPM 200/50), batch 32, lr 1e-4,
+# on fresh phantom seeds (100000, ...), learning curve every 500 steps (THOR-fast and
+# AnoDDPM-fast AP on 24 slices of the bundled sample). One CPU thread, lowest priority.
+# Usage (from the repository root):  sh checkpoints/ddpm-t2-ema/run.sh MINUTES
+#   first session: starts the run; later sessions: RESUME=1 sh checkpoints/ddpm-t2-ema/run.sh MINUTES
+set -e
+MIN=${1:-60}
+RUN=checkpoints/ddpm-t2-ema
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-UADExtension}
+PY=${PYTHON:-python}
+if [ -n "$RESUME" ]; then
+  ARGS="--method anoddpm -o $RUN --resume --time-limit $MIN --no-progress"
+else
+  ARGS="--method anoddpm -o $RUN --init ddpm-t2-phantom --ema-decay 0.999 --t-max 400 --batch-size 32 --lr 1e-4 \
+--seed 100000 --steps 100000 --curve-every 500 --curve-method thor --curve-method anoddpm --curve-slices 24 \
+--time-limit $MIN --no-progress"
+fi
+exec nice -n 19 $PY -c "import sys, torch; torch.set_num_threads(1); from uad.cli import main; sys.exit(main(sys.argv[1:]))" train $ARGS
