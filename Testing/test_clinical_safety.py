@@ -275,7 +275,7 @@ def test_results_follow_the_umask(tiny_zoo, make_volume, tmp_path, capsys, mask=
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
-    assert len(modes) == 9 and set(modes.values()) == {0o666 & ~mask}, modes  # before: 0600 whatever the umask
+    assert len(modes) == 11 and set(modes.values()) == {0o666 & ~mask}, modes  # before: 0600 whatever the umask
 
 
 # -- warnings ------------------------------------------------------------------------------------

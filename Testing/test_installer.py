@@ -23,7 +23,8 @@ def _env(installed: dict):
     return version, find_spec
 
 
-BASE = {"einops": "0.8.0", "safetensors": "0.4.5", "scipy": "1.13.1", "lpips": "0.1.4", "tqdm": "4.66.0"}
+BASE = {"einops": "0.8.0", "safetensors": "0.4.5", "scipy": "1.13.1", "lpips": "0.1.4", "tqdm": "4.66.0",
+        "nibabel": "5.2.0", "PIL": "10.0.0", "pillow": "10.0.0", "deepbet": "1.0.2", "nilearn": "0.10.3"}
 
 
 def _assert_never_changes_torch(cmd, constraints_text, torch_version):

@@ -465,7 +465,8 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     ``uad.calibration``), else -- with a warning -- the (1 - fpr) percentile of
     this volume's in-brain anomaly values (``info["threshold_source"]`` says
     which; ``info["warnings"]`` lists the warnings, ``info["perceptual_backend"]``
-    the backend of the map).  The input image is not modified.
+    the backend of the map); ``threshold=float("inf")`` flags no voxel (for callers that only
+    want the map, e.g. calibration).  The input image is not modified.
 
     Preprocessing follows the model's ``preprocessing`` profile (``uad.preprocess.DEFAULT_PROFILE``;
     ``preprocessing`` overrides keys of it).  ``skull_stripped``: "auto" (detected), True or False:
@@ -484,7 +485,7 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
 
     t0 = time.perf_counter()
     validate(image)
-    if threshold is not None:
+    if threshold is not None and threshold != float("inf"):  # +inf: no voxel flagged (callers that want the map)
         threshold = check_threshold(threshold)
     if brain_mask is not None:
         validate_mask(brain_mask, image)
