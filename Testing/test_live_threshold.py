@@ -98,6 +98,19 @@ def test_threshold_modes():
     with pytest.raises(ValueError, match="between 0 and 1"):
         threshold_for_fpr(table, "thor", 5)
     assert resolve_threshold("value", 0.123456789, None, "thor") == 0.123456789
+    # per-preset, per-backend records of uad.calibration: the run's own record is used
+    rec = lambda t1, t5: {"thresholds": {"0.001": 3 * t1, "0.01": t1, "0.05": t5}}  # noqa: E731
+    new = {"id": "n", "calibration": {"thor": {"presets": {"fast": {"ssim-fallback": rec(0.5, 0.2),
+                                                                     "lpips": rec(0.9, 0.4)},
+                                                            "paper": {"ssim-fallback": rec(0.7, 0.3)}}}}}
+    assert resolve_threshold("calibrated", None, new, "thor", "fast", "ssim-fallback") == 0.5
+    assert resolve_threshold("calibrated", None, new, "thor", "fast", "lpips") == 0.9
+    assert resolve_threshold("calibrated", None, new, "thor", "paper") == 0.7  # its only backend
+    assert resolve_threshold("fpr", 0.05, new, "thor", "paper", "ssim-fallback") == pytest.approx(0.3)
+    assert threshold_for_fpr(new, "thor", 0.03, "fast", "ssim-fallback") == pytest.approx(0.35)
+    assert fpr_for_threshold(new, "thor", 0.35, "fast", "ssim-fallback") == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="no healthy calibration"):
+        threshold_for_fpr(new, "thor", 0.05, "fast")  # two backends: the run's backend is needed
     presets = {"threshold": {"thor": {"fast": 0.2, "default": 0.3}}}
     assert calibrated_threshold(presets, "thor", "fast") == 0.2
     assert calibrated_threshold(presets, "thor", "paper") == 0.3

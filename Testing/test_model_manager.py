@@ -73,3 +73,37 @@ def test_import_lpips_backbone(tiny_zoo, tmp_path):
     with pytest.raises(uad.ModelError, match="not found"):
         models.import_lpips_backbone(tmp_path / "nothing.pth")
     perceptual.reset()
+
+
+def test_import_the_authors_checkpoint_from_the_model_manager(tmp_path, monkeypatch):
+    """A THOR-layout checkpoint (GenerativeModels UNet, random weights) becomes a user-cache model that
+    the manager lists; the method comes from the file name; a code-carrying pickle is refused."""
+    pytest.importorskip("generative")
+    import torch
+    import uad.zoo as zoo
+    from UADExtensionLib import models
+    from test_reference import _reference_unet, _save_checkpoint
+
+    monkeypatch.setattr(zoo, "bundled_dirs", lambda: [])
+    monkeypatch.delenv("UAD_MODELS_DIR", raising=False)
+    monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "cache"))
+    assert models.reference_method_for("x/brain_Simplex.pt") == "thor"
+    assert models.reference_method_for("latest_model.pt") == "autoddpm"
+    with pytest.raises(ValueError, match="not a known"):
+        models.reference_method_for("weights.pt")
+    ckpt = _save_checkpoint(_reference_unet(seed=2), tmp_path / "latest_model.pt", "autoddpm")
+    before = ckpt.read_bytes()
+    mid = models.import_reference_checkpoint(ckpt, model_id="auto-gui")
+    assert mid == "auto-gui" and ckpt.read_bytes() == before  # the user's file is only read
+    row = [r for r in models.list_rows() if r.id == "auto-gui"][0]
+    assert row.methods[0] == "autoddpm" and row.contrast == "T1" and row.resolution == "128 x 128"
+    assert models.verify_model("auto-gui")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    bad = tmp_path / "brain_Gaussian.pt"
+    torch.save({"model_weights": {}, "x": Payload()}, bad)
+    with pytest.raises(Exception, match="(?i)unpickl|weights_only|refus"):
+        models.import_reference_checkpoint(bad)

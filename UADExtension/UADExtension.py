@@ -439,12 +439,14 @@ class UADExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         entry = self.logic.modelEntryData(result.info.get("method", ""), result.info.get("model"))
         try:
             t = self.logic.resolveThreshold(mode, self._sliderValue(mode), entry, result.info.get("method", ""),
-                                            result.info.get("preset"))
+                                            result.info.get("preset"), result.info.get("perceptual_backend"))
             n = self.logic.updateThreshold(result, t)
         except (ValueError, RuntimeError) as e:
             self.ui.thresholdInfoLabel.text = str(e)
             return
-        self.ui.thresholdInfoLabel.text = self.logic.thresholdText(t, n, entry, result.info.get("method", ""))
+        self.ui.thresholdInfoLabel.text = self.logic.thresholdText(t, n, entry, result.info.get("method", ""),
+                                                                   result.info.get("preset"),
+                                                                   result.info.get("perceptual_backend"))
 
     # -- run ----------------------------------------------------------------------
     def _setRunning(self, running: bool) -> None:

@@ -265,11 +265,13 @@ class UADExtensionLogic:
 
     # -- threshold helpers (the GUI's slider) -------------------------------------
     @staticmethod
-    def resolveThreshold(mode: str, value, entry: dict | None, method: str, preset: str | None = None) -> float:
-        """Score threshold for a mode ("calibrated", "fpr" with a rate in [0, 1], "value")."""
+    def resolveThreshold(mode: str, value, entry: dict | None, method: str, preset: str | None = None,
+                         backend: str | None = None) -> float:
+        """Score threshold for a mode ("calibrated", "fpr" with a rate in [0, 1], "value"), from the
+        model's calibration of the run's method, preset and perceptual backend."""
         from .thresholding import resolve_threshold
 
-        return resolve_threshold(mode, value, entry, method, preset)
+        return resolve_threshold(mode, value, entry, method, preset, backend)
 
     @staticmethod
     def thresholdSliderRange(result, entry: dict | None, method: str) -> dict:
@@ -294,15 +296,16 @@ class UADExtensionLogic:
         return {"maximum": float(maximum), "step": float(step), "value": float(value)}
 
     @staticmethod
-    def thresholdText(threshold: float, voxels: int, entry: dict | None, method: str) -> str:
+    def thresholdText(threshold: float, voxels: int, entry: dict | None, method: str, preset: str | None = None,
+                      backend: str | None = None) -> str:
         from .thresholding import calibrated_threshold, fpr_for_threshold
 
         text = f"threshold {threshold:.6g}: {voxels} anomalous voxels"
         if entry is not None:
-            cal = calibrated_threshold(entry, method)
+            cal = calibrated_threshold(entry, method, preset, backend)
             if cal is not None:
                 text += f"; calibrated {cal:.6g}"
-            fpr = fpr_for_threshold(entry, method, threshold)
+            fpr = fpr_for_threshold(entry, method, threshold, preset, backend)
             if fpr is not None:
                 text += f"; healthy false-positive rate {100 * fpr:.3g} %"
         return text

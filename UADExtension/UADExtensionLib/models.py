@@ -79,6 +79,35 @@ def import_model_file(path, model_id: str | None = None, log=None) -> list[str]:
     return [e.id for e in import_models(p, model_id=model_id or None, log=log)]
 
 
+def reference_method_for(path) -> str:
+    """THOR or AutoDDPM from a published checkpoint's file name (``brain_Gaussian.pt`` / ``brain_Simplex.pt``
+    are THOR's, ``latest_model.pt`` AutoDDPM's); ``ValueError`` when the name says neither."""
+    name = Path(path).name.lower()
+    if name.startswith("brain_") or "thor" in name:
+        return "thor"
+    if "latest_model" in name or "autoddpm" in name:
+        return "autoddpm"
+    raise ValueError(f"{Path(path).name}: not a known THOR (brain_Gaussian.pt, brain_Simplex.pt) or AutoDDPM "
+                     f"(latest_model.pt) checkpoint name; import it with 'uad models import-reference METHOD FILE'")
+
+
+def import_reference_checkpoint(path, method: str | None = None, model_id: str | None = None, log=None) -> str:
+    """Convert the authors' THOR / AutoDDPM checkpoint into a user-cache model (``uad.reference``); its id.
+
+    ``method``: thor | autoddpm (default: from the file name).  The file is only read, with
+    ``torch.load(weights_only=True)``; a checkpoint that needs code to unpickle is refused.
+    """
+    from uad.reference import import_reference
+
+    p = Path(path)
+    if not p.is_file():
+        from uad import ModelError
+
+        raise ModelError(f"{p}: no such file")
+    entry = import_reference(method or reference_method_for(p), p, model_id=model_id or None, log=log)
+    return entry.id
+
+
 def remove_model(model_id: str, log=None) -> Path:
     from uad.zoo import remove_model as _remove
 

@@ -1,7 +1,7 @@
 """The "Models" section of the module's GUI: a table and buttons over ``UADExtensionLib.models``.
 
 Qt is imported inside the methods (this file is only used inside Slicer).  All the work
-(verify, import, LPIPS backbone, remove, folder) is in ``models``, which is tested with pytest.
+(verify, import, authors' checkpoints, LPIPS backbone, remove, folder) is in ``models``, which is tested with pytest.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class ModelsPanel:
         ui.modelsRefreshButton.connect("clicked(bool)", self.refresh)
         ui.modelsVerifyButton.connect("clicked(bool)", self.onVerify)
         ui.modelsImportButton.connect("clicked(bool)", self.onImport)
+        ui.modelsImportReferenceButton.connect("clicked(bool)", self.onImportReference)
         ui.lpipsImportButton.connect("clicked(bool)", self.onImportLPIPS)
         ui.modelsRemoveButton.connect("clicked(bool)", self.onRemove)
         ui.modelsOpenFolderButton.connect("clicked(bool)", self.onOpenFolder)
@@ -74,6 +75,15 @@ class ModelsPanel:
         path = qt.QFileDialog.getOpenFileName(None, "Import model", "", "Model (*.safetensors *.json);;All files (*)")
         if path:
             self._do("Import", lambda: "Imported: " + ", ".join(models.import_model_file(path)))
+
+    def onImportReference(self) -> None:
+        import qt
+
+        path = qt.QFileDialog.getOpenFileName(None, "Import the authors' checkpoint", "",
+                                              "PyTorch checkpoint (*.pt *.pth);;All files (*)")
+        if path:
+            self._do("Import", lambda: "Imported: " + models.import_reference_checkpoint(path)
+                     + " (use it with its method; see its card)")
 
     def onImportLPIPS(self) -> None:
         import qt

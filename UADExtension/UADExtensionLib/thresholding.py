@@ -35,12 +35,39 @@ def _method_entry(table, method: str, preset: str | None):
     return table
 
 
-def calibrated_threshold(entry: dict, method: str, preset: str | None = None) -> float | None:
+#: The healthy false-positive rate of "calibrated" (``uad.calibration.DEFAULT_FPR``, the engine's default).
+DEFAULT_FPR_KEY = "0.01"
+
+
+def calibration_record(entry: dict, method: str, preset: str | None, backend: str | None) -> dict | None:
+    """The engine's per-preset, per-backend record (``calibration[method]["presets"][preset][backend]``,
+    see ``uad.calibration``) of a run's method / preset / perceptual backend; None for older entries.
+    Without a backend, the preset's only record (if it has exactly one)."""
+    cal = ((entry or {}).get("calibration") or {}).get(method) or {}
+    presets = cal.get("presets") if isinstance(cal, dict) else None
+    if not isinstance(presets, dict) or preset is None:
+        return None
+    by_backend = presets.get(preset)
+    if not isinstance(by_backend, dict):
+        return None
+    if backend is None:
+        recs = [r for r in by_backend.values() if isinstance(r, dict)]
+        return recs[0] if len(recs) == 1 else None
+    rec = by_backend.get(backend)
+    return rec if isinstance(rec, dict) else None
+
+
+def calibrated_threshold(entry: dict, method: str, preset: str | None = None,
+                         backend: str | None = None) -> float | None:
     """The manifest entry's calibrated threshold for ``method`` / ``preset`` (None if it has none).
 
     Same rules as ``uad.pipeline.model_threshold``: one number, or a dict by method whose
     values are numbers or dicts by preset (with ``default``).
     """
+    rec = calibration_record(entry, method, preset, backend)
+    if rec is not None:
+        v = (rec.get("thresholds") or {}).get(DEFAULT_FPR_KEY)
+        return float(v) if v is not None and math.isfinite(float(v)) else None
     t = (entry or {}).get("threshold")
     if isinstance(t, dict):
         t = t.get(method)
@@ -52,9 +79,15 @@ def calibrated_threshold(entry: dict, method: str, preset: str | None = None) ->
     return t if math.isfinite(t) else None
 
 
-def healthy_quantiles(entry: dict, method: str) -> list[tuple[float, float]]:
-    """[(quantile, score), ...] sorted by quantile, from the entry's healthy calibration of ``method``."""
-    cal = ((entry or {}).get("calibration") or {}).get(method) or {}
+def healthy_quantiles(entry: dict, method: str, preset: str | None = None,
+                      backend: str | None = None) -> list[tuple[float, float]]:
+    """[(quantile, score), ...] sorted by quantile, from the entry's healthy calibration of ``method``
+    (the run's preset / backend record where the entry has per-preset records)."""
+    rec = calibration_record(entry, method, preset, backend)
+    if rec is not None:
+        cal = {"quantiles": {1.0 - float(k): v for k, v in (rec.get("thresholds") or {}).items()}}
+    else:
+        cal = ((entry or {}).get("calibration") or {}).get(method) or {}
     pairs: list[tuple[float, float]] = []
     table = cal.get("quantiles")
     if isinstance(table, dict):
@@ -70,7 +103,8 @@ def healthy_quantiles(entry: dict, method: str) -> list[tuple[float, float]]:
     return sorted(out.items())
 
 
-def threshold_for_fpr(entry: dict, method: str, fpr: float) -> float:
+def threshold_for_fpr(entry: dict, method: str, fpr: float, preset: str | None = None,
+                      backend: str | None = None) -> float:
     """Score flagging a fraction ``fpr`` of healthy brain voxels (interpolated in the calibration table).
 
     Raises ``ValueError`` (one clear line) when the model has no healthy calibration, or when
@@ -79,7 +113,7 @@ def threshold_for_fpr(entry: dict, method: str, fpr: float) -> float:
     fpr = float(fpr)
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"the healthy false-positive rate must be between 0 and 1, got {fpr:g}")
-    table = healthy_quantiles(entry, method)
+    table = healthy_quantiles(entry, method, preset, backend)
     if not table:
         raise ValueError(f"model {entry.get('id', '?')} has no healthy calibration for {method}; "
                          "give a threshold value instead")
@@ -95,9 +129,10 @@ def threshold_for_fpr(entry: dict, method: str, fpr: float) -> float:
     return float(np.interp(q, qs, vs))
 
 
-def fpr_for_threshold(entry: dict, method: str, threshold: float) -> float | None:
+def fpr_for_threshold(entry: dict, method: str, threshold: float, preset: str | None = None,
+                      backend: str | None = None) -> float | None:
     """Inverse of ``threshold_for_fpr`` inside the table (None outside it or without a table of >= 2 rows)."""
-    table = healthy_quantiles(entry, method)
+    table = healthy_quantiles(entry, method, preset, backend)
     if len(table) < 2:
         if len(table) == 1 and abs(table[0][1] - float(threshold)) <= 1e-12 * max(1.0, abs(threshold)):
             return 1.0 - table[0][0]
@@ -110,7 +145,7 @@ def fpr_for_threshold(entry: dict, method: str, threshold: float) -> float | Non
 
 
 def resolve_threshold(mode: str, value: float | None, entry: dict | None, method: str,
-                      preset: str | None = None) -> float:
+                      preset: str | None = None, backend: str | None = None) -> float:
     """The score threshold for a GUI mode: ``value`` is the rate for "fpr", the score for "value"."""
     if mode not in THRESHOLD_MODES:
         raise ValueError(f"unknown threshold mode {mode!r}; use one of {', '.join(THRESHOLD_MODES)}")
@@ -121,11 +156,11 @@ def resolve_threshold(mode: str, value: float | None, entry: dict | None, method
     if entry is None:
         raise ValueError("no model entry: the calibrated threshold is unknown")
     if mode == "calibrated":
-        t = calibrated_threshold(entry, method, preset)
+        t = calibrated_threshold(entry, method, preset, backend)
         if t is None:
             raise ValueError(f"model {entry.get('id', '?')} has no calibrated threshold for {method}")
         return t
-    return threshold_for_fpr(entry, method, float(value))
+    return threshold_for_fpr(entry, method, float(value), preset, backend)
 
 
 def display_lower(threshold: float) -> float:
