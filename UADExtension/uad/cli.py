@@ -383,6 +383,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
 
             box = [status]
             dist.broadcast_object_list(box, src=0)  # the other ranks wait until the summary is written
+            dist.barrier()  # every rank has its copy before any tears the group down (gloo aborts otherwise)
             from .training import cleanup_distributed
 
             cleanup_distributed(ctx)
