@@ -626,13 +626,20 @@ def import_reference(method: str, path: str | os.PathLike, model_id: str | None 
     if slice_range is not None:
         log("warning: " + MIDAXIAL_WARNING.format(lo=slice_range[0], hi=slice_range[1]))
 
+    return _import_converted(model_id, entry, {"denoiser": net}, model_card, log)
+
+
+def _import_converted(model_id: str, entry: dict, networks: dict, card: Callable[[dict], str], log):
+    """Write the converted networks, their entry and card to a temporary folder and import it with
+    ``zoo.import_models`` (checksum, id and atomic-move rules of any import); the new ``ModelEntry``."""
+    from . import zoo
     from .zoo import Model, save_weights
 
     with tempfile.TemporaryDirectory(prefix="uad-reference-") as tmp:
         tmp = Path(tmp)
-        digest = save_weights(Model(model_id, entry, {"denoiser": net}), tmp / "model.safetensors")
+        digest = save_weights(Model(model_id, entry, networks), tmp / "model.safetensors")
         entry = dict(entry, id=model_id, file="model.safetensors", sha256=digest, card="README.md")
-        (tmp / "README.md").write_text(model_card(entry))
+        (tmp / "README.md").write_text(card(entry))
         (tmp / "model.json").write_text(json.dumps(entry, indent=2, default=float))
         imported = zoo.import_models(tmp / "model.json", model_id=model_id, log=log)
     return imported[0]
@@ -717,7 +724,6 @@ def import_wolleb(diffusion_file: str | os.PathLike, classifier_file: str | os.P
 
     from . import zoo
     from .guided_diffusion import WOLLEB_CLASSIFIER, convert_guided_unet, load_guided_classifier
-    from .zoo import Model, save_weights
 
     log = log or (lambda s: None)
     model_id = zoo.check_model_id(model_id or "wolleb-brats2020")
@@ -776,14 +782,7 @@ def import_wolleb(diffusion_file: str | os.PathLike, classifier_file: str | os.P
         "checks": checks,
     }
     log("note: " + MULTICHANNEL_NOTE)
-    with tempfile.TemporaryDirectory(prefix="uad-reference-") as tmp:
-        tmp = Path(tmp)
-        digest = save_weights(Model(model_id, entry, {"denoiser": unet, "classifier": clf}), tmp / "model.safetensors")
-        entry = dict(entry, id=model_id, file="model.safetensors", sha256=digest, card="README.md")
-        (tmp / "README.md").write_text(wolleb_card(entry))
-        (tmp / "model.json").write_text(json.dumps(entry, indent=2, default=float))
-        imported = zoo.import_models(tmp / "model.json", model_id=model_id, log=log)
-    return imported[0]
+    return _import_converted(model_id, entry, {"denoiser": unet, "classifier": clf}, wolleb_card, log)
 
 
 def wolleb_card(entry: dict) -> str:
