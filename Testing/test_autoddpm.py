@@ -60,7 +60,7 @@ def slices(b=3, seed=0):
     return torch.stack(out)[:, None], disc.expand(b, 1, SIZE, SIZE).clone()
 
 
-SMALL = {"level": 20, "inpaint_level": 6, "resample": 3, "perceptual": "ssim"}
+SMALL = {"level": 20, "inpaint_level": 6, "resample": 3, "perceptual": "ssim", "levels": "model"}
 
 
 def run(model, x, mask, seeds, preset="paper", **kw):
@@ -85,14 +85,43 @@ def test_registry_and_presets(model):
 
 
 def test_paper_preset_nfe_is_451(model):
-    """201 stage-1 evaluations + 50 x 5 RePaint evaluations, counted on the network itself."""
+    """On a [0, 1] model (the reference's range): 201 stage-1 evaluations + 50 x 5 RePaint evaluations,
+    counted on the network itself."""
     counting = Counting(model.net("denoiser"))
-    m_count = Model("tiny-count", model.config, {"denoiser": counting})
+    m_count = Model("tiny-count", dict(model.config, intensity_range=[0.0, 1.0]), {"denoiser": counting})
     x, mask = slices(1)
     m = build_method("autoddpm", m_count, preset="paper", threshold=-1, perceptual="ssim")
     out = m(x, mask, BatchRNG([5]))
     assert out.nfe == 451 == counting.calls
     assert (out.extras["nfe_stage1"], out.extras["nfe_stage2"]) == (201, 250)
+    assert out.extras["levels_used"] == (200, 50)
+
+
+def test_paper_levels_carried_to_equal_snr_on_a_minus_one_one_model(model):
+    """The reference's levels are for [0, 1] images; on a [-1, 1] model (images twice as wide) the
+    timestep of equal signal-to-noise ratio ab/(1-ab) * range^2 is used: 200 -> 331, 50 -> 103."""
+    from uad.diffusion import Diffusion
+
+    d = Diffusion(model.config["schedule"])
+    snr = lambda t: d.alpha_bar(t) / (1 - d.alpha_bar(t))  # noqa: E731
+    m = build_method("autoddpm", model, preset="paper", threshold=-1, perceptual="ssim")
+    L, Li = m.level_used, m.inpaint_level_used
+    for ref, used in ((200, L), (50, Li)):
+        target = snr(ref) / 4.0
+        assert abs(snr(used) - target) <= min(abs(snr(used - 1) - target), abs(snr(used + 1) - target))
+        assert 0.8 < 4 * snr(used) / snr(ref) < 1.25
+    assert (L, Li) == (331, 103)
+    assert m.nfe_per_slice() == (L + 1) + Li * 5
+    assert build_method("autoddpm", model, preset="paper", levels="model").nfe_per_slice() == 451
+    f = build_method("autoddpm", model, preset="fast")
+    assert f.nfe_per_slice() == 25 + 10 * 3  # strided chains keep their length
+    counting = Counting(model.net("denoiser"))
+    m_count = Model("tiny-count", model.config, {"denoiser": counting})
+    x, mask = slices(1)
+    out = build_method("autoddpm", m_count, preset="fast", threshold=-1, perceptual="ssim")(x, mask, BatchRNG([5]))
+    assert out.extras["levels_used"] == (331, 103) and out.nfe == counting.calls == 55
+    with pytest.raises(ValueError, match="levels"):
+        build_method("autoddpm", model, levels="paper")
 
 
 def test_small_paper_chain_nfe_shapes_ranges(model):
@@ -231,3 +260,21 @@ def test_training_loss(model):
     x, mask = slices(2)
     loss = AutoDDPM.training_loss(model, x, mask, BatchRNG([3, 4]))
     assert torch.allclose(loss, ddpm_loss(model, x, BatchRNG([3, 4]), noise="gaussian"))
+
+
+def test_calibrations_of_an_older_method_version_are_stale():
+    """AutoDDPM version 2 changed its levels (equal SNR on the model's range): a record measured by
+    version 1 (no ``method_version``) is not used, neither its threshold nor its tau."""
+    from uad.calibration import lookup_tau, lookup_threshold, method_version
+
+    assert method_version("autoddpm") == 2 and method_version("thor") == 1
+    rec = {"thresholds": {"0.01": 0.3}, "tau": 0.2, "sha256": "ab"}
+    cfg = {"sha256": "ab", "calibration": {"autoddpm": {"presets": {"fast": {"ssim-fallback": dict(rec)}}},
+                                           "thor": {"presets": {"fast": {"ssim-fallback": dict(rec)}}}}}
+    thr, _, msg = lookup_threshold(cfg, "autoddpm", "fast", "ssim-fallback", 0.01)
+    assert thr is None and "version 1" in msg and "recalibrate" in msg
+    assert lookup_tau(cfg, "fast", "ssim-fallback") is None
+    assert lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)[0] == 0.3  # thor unchanged
+    cfg["calibration"]["autoddpm"]["presets"]["fast"]["ssim-fallback"]["method_version"] = 2
+    assert lookup_threshold(cfg, "autoddpm", "fast", "ssim-fallback", 0.01)[0] == 0.3
+    assert lookup_tau(cfg, "fast", "ssim-fallback") == 0.2

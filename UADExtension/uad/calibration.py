@@ -71,10 +71,23 @@ def calibration_record(config: dict, method: str, preset: str, backend: str) -> 
     return rec if isinstance(rec, dict) else None
 
 
-def stale(config: dict, record: dict) -> bool:
-    """True when the record was measured on weights other than the entry's (both sha256 known)."""
+def method_version(method: str) -> int:
+    """The method's ``calibration_version``: raised when a change of the method changes its maps."""
+    try:
+        from .methods import get_method_class
+
+        return int(getattr(get_method_class(method), "calibration_version", 1))
+    except (KeyError, ValueError, TypeError):
+        return 1
+
+
+def stale(config: dict, record: dict, method: str | None = None) -> bool:
+    """True when the record was measured on weights other than the entry's (both sha256 known), or by
+    an older version of ``method`` than this one (records without a version count as version 1)."""
     a, b = record.get("sha256"), config.get("sha256")
-    return bool(a and b and str(a).lower() != str(b).lower())
+    if a and b and str(a).lower() != str(b).lower():
+        return True
+    return method is not None and int(record.get("method_version") or 1) < method_version(method)
 
 
 def available(config: dict, method: str) -> list[str]:
@@ -118,6 +131,10 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
     if rec is not None and stale(config, rec):
         return None, "", (f"the {method}/{preset}/{backend} calibration was measured on other weights (sha256 "
                           f"{str(rec.get('sha256'))[:12]}... vs {str(config.get('sha256'))[:12]}...); recalibrate")
+    if rec is not None and stale(config, rec, method):
+        return None, "", (f"the {method}/{preset}/{backend} calibration was measured with version "
+                          f"{int(rec.get('method_version') or 1)} of {method}, whose maps differ from this "
+                          f"version's ({method_version(method)}); recalibrate")
     if rec is not None:
         thr = (rec.get("thresholds") or {}).get(key)
         if thr is not None:
@@ -146,7 +163,7 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
 def lookup_tau(config: dict, preset: str, backend: str) -> float | None:
     """AutoDDPM's calibrated stage-1 threshold for (preset, backend), or None."""
     rec = calibration_record(config, "autoddpm", preset, backend)
-    if rec is None or rec.get("tau") is None or stale(config, rec):
+    if rec is None or rec.get("tau") is None or stale(config, rec, "autoddpm"):
         return None
     return float(rec["tau"])
 
@@ -295,7 +312,7 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
         "contrast": contrast, "spacing_mm": float(spacing) if volumes is None else None,
         "seeds": [seed + i for i in range(len(vols))] if volumes is None else None,
         "nfe_per_slice": nfe, "postprocess": post, "sha256": model.config.get("sha256"),
-        "date": datetime.date.today().isoformat(),
+        "method_version": method_version(method), "date": datetime.date.today().isoformat(),
     })
     log(f"  {method}/{preset}/{backend}: threshold {thr[fpr_key(DEFAULT_FPR)]:.4g} at 1% healthy FPR, "
         f"{thr[fpr_key(0.05)] if fpr_key(0.05) in thr else float('nan'):.4g} at 5% ({len(vols)} volume(s))")

@@ -17,6 +17,8 @@ the network works on images in the model's range (usually [-1, 1]).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -104,6 +106,21 @@ class Diffusion:
     def alpha_bar(self, t: int) -> float:
         """alpha_bar at step t; t = -1 means the clean image (alpha_bar = 1)."""
         return 1.0 if t < 0 else float(self.alpha_bar64[int(t)])
+
+    def matched_level(self, t: int, scale: float) -> int:
+        """The timestep whose signal-to-noise ratio on images ``scale`` times larger equals t's on unit ones.
+
+        A level L of a network trained on [0, 1] images destroys as much of the image as the level L'
+        with alpha_bar'/(1 - alpha_bar') = alpha_bar_L/(1 - alpha_bar_L) / scale^2 does on a network
+        trained on images ``scale`` times as wide (scale 2: [-1, 1]); the nearest timestep in log SNR.
+        """
+        t = int(t)
+        if scale == 1.0:
+            return t
+        ab = self.alpha_bar64.double()
+        log_snr = torch.log(ab) - torch.log1p(-ab)
+        target = log_snr[t] - 2.0 * math.log(float(scale))
+        return int(torch.argmin((log_snr - target).abs()).item())
 
     # -- forward ------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:

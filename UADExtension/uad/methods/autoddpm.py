@@ -21,6 +21,13 @@ input, so the restoration equals the input exactly outside B (stitching).
 
 Anomaly map: A = |x - restoration| * M (zero outside B and outside the brain).
 
+Noise levels: the reference trains and tests its DDPM on [0, 1] images; a network trained on
+[-1, 1] (the shared denoiser of THOR and AnoDDPM here) sees images twice as wide, so at the same
+timestep the noise destroys 4x less of them (signal-to-noise ratio alpha_bar / (1 - alpha_bar) times
+the squared range).  With ``levels="reference"`` (default) L_recon and L_inpaint are the paper's and
+are carried to the timestep of equal SNR on the model's range (``Diffusion.matched_level``: 200 -> 331
+and 50 -> 103 on [-1, 1]; unchanged on a [0, 1] model); ``levels="model"`` uses them as given.
+
 Fixes relative to the released code (methods.md section 4): a scalar threshold
 works (the reference indexed a float: TypeError) as does tau = -1; LPIPS sees
 [0, 1] gray images with ``normalize=True`` (not [-3, 1]); the jump back from
@@ -33,7 +40,8 @@ Presets
 -------
 ``paper``: L_recon = 200 (full ancestral chain, 201 network evaluations),
 L_inpaint = 50 with U = 5 resamples per step (50 x 5 = 250 evaluations; no
-evaluation at t = 0): 451 evaluations per slice; tau calibrated (0.13 uncalibrated).
+evaluation at t = 0): 451 evaluations per slice on a [0, 1] model (the reference's); on a
+[-1, 1] model the same destruction needs 332 + 103 x 5 = 847; tau calibrated (0.13 uncalibrated).
 ``fast``: stage 1 a 25-step deterministic DDIM chain from 200; stage 2 RePaint
 on 11 strided timesteps (10 jumps of 5 steps, DDIM steps with eta = 1, i.e.
 ancestral-like) with U = 3 resamples: 25 + 30 = 55 evaluations, about 8x cheaper.
@@ -67,6 +75,7 @@ class AutoDDPMParams:
     recon_steps: int | None = None  # None: full chain; k: k strided timesteps (needs recon_sampler='ddim')
     recon_sampler: str = "ddpm"  # ddpm | ddim
     inpaint_level: int = 50  # L_inpaint: stage-2 start timestep
+    levels: str = "reference"  # reference: level and inpaint_level are the paper's, on [0, 1] images (see below) | model
     inpaint_steps: int | None = None  # None: every timestep; k: k strided timesteps from L_inpaint to 0 (ddim)
     inpaint_sampler: str = "ddpm"  # ddpm | ddim
     resample: int = 5  # U: RePaint resamples per step
@@ -98,6 +107,7 @@ class AutoDDPM(Method):
                  "Anomaly Detection through Automatic Diffusion Models, ICML IMLH workshop 2023")
     roles = ("denoiser",)
     Params = AutoDDPMParams
+    calibration_version = 2  # 2: the paper's levels carried to equal SNR on the model's range (was: as given)
     presets = {
         "paper": {},
         "fast": {"recon_steps": 25, "recon_sampler": "ddim", "inpaint_steps": 11, "inpaint_sampler": "ddim",
@@ -113,14 +123,22 @@ class AutoDDPM(Method):
         for name, lvl in (("level", p.level), ("inpaint_level", p.inpaint_level)):
             if not 1 <= int(lvl) <= T - 1:
                 raise ValueError(f"autoddpm: {name} must be in [1, {T - 1}], got {lvl}")
-        for name, sampler, steps, lvl in (("recon", p.recon_sampler, p.recon_steps, p.level),
-                                          ("inpaint", p.inpaint_sampler, p.inpaint_steps, p.inpaint_level)):
+        if p.levels not in ("reference", "model"):
+            raise ValueError(f"autoddpm: levels must be 'reference' or 'model', got {p.levels!r}")
+        lo, hi = self.model.intensity_range
+        scale = float(hi - lo) if p.levels == "reference" else 1.0
+        # the timesteps actually used: the paper's levels at the same signal-to-noise ratio on this model's range
+        self.level_used = max(1, self.diffusion.matched_level(int(p.level), scale))
+        self.inpaint_level_used = max(1, self.diffusion.matched_level(int(p.inpaint_level), scale))
+        for name, sampler, steps, lvl in (("recon", p.recon_sampler, p.recon_steps, self.level_used),
+                                          ("inpaint", p.inpaint_sampler, p.inpaint_steps, self.inpaint_level_used)):
             if sampler not in ("ddpm", "ddim"):
                 raise ValueError(f"autoddpm: {name}_sampler must be 'ddpm' or 'ddim', got {sampler!r}")
             if steps is not None and int(steps) < 2:
                 raise ValueError(f"autoddpm: {name}_steps must be >= 2, got {steps}")
             if sampler == "ddpm" and steps is not None and int(steps) < int(lvl) + 1:
-                raise ValueError(f"autoddpm: a strided {name} chain needs {name}_sampler='ddim'")
+                raise ValueError(f"autoddpm: a strided {name} chain needs {name}_sampler='ddim' "
+                                 f"(level used: {lvl})")
         if int(p.resample) < 1:
             raise ValueError(f"autoddpm: resample must be >= 1, got {p.resample}")
         if p.threshold is not None and not (float(p.threshold) == -1 or float(p.threshold) >= 0):
@@ -159,8 +177,8 @@ class AutoDDPM(Method):
     def nfe_per_slice(self) -> int:
         """Stage 1 plus stage 2 (stage 2 is skipped, and costs nothing, when no pixel is masked)."""
         p = self.params
-        n_inpaint = len(partial_timesteps(p.inpaint_level, p.inpaint_steps)) - 1
-        return len(partial_timesteps(p.level, p.recon_steps)) + n_inpaint * p.resample
+        n_inpaint = len(partial_timesteps(self.inpaint_level_used, p.inpaint_steps)) - 1
+        return len(partial_timesteps(self.level_used, p.recon_steps)) + n_inpaint * p.resample
 
     def perceptual_backend(self) -> str:
         """"lpips-squeeze", "ssim-fallback" (what "auto" resolves to here) or a custom map's name."""
@@ -203,7 +221,7 @@ class AutoDDPM(Method):
         d = self.diffusion
         net = self.model.net("denoiser")
         shape = tuple(x_m.shape[1:])
-        ts = partial_timesteps(p.inpaint_level, p.inpaint_steps)
+        ts = partial_timesteps(self.inpaint_level_used, p.inpaint_steps)
         b = binary.to(x_m.dtype)
 
         def noise():
@@ -235,7 +253,7 @@ class AutoDDPM(Method):
         p = self.params
         lo, hi = self.model.intensity_range
         eps = make_noise(self.noise_kind, rng, x_m.shape[1:], **self.noise_options).to(x_m)
-        ts = partial_timesteps(p.level, p.recon_steps)
+        ts = partial_timesteps(self.level_used, p.recon_steps)
         x_t = self.diffusion.q_sample(x_m, ts[0], eps)
         rec_m, _, nfe = reverse_chain(self.diffusion, self.model.net("denoiser"), x_t, ts, rng,
                                       sampler=p.recon_sampler, noise=self.noise_kind, variance="fixed_small",
@@ -273,7 +291,8 @@ class AutoDDPM(Method):
         return MethodOutput(
             restoration=restoration, anomaly=amap, nfe=nfe1 + nfe2,
             extras={"noise": self.noise_kind, "nfe_stage1": nfe1, "nfe_stage2": nfe2,
-                    "stage2_skipped": nfe2 == 0, "reconstruction": x_rec, "inpainting": x_inp,
+                    "stage2_skipped": nfe2 == 0,
+                    "levels_used": (self.level_used, self.inpaint_level_used), "reconstruction": x_rec, "inpainting": x_inp,
                     "combined_mask": st["combined"], "residual": st["residual"], "binary_mask": binary,
                     "threshold": st["tau"],
                     "dilation": st["dilation"], "lpips_calls": 1, "perceptual": pname,

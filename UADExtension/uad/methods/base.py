@@ -51,6 +51,8 @@ class Method:
     roles: ClassVar[tuple[str, ...]] = ("denoiser",)  # networks the model must provide
     Params: ClassVar[type] = None  # a dataclass whose defaults are the paper's
     presets: ClassVar[dict[str, dict]] = {"paper": {}}
+    # raised when a change of the method changes its maps: calibrations of older versions are stale
+    calibration_version: ClassVar[int] = 1
     default_preset = _DefaultPreset()  # the NFE rule below (a str on the class and on instances)
     # Volume-level post-processing the method's paper applies to the anomaly map, applied by the
     # pipeline after the slices are stacked (keys: erode_mask_iterations, median_size, min_component_size).
