@@ -1,7 +1,7 @@
 """``uad benchmark``: every method and preset with its bundled model on the held-out set.
 
     uad benchmark -o bench/ [--methods ...] [--contrasts T1 T2 FLAIR] [--presets default paper]
-                  [--device cpu] [--quick] [--precision float32|bf16|fp16] [--channels-last] [--compile]
+                  [--device cpu] [--quick] [--precision fp32|bf16|fp16] [--channels-last] [--compile]
 
 For each contrast, method and preset: the method's bundled model for that
 contrast (reported as *missing* when the zoo has none) runs on every held-out
@@ -53,8 +53,10 @@ import SimpleITK as sitk
 import torch
 
 from . import UADError
+# reduced precision lives in uad.precision (shared with uad detect); re-exported here
+from .precision import (PRECISION_CHOICES, PRECISIONS, AutocastNetwork, autocast, autocast_model,  # noqa: F401
+                        copy_model, normalise_precision, with_precision)
 
-PRECISIONS = {"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LESIONS = ("tumour", "stroke", "ms")
 #: methods whose batched speed-up over the per-slice loop is the GPU goal (iterative samplers)
 ITERATIVE = ("thor", "autoddpm", "anoddpm", "wolleb")
@@ -203,55 +205,6 @@ class PeakMemory:
             self.peak_bytes = max(self._max, _rss_bytes())
 
 
-def _precision_dtype(device, precision: str):
-    if precision not in PRECISIONS:
-        raise UADError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is torch.float16 and torch.device(device).type == "cpu":
-        raise UADError("fp16 autocast needs a GPU; use bf16 on the CPU")
-    return dtype
-
-
-def autocast(device, precision: str = "float32"):
-    """An autocast context for ``precision`` (bf16 / fp16) on ``device``, or a no-op for float32."""
-    dtype = _precision_dtype(device, precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-class AutocastNetwork(torch.nn.Module):
-    """Runs the wrapped network under autocast and returns float32: only the network runs in reduced
-    precision, the samplers, noise, perceptual maps and morphology around it stay float32."""
-
-    def __init__(self, net: torch.nn.Module, device_type: str, dtype):
-        super().__init__()
-        self.net = net
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, *args, **kwargs):
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            out = self.net(*args, **kwargs)
-        return out.float()
-
-
-def autocast_model(model, precision: str = "float32"):
-    """Wrap every network of a loaded ``uad.zoo.Model`` in ``AutocastNetwork`` (in place; float32: unchanged).
-
-        model = autocast_model(load_model("disyre-t2-phantom", device="cuda"), "bf16")
-        detect(image, method="disyre", model=model, device="cuda")
-    """
-    if PRECISIONS.get(precision, 0) is None:
-        return model
-    for role, net in list(model.networks.items()):
-        if isinstance(net, AutocastNetwork):
-            net = net.net
-        dev = next(net.parameters()).device
-        model.networks[role] = AutocastNetwork(net, dev.type, _precision_dtype(dev, precision))
-    return model
-
-
 # ----------------------------------------------------------------------------- models and presets
 def model_for(method: str, contrast: str):
     """The zoo entry serving ``method`` trained on ``contrast`` (on disk), or None (missing)."""
@@ -275,7 +228,7 @@ def resolve_presets(method: str, presets) -> list[str]:
     return out
 
 
-def prepare_model(entry, device, channels_last: bool = False, compile_: bool = False, precision: str = "float32"):
+def prepare_model(entry, device, channels_last: bool = False, compile_: bool = False, precision: str = "fp32"):
     """Load a zoo entry on ``device``; optionally channels-last weights, ``torch.compile`` and autocast."""
     from .zoo import load_model
 
@@ -286,11 +239,7 @@ def prepare_model(entry, device, channels_last: bool = False, compile_: bool = F
         if compile_:
             net = torch.compile(net)
         m.networks[role] = net
-    if precision != "float32":
-        if precision == "fp16" and torch.device(device).type != "cuda":
-            raise UADError("fp16 autocast needs a GPU; use bf16 on the CPU")
-        autocast_model(m, precision)
-    return m
+    return autocast_model(m, precision)
 
 
 # ----------------------------------------------------------------------------- one method on the set
@@ -312,11 +261,7 @@ class CaseRun:
     parts: list = field(default_factory=list)
 
 
-def _copy_model(model):
-    """A shallow copy of a Model (same network objects, own networks dict)."""
-    from .zoo import Model
-
-    return Model(model.id, model.config, dict(model.networks))
+_copy_model = copy_model  # the old name (benchmarks/gpu_bench.py)
 
 
 def _read_case(row: dict):
@@ -326,15 +271,14 @@ def _read_case(row: dict):
 
 
 def run_case(row: dict, method: str, model, preset: str | None, device, batch_size: int = 16, seed: int = 0,
-             precision: str = "float32", time_network: bool = True, image=None, brain=None) -> CaseRun:
+             precision: str = "fp32", time_network: bool = True, image=None, brain=None) -> CaseRun:
     from .pipeline import detect
 
     dev = torch.device(device)
     t0, c0 = time.perf_counter(), _clock(dev)
     if image is None:
         image, brain, _ = _read_case(row)
-    if precision != "float32":
-        model = autocast_model(_copy_model(model), precision)
+    model = with_precision(model, precision)
     timer = NetworkTimer(model, dev) if time_network else contextlib.nullcontext()
     with PeakMemory(dev) as mem, timer:
         res = detect(image, method=method, model=model, device=dev, seed=seed, batch_size=batch_size,
@@ -451,7 +395,7 @@ def _hardware(device) -> str:
 
 def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "paper"), device: str = "cpu",
                   quick: bool = False, heldout_dir=None, n: int = 5, batch_size: int = 16, seed: int = 0,
-                  precision: str = "float32", compare_precision: str | None = None, channels_last: bool = False,
+                  precision: str = "fp32", compare_precision: str | None = None, channels_last: bool = False,
                   compile_: bool = False, speed_slices: int | None = None, fpr: float = 0.01,
                   speed_presets=None, speed_only: bool = False, n_reference: int = 3, log=print) -> dict:
     from .evaluation import IntensityBaseline, healthy_reference
@@ -786,7 +730,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--n", type=int, default=5, help="held-out volumes per lesion type when generating (default 5)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="float32", choices=list(PRECISIONS), help="autocast precision")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="autocast precision of the networks (default fp32)")
     p.add_argument("--compare-precision", default=None, choices=list(PRECISIONS),
                    help="also run every method at this precision and report the AP change")
     p.add_argument("--channels-last", action="store_true", help="networks in channels-last memory format")

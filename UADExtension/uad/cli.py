@@ -266,6 +266,9 @@ def _cmd_detect(args, json_events: bool = False) -> int:
         dev = resolve_device(args.device, log=print)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size if ctx.enabled else 1) or 1)
     configure_threads(args.threads, processes=local)
+    from .precision import precision_dtype
+
+    precision_dtype(dev, getattr(args, "precision", "fp32"))  # e.g. fp16 where torch cannot: refused before any work
     where = f"rank {ctx.rank}: " if ctx.enabled else ""
     print(f"{where}device: {describe_device(dev)}" + (" (picked by --device auto)" if args.device == "auto"
                                                       else ""))
@@ -320,7 +323,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                     result = detect(image, method=name, model=model, device=dev, seed=args.seed,
                                     batch_size=args.batch_size, preset=preset, params=params,
                                     threshold=threshold, brain_mask=bmask, progress=progress, log=print,
-                                    fpr=args.fpr, contrast=scan_contrast if scan_contrast in CONTRASTS else None,
+                                    fpr=args.fpr, precision=getattr(args, "precision", "fp32"), contrast=scan_contrast if scan_contrast in CONTRASTS else None,
                                     skull_stripped=args.skull_stripped,
                                     bias_correction=(None if args.bias_correction == "auto"
                                                      else args.bias_correction == "yes"))
@@ -614,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="healthy false-positive rate of the calibrated threshold, a fraction of healthy brain "
                         "voxels (default 0.01; 0.05 as THOR and AutoDDPM calibrate)")
     d.add_argument("--batch-size", type=int, default=16, metavar="B", help="slices per batch (default 16)")
+    d.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="precision of the networks: fp32 (default), or bf16 / fp16 autocast around the networks "
+                        "only (samplers, noise and maps stay float32); fp16 on the CPU only where torch supports it")
     d.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter overriding the preset (repeatable)")
     d.add_argument("--brain-mask", action="append", default=None, metavar="FILE",
