@@ -66,8 +66,9 @@ def test_run_case_network_split_and_loop(tiny_zoo, tiny_model, small_heldout):
 
 def test_benchmark_quick_tables_and_missing(tiny_zoo, small_heldout, tmp_path):
     out = tmp_path / "bench"
-    rep = run_benchmark(out, methods=["anoddpm"], contrasts=["T2", "FLAIR"], quick=True,
-                        heldout_dir=small_heldout, speed_slices=3, n_reference=1, log=lambda *a: None)
+    kw = dict(methods=["anoddpm"], contrasts=["T2", "FLAIR"], quick=True, heldout_dir=small_heldout, speed_slices=3,
+              n_reference=1, log=lambda *a: None)
+    rep = run_benchmark(out, jobs=2, **kw)  # two worker processes: the accuracy unit and the speed unit
     status = {(r["contrast"], r["method"]): r["status"] for r in rep["results"]}
     assert status[("T2", "anoddpm")] == "ok" and status[("T2", "intensity-floor")] == "ok"
     assert status[("FLAIR", "anoddpm")].startswith("missing")
@@ -83,7 +84,16 @@ def test_benchmark_quick_tables_and_missing(tiny_zoo, small_heldout, tmp_path):
     for f in ("benchmark.csv", "benchmark.json", "ap_per_lesion.png", "ap_vs_seconds.png", "healthy_fp.png"):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "benchmark.json").read_text())
-    assert saved["speed"][0]["method"] == "anoddpm"
+    assert saved["speed"][0]["method"] == "anoddpm" and saved["jobs"] == 2
+    assert row["volumes"] == {"tumour": 1, "stroke": 0, "ms": 0, "healthy": 1} and row["by_lesion"]["tumour"]["n"] == 1
+    # --jobs 1 (in this process) gives the same results: every unit is seeded; CPU seconds are per unit
+    one = run_benchmark(tmp_path / "bench1", jobs=1, **kw)
+    cols = ("contrast", "method", "preset", "status", "tumour", "pooled_ap", "pooled_auroc", "best_dice",
+            "dice_calibrated", "by_lesion", "nfe_per_slice", "threshold")
+    assert [{k: r.get(k) for k in cols} for r in one["results"]] == [{k: r.get(k) for k in cols} for r in rep["results"]]
+    assert one["speed"][0]["max_abs_difference"] == rep["speed"][0]["max_abs_difference"]
+    assert one["speed"][0]["nfe_per_slice"] == rep["speed"][0]["nfe_per_slice"]
+    assert row["clock_seconds_per_volume"] > 0 and one["jobs"] == 1
 
 
 def test_autocast_model_keeps_maps_close(tiny_zoo, tiny_model, make_volume, fast_params, monkeypatch):

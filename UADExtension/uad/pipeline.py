@@ -279,11 +279,9 @@ def model_threshold(model, method: str, preset: str | None) -> float | None:
     The manifest's ``threshold`` is either one number, or a dict keyed by method
     whose values are numbers or dicts keyed by preset.
     """
-    t = model.config.get("threshold")
-    if isinstance(t, dict):
-        t = t.get(method)
-        if isinstance(t, dict):
-            t = t.get(preset) if preset in t else t.get("default")
+    from .calibration import legacy_threshold
+
+    t = legacy_threshold(model.config, method, preset)
     if t is None:
         return None
     try:

@@ -1,0 +1,53 @@
+"""Behaviour kept by the review clean-ups: one key-mismatch message for every state-dict check, one legacy
+threshold lookup for the engine and the live threshold, one progress line for the phantom writers, one
+contrast resolution per case in ``uad detect``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uad import ModelError
+
+
+def test_key_mismatch_message_shared_by_the_importers():
+    from uad.guided_diffusion import WOLLEB_CLASSIFIER, build_guided_encoder, load_guided_classifier
+    from uad.reference import key_mismatch
+
+    assert key_mismatch([], []) == ""
+    many = [f"k{i:02d}" for i in range(14)]
+    msg = key_mismatch(["b", "a"], many)
+    assert msg.startswith("2 missing tensor(s): a, b; 14 unexpected tensor(s): k00, k01")
+    assert msg.endswith("k11 ... and 2 more")
+    cfg = dict(WOLLEB_CLASSIFIER, image_size=32, in_channels=1, model_channels=32, num_res_blocks=1,
+               channel_mult=[1, 1], attention_resolutions=[16], num_head_channels=32)
+    torch.manual_seed(0)
+    state = dict(build_guided_encoder(cfg).state_dict())
+    gone = sorted(k for k in state if k.startswith("out."))[-1]
+    del state[gone]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ModelError) as e:
+        load_guided_classifier(state, "cls.pt", base=cfg)
+    assert f"1 missing tensor(s): {gone}; 1 unexpected tensor(s): extra.weight" in str(e.value)
+
+
+def test_legacy_threshold_one_lookup_each_callers_error_behaviour():
+    from types import SimpleNamespace
+
+    from UADExtensionLib.thresholding import calibrated_threshold
+    from uad.calibration import legacy_threshold
+    from uad.pipeline import model_threshold
+
+    entry = {"id": "m", "threshold": {"thor": {"fast": 0.2, "default": 0.5}, "anoddpm": 0.7, "bad": "x",
+                                      "inf": float("inf")}}
+    model = SimpleNamespace(id="m", config=entry)
+    for method, preset, want in (("thor", "fast", 0.2), ("thor", "paper", 0.5), ("anoddpm", "paper", 0.7),
+                                 ("disyre", None, None)):
+        assert legacy_threshold(entry, method, preset) == want
+        assert model_threshold(model, method, preset) == want
+        assert calibrated_threshold(entry, method, preset) == want
+    assert legacy_threshold({"threshold": 0.3}, "any") == 0.3
+    # the engine refuses a bad value; the live threshold treats a non-finite one as none
+    with pytest.raises(ModelError, match="invalid threshold"):
+        model_threshold(model, "bad", None)
+    assert calibrated_threshold(entry, "inf") is None and model_threshold(model, "inf", None) == float("inf")
