@@ -51,3 +51,28 @@ def test_legacy_threshold_one_lookup_each_callers_error_behaviour():
     with pytest.raises(ModelError, match="invalid threshold"):
         model_threshold(model, "bad", None)
     assert calibrated_threshold(entry, "inf") is None and model_threshold(model, "inf", None) == float("inf")
+
+
+def test_phantom_writers_share_the_progress_report(tmp_path, capsys, monkeypatch):
+    from uad import heldout
+    from uad.cli import main
+    from uad.phantoms import run_writer
+
+    rc = run_writer(lambda progress: [progress(i, 2, {"x": i}) for i in (1, 2)], lambda r: f"case {r['x']}",
+                    lambda res: f"done {len(res)}")
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and lines[0].startswith("[1/2] case 1, ") and lines[0].endswith(" s") and lines[-1] == "done 2"
+
+    def fail(progress):
+        raise ValueError("bad\n  input")
+
+    assert run_writer(fail, str, str) == 2 and capsys.readouterr().out.strip() == "error: bad input"
+    monkeypatch.setattr(heldout, "SOURCE_SPACING", 3.0)
+    out = tmp_path / "ho"
+    assert main(["heldout", str(out), "--quick", "--contrasts", "T2", "--lesions", "tumour"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/2] heldout_T2_tumour_") and " mm (LPS), lesion " in lines[0]
+    assert lines[-1] == f"wrote 2 held-out volume(s), heldout.csv and heldout.json to {out}"
+    (tmp_path / "afile").write_text("x")
+    assert main(["heldout", str(tmp_path / "afile"), "--quick", "--contrasts", "T2"]) == 2
+    assert capsys.readouterr().out.startswith("error: ") and (tmp_path / "afile").read_text() == "x"
