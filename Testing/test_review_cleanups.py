@@ -76,3 +76,36 @@ def test_phantom_writers_share_the_progress_report(tmp_path, capsys, monkeypatch
     (tmp_path / "afile").write_text("x")
     assert main(["heldout", str(tmp_path / "afile"), "--quick", "--contrasts", "T2"]) == 2
     assert capsys.readouterr().out.startswith("error: ") and (tmp_path / "afile").read_text() == "x"
+
+
+def test_detect_resolves_each_cases_contrast_once(tiny_zoo, tmp_path, monkeypatch, make_volume, capsys):
+    """The default method and the model-mismatch warning use one contrast resolution per case."""
+    import SimpleITK as sitk
+
+    import uad.selection
+    from uad.cli import main
+
+    calls = []
+    real = uad.selection.guess_contrast
+
+    def counting(image, brain_mask=None):
+        calls.append(brain_mask is not None)
+        g = real(image, brain_mask)
+        return type(g)(**{**g.__dict__, "contrast": "FLAIR"})  # "looks FLAIR": the T2 model gets a warning
+
+    monkeypatch.setattr(uad.selection, "guess_contrast", counting)
+    img, _, brain = make_volume(shape_zyx=(6, 40, 36))
+    inp, msk = str(tmp_path / "scan.nii.gz"), str(tmp_path / "scan_bm.nii.gz")
+    sitk.WriteImage(img, inp)
+    sitk.WriteImage(brain, msk)
+    fast = ["--param", "level=20", "--param", "steps=3", "--param", "sampler=ddim"]
+    rc = main(["detect", inp, "-o", str(tmp_path / "out"), "--method", "anoddpm", "--model", "tiny-test",
+               "--brain-mask", msk, "--device", "cpu", "--no-progress", *fast])
+    out = capsys.readouterr().out
+    assert rc == 0 and calls == [True]  # once, with the brain mask
+    assert "the model tiny-test is for T2 but the scan looks FLAIR (guessed from the intensities)" in out
+    # --contrast: no guess at all
+    calls.clear()
+    rc = main(["detect", inp, "-o", str(tmp_path / "out2"), "--method", "anoddpm", "--model", "tiny-test",
+               "--contrast", "T1", "--device", "cpu", "--no-progress", *fast])
+    assert rc == 0 and calls == [] and "scan looks T1 (--contrast)" in capsys.readouterr().out
