@@ -193,7 +193,8 @@ def test_update_cards_replaces_only_the_marked_section(tmp_path):
     bench.mkdir()
     (bench / "benchmark.json").write_text(json.dumps(_synthetic_report()))
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{BEGIN}\n{END}\noutro\n")
+    readme.write_text(f"intro: the table sits between `{BEGIN}` and `{END}` (quoted: not a marker)\n{BEGIN}\n{END}\n"
+                      f"outro\n")
     spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -208,7 +209,8 @@ def test_update_cards_replaces_only_the_marked_section(tmp_path):
     assert "| T2 | stroke | disyre | paper (default) | disyre-x |" in dis and "ddpm-x |" not in dis
     assert (models / "other/README.md").read_text() == "# other\n"  # not measured: untouched
     r = readme.read_text()
-    assert r.startswith("intro\n" + BEGIN) and r.endswith(END + "\noutro\n") and "ddpm-x" in r and "disyre-x" in r
+    assert r.startswith(f"intro: the table sits between `{BEGIN}` and `{END}` (quoted: not a marker)\n{BEGIN}\n")
+    assert r.endswith(END + "\noutro\n") and "ddpm-x" in r and "disyre-x" in r
     # idempotent: the same report changes nothing
     before = {p: p.read_text() for p in models.rglob("*.md")}
     assert mod.main([str(bench), "--models", str(models), "--readme", str(readme)]) == 0

@@ -192,17 +192,26 @@ def block(report: dict, model_ids=None) -> str:
     return text
 
 
+def _marker_lines(text: str, marker: str) -> list[int]:
+    """Offsets of the lines that are exactly ``marker`` (a marker quoted inside a sentence does not count)."""
+    import re
+
+    return [m.start() for m in re.finditer(r"(?m)^[ \t]*" + re.escape(marker) + r"[ \t]*$", text)]
+
+
 def replace_marked(text: str, content: str, heading: str | None = CARD_HEADING) -> str:
-    """``text`` with the part between the markers replaced by ``content`` (markers kept); without markers the
-    section (``heading``, markers, content) is appended.  Unbalanced or repeated markers: ``ValueError``."""
-    nb, ne = text.count(BEGIN), text.count(END)
-    if nb == 0 and ne == 0:
+    """``text`` with the part between the marker lines replaced by ``content`` (markers kept); without
+    markers the section (``heading``, markers, content) is appended.  Unbalanced or repeated marker lines:
+    ``ValueError``."""
+    nb, ne = _marker_lines(text, BEGIN), _marker_lines(text, END)
+    if not nb and not ne:
         sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
         return text + sep + (f"{heading}\n\n" if heading else "") + BEGIN + content + END + "\n"
-    if nb != 1 or ne != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"the markers {BEGIN} ... {END} are unbalanced or repeated ({nb} begin, {ne} end)")
-    a = text.index(BEGIN) + len(BEGIN)
-    b = text.index(END)
+    if len(nb) != 1 or len(ne) != 1 or nb[0] > ne[0]:
+        raise ValueError(f"the marker lines {BEGIN} ... {END} are unbalanced or repeated "
+                         f"({len(nb)} begin, {len(ne)} end)")
+    a = text.index(BEGIN, nb[0]) + len(BEGIN)
+    b = text.index(END, ne[0])
     return text[:a] + content + text[b:]
 
 
@@ -226,7 +235,7 @@ def update_file(path, content: str, heading: str | None = CARD_HEADING, require_
     """Put ``content`` between the markers of ``path``; True when the file changed."""
     path = Path(path)
     text = path.read_text()
-    if require_markers and BEGIN not in text:
+    if require_markers and not _marker_lines(text, BEGIN):
         raise ValueError(f"{path} has no {BEGIN} ... {END} section")
     new = replace_marked(text, content, heading)
     if new == text:
