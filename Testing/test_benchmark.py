@@ -66,8 +66,9 @@ def test_run_case_network_split_and_loop(tiny_zoo, tiny_model, small_heldout):
 
 def test_benchmark_quick_tables_and_missing(tiny_zoo, small_heldout, tmp_path):
     out = tmp_path / "bench"
-    rep = run_benchmark(out, methods=["anoddpm"], contrasts=["T2", "FLAIR"], quick=True,
-                        heldout_dir=small_heldout, speed_slices=3, n_reference=1, log=lambda *a: None)
+    kw = dict(methods=["anoddpm"], contrasts=["T2", "FLAIR"], quick=True, heldout_dir=small_heldout, speed_slices=3,
+              n_reference=1, log=lambda *a: None)
+    rep = run_benchmark(out, jobs=2, **kw)  # two worker processes: the accuracy unit and the speed unit
     status = {(r["contrast"], r["method"]): r["status"] for r in rep["results"]}
     assert status[("T2", "anoddpm")] == "ok" and status[("T2", "intensity-floor")] == "ok"
     assert status[("FLAIR", "anoddpm")].startswith("missing")
@@ -83,10 +84,19 @@ def test_benchmark_quick_tables_and_missing(tiny_zoo, small_heldout, tmp_path):
     for f in ("benchmark.csv", "benchmark.json", "ap_per_lesion.png", "ap_vs_seconds.png", "healthy_fp.png"):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "benchmark.json").read_text())
-    assert saved["speed"][0]["method"] == "anoddpm"
+    assert saved["speed"][0]["method"] == "anoddpm" and saved["jobs"] == 2
+    assert row["volumes"] == {"tumour": 1, "stroke": 0, "ms": 0, "healthy": 1} and row["by_lesion"]["tumour"]["n"] == 1
+    # --jobs 1 (in this process) gives the same results: every unit is seeded; CPU seconds are per unit
+    one = run_benchmark(tmp_path / "bench1", jobs=1, **kw)
+    cols = ("contrast", "method", "preset", "status", "tumour", "pooled_ap", "pooled_auroc", "best_dice",
+            "dice_calibrated", "by_lesion", "nfe_per_slice", "threshold")
+    assert [{k: r.get(k) for k in cols} for r in one["results"]] == [{k: r.get(k) for k in cols} for r in rep["results"]]
+    assert one["speed"][0]["max_abs_difference"] == rep["speed"][0]["max_abs_difference"]
+    assert one["speed"][0]["nfe_per_slice"] == rep["speed"][0]["nfe_per_slice"]
+    assert row["clock_seconds_per_volume"] > 0 and one["jobs"] == 1
 
 
-def test_autocast_model_keeps_maps_close(tiny_zoo, tiny_model, make_volume, fast_params):
+def test_autocast_model_keeps_maps_close(tiny_zoo, tiny_model, make_volume, fast_params, monkeypatch):
     """bf16 runs the network only in bf16 (noise, samplers stay float32): maps close to float32, float32 output."""
     from uad.pipeline import detect
 
@@ -103,6 +113,9 @@ def test_autocast_model_keeps_maps_close(tiny_zoo, tiny_model, make_volume, fast
     b = sitk_array(low.anomaly)
     assert np.abs(a - b).mean() < 0.05 * np.abs(a).mean() + 1e-6
     assert tiny_model.net("denoiser") is not m16.net("denoiser")  # the original model is not wrapped
+    import uad.precision
+
+    monkeypatch.setattr(uad.precision, "cpu_fp16_supported", lambda: False)  # a torch without CPU fp16
     with pytest.raises(Exception, match="fp16"):
         prepare_model("tiny-test", "cpu", precision="fp16")
 
@@ -111,3 +124,116 @@ def sitk_array(img):
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(img)
+
+
+# ----------------------------------------------------------------------------- held-out table in cards / README
+def _synthetic_report():
+    def row(method, preset, model, aps, default, fp=1.5, nfe=25):
+        return {"contrast": "T2", "method": method, "preset": preset, "model": model, "status": "ok",
+                "default_preset": default, "nfe_per_slice": nfe, "seconds_per_volume": 30.0,
+                "clock_seconds_per_volume": 12.5, "healthy_fp_percent": fp, "n_healthy": 2,
+                "threshold_source": "model: calibrated", "volumes": {"tumour": 2, "stroke": 2, "ms": 1, "healthy": 2},
+                "by_lesion": {lt: {"n": {"ms": 1}.get(lt, 2), "ap": ap, "best_dice": ap / 2, "dice_calibrated": ap / 3,
+                                   "prevalence": 0.01} for lt, ap in zip(("tumour", "stroke", "ms"), aps)}}
+
+    floor = row("intensity-floor", "-", "-", (0.10, 0.30, 0.002), None, nfe=0)
+    return {"date_utc": "2026-12-01 12:00 UTC", "hardware": "test CPU", "device": "cpu", "jobs": 2,
+            "batch_size": 16, "precision": "fp32", "quick": False, "max_volumes": 2,
+            "command": "uad benchmark --max-volumes 2 -o b",
+            "results": [floor, row("thor", "fast", "ddpm-x", (0.25, 0.40, 0.001), "fast", nfe=31),
+                        row("thor", "paper", "ddpm-x", (0.15, 0.20, 0.003), "fast", nfe=351),
+                        row("disyre", "paper", "disyre-x", (0.80, 0.90, 0.004), "paper", nfe=4),
+                        {"contrast": "FLAIR", "method": "thor", "preset": "-", "model": "-",
+                         "status": "missing (no bundled model for this contrast)"}]}
+
+
+def test_heldout_table_rows_and_verdicts():
+    from uad.heldout_table import block, table_rows
+
+    rows = table_rows(_synthetic_report())
+    assert len(rows) == 9  # 3 measured method/preset rows x 3 lesion types; floor and missing rows excluded
+    t = {(r["method"], r["preset"], r["lesion"]): r for r in rows}
+    fast_tumour = t[("thor", "fast", "tumour")]
+    assert fast_tumour["floor_ap"] == 0.10 and abs(fast_tumour["ratio"] - 2.5) < 1e-12
+    assert fast_tumour["beats_floor"] and fast_tumour["twice_floor"] and fast_tumour["default"]
+    assert fast_tumour["seconds_per_volume"] == 12.5 and fast_tumour["healthy_fp_percent"] == 1.5  # CPU seconds
+    stroke = t[("thor", "fast", "stroke")]
+    assert stroke["beats_floor"] and not stroke["twice_floor"]  # 0.40 vs 0.30: above, but short of 2x
+    assert not t[("thor", "paper", "stroke")]["beats_floor"] and not t[("thor", "paper", "tumour")]["default"]
+    assert t[("thor", "fast", "ms")]["n"] == 1 and t[("thor", "fast", "ms")]["n_healthy"] == 2
+    text = block(_synthetic_report())
+    assert "uad benchmark --max-volumes 2 -o b" in text and "test CPU" in text and "2026-12-01" in text
+    assert "| T2 | stroke | thor | fast (default) | ddpm-x | 2 / 2 | 0.400 | 0.300 | 0.0100 | x1.33 |" in text
+    # the default presets' verdicts: thor fast misses 2x on T2 stroke, disyre meets the target; paper not judged
+    thor = next(ln for ln in text.splitlines() if ln.startswith("- **thor**"))
+    assert "stroke AP 0.400 vs floor 0.300: beats the floor, does NOT reach 2x the floor" in thor
+    assert thor.endswith("NOT met.")
+    assert next(ln for ln in text.splitlines() if ln.startswith("- **disyre**")).endswith("met.")
+    assert not any(ln.startswith("- **thor** (paper") for ln in text.splitlines())
+    assert block(_synthetic_report(), {"disyre-x"}).count("| T2 |") == 3
+
+
+def test_update_cards_replaces_only_the_marked_section(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from uad.heldout_table import BEGIN, END
+
+    models = tmp_path / "models"
+    for d in ("ddpm-x", "disyre-x", "other"):
+        (models / d).mkdir(parents=True)
+    (models / "manifest.json").write_text(json.dumps({"models": [
+        {"id": "ddpm-x", "card": "ddpm-x/README.md"}, {"id": "disyre-x", "card": "disyre-x/README.md"},
+        {"id": "other", "card": "other/README.md"}]}))
+    with_markers = f"# ddpm-x\n\nuser text before\n\n## Held-out\n{BEGIN}\nold table\n{END}\n\nuser text after\n"
+    (models / "ddpm-x/README.md").write_text(with_markers)
+    (models / "disyre-x/README.md").write_text("# disyre-x\n\nno markers yet\n")
+    (models / "other/README.md").write_text("# other\n")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "benchmark.json").write_text(json.dumps(_synthetic_report()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro: the table sits between `{BEGIN}` and `{END}` (quoted: not a marker)\n{BEGIN}\n{END}\n"
+                      f"outro\n")
+    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme)]) == 0
+    ddpm = (models / "ddpm-x/README.md").read_text()
+    assert ddpm.startswith("# ddpm-x\n\nuser text before\n\n## Held-out\n" + BEGIN)
+    assert ddpm.endswith(END + "\n\nuser text after\n") and "old table" not in ddpm
+    assert "| T2 | tumour | thor | fast (default) | ddpm-x |" in ddpm and "disyre-x |" not in ddpm
+    dis = (models / "disyre-x/README.md").read_text()
+    assert dis.startswith("# disyre-x\n\nno markers yet\n\n## Held-out benchmark\n\n" + BEGIN)
+    assert "| T2 | stroke | disyre | paper (default) | disyre-x |" in dis and "ddpm-x |" not in dis
+    assert (models / "other/README.md").read_text() == "# other\n"  # not measured: untouched
+    r = readme.read_text()
+    assert r.startswith(f"intro: the table sits between `{BEGIN}` and `{END}` (quoted: not a marker)\n{BEGIN}\n")
+    assert r.endswith(END + "\noutro\n") and "ddpm-x" in r and "disyre-x" in r
+    # idempotent: the same report changes nothing
+    before = {p: p.read_text() for p in models.rglob("*.md")}
+    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme)]) == 0
+    assert {p: p.read_text() for p in models.rglob("*.md")} == before and readme.read_text() == r
+    # unbalanced markers: refused, no card written (also not the good ones)
+    (models / "disyre-x/README.md").write_text(dis + BEGIN + "\n")
+    (models / "ddpm-x/README.md").write_text(with_markers)
+    assert mod.main([str(bench), "--models", str(models)]) == 1
+    assert (models / "ddpm-x/README.md").read_text() == with_markers
+    # a README without the markers is refused, unchanged
+    readme.write_text("no markers\n")
+    assert mod.main([str(bench), "--readme", str(readme)]) == 1 and readme.read_text() == "no markers\n"
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_max_volumes_selects_the_first_per_lesion_type():
+    from uad import UADError
+    from uad.benchmark import select_rows
+
+    rows = [{"contrast": c, "lesion": lt, "case": f"{c}{lt}{i}"} for c in ("T1", "T2")
+            for lt in ("tumour", "stroke", "none") for i in range(3)]
+    sub = select_rows(rows, 2)
+    assert len(sub) == 12 and [r["case"] for r in sub[:2]] == ["T1tumour0", "T1tumour1"]
+    assert select_rows(rows, None) == rows and len(select_rows(rows, 5)) == 18
+    with pytest.raises(UADError, match="max-volumes"):
+        select_rows(rows, 0)

@@ -326,7 +326,7 @@ class UADExtensionLogic:
                 params: dict | None = None, progressCallback: Callable[[int, int], Any] | None = None,
                 cancel=None, brainMaskNode=None, batchSize: int = 16, namePrefix: str | None = None,
                 restorationVolume=None, heatmapVolume=None, anomalySegmentation=None,
-                threads: int | None = None) -> UADResult:
+                threads: int | None = None, precision: str = "fp32") -> UADResult:
         """Detect anomalies in ``inputVolumeNode`` in this process; returns a ``UADResult``.
 
         ``model``: a model id, a ``uad.zoo.Model`` or None (the method's default model).
@@ -337,6 +337,7 @@ class UADExtensionLogic:
         nodes to overwrite (None: new nodes).  ``threads``: torch CPU threads during
         the run (default ``default_thread_count()``, one core left to Slicer).
         Out of GPU memory halves the batch and retries (``info["batch_size"]``).
+        ``precision``: fp32 (default), bf16 or fp16 autocast of the networks only (``info["precision"]``).
         The input node and its voxels are never modified.
         (``UADExtensionLib.runner.BackgroundRun`` does the same in a separate process.)
         """
@@ -357,7 +358,7 @@ class UADExtensionLogic:
             det, batchSize = detect_halving_batch_on_oom(
                 detect, image, method=method, model=model, device=device, seed=seed, batch_size=batchSize,
                 preset=preset, params=params, threshold=threshold, brain_mask=brain_mask,
-                progress=progressCallback, cancel=_cancel_function(cancel))
+                progress=progressCallback, cancel=_cancel_function(cancel), precision=precision)
         info = dict(det.info or {})
         model_id = getattr(model, "id", None) or info.get("model") or (model if isinstance(model, str) else None)
         info.setdefault("model", model_id)

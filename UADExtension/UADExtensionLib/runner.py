@@ -90,7 +90,7 @@ def _param_text(value) -> str:
 def build_detect_command(input_path, output_dir, method: str, model: str | None = None, device: str = "auto",
                          seed: int = 0, preset: str | None = None, threshold: float | None = None,
                          batch_size: int = 16, params: dict | None = None, brain_mask_path=None,
-                         python: str | None = None) -> list[str]:
+                         python: str | None = None, precision: str = "fp32") -> list[str]:
     """The ``uad detect`` command line of a background run (a list: no shell)."""
     cmd = [python or python_executable(), "-m", "uad.cli", "detect", str(input_path), "-o", str(output_dir),
            "--method", str(method), "--device", str(device), "--seed", str(int(seed)),
@@ -105,6 +105,8 @@ def build_detect_command(input_path, output_dir, method: str, model: str | None 
         cmd += ["--param", f"{key}={_param_text(value)}"]
     if brain_mask_path is not None:
         cmd += ["--brain-mask", str(brain_mask_path)]
+    if precision and str(precision).lower() not in ("fp32", "float32"):
+        cmd += ["--precision", str(precision).lower()]
     return cmd
 
 
@@ -209,7 +211,8 @@ class BackgroundRun:
                  params: dict | None = None, brainMaskNode=None, batchSize: int = 16,
                  namePrefix: str | None = None, restorationVolume=None, heatmapVolume=None,
                  anomalySegmentation=None, threads: int | None = None, python: str | None = None,
-                 onEvent: Callable[[dict], Any] | None = None, retryOnOutOfMemory: bool = True):
+                 onEvent: Callable[[dict], Any] | None = None, retryOnOutOfMemory: bool = True,
+                 precision: str = "fp32"):
         if model is not None and not isinstance(model, str):
             raise TypeError("a background run takes a model id (str); use logic.process() for a Model object")
         self.logic = logic
@@ -223,6 +226,7 @@ class BackgroundRun:
         self.threshold = threshold
         self.params = dict(params or {})
         self.batchSize = max(1, int(batchSize))
+        self.precision = str(precision or "fp32").lower()  # fp32 | bf16 | fp16: autocast of the networks only
         self.namePrefix = namePrefix
         self.outputs = {"restorationVolume": restorationVolume, "heatmapVolume": heatmapVolume,
                         "anomalySegmentation": anomalySegmentation}
@@ -321,7 +325,7 @@ class BackgroundRun:
         out = self._tmp / f"out{self._attempt}"
         return build_detect_command(self._inputPath, out, self.method, self.model, self.device, self.seed,
                                     self.preset, self.threshold, self.batchSize, self.params, self._maskPath,
-                                    python=self.python)
+                                    python=self.python, precision=self.precision)
 
     def _launch(self) -> None:
         self._resultEvent = None

@@ -43,6 +43,10 @@ def calibration_record(entry: dict, method: str, preset: str | None, backend: st
     """The engine's per-preset, per-backend record (``calibration[method]["presets"][preset][backend]``,
     see ``uad.calibration``) of a run's method / preset / perceptual backend; None for older entries.
     Without a backend, the preset's only record (if it has exactly one)."""
+    if backend is not None:
+        from uad import calibration  # numpy only: no torch needed
+
+        return calibration.calibration_record(entry or {}, method, preset, backend)
     cal = ((entry or {}).get("calibration") or {}).get(method) or {}
     presets = cal.get("presets") if isinstance(cal, dict) else None
     if not isinstance(presets, dict) or preset is None:
@@ -50,11 +54,8 @@ def calibration_record(entry: dict, method: str, preset: str | None, backend: st
     by_backend = presets.get(preset)
     if not isinstance(by_backend, dict):
         return None
-    if backend is None:
-        recs = [r for r in by_backend.values() if isinstance(r, dict)]
-        return recs[0] if len(recs) == 1 else None
-    rec = by_backend.get(backend)
-    return rec if isinstance(rec, dict) else None
+    recs = [r for r in by_backend.values() if isinstance(r, dict)]
+    return recs[0] if len(recs) == 1 else None
 
 
 def calibrated_threshold(entry: dict, method: str, preset: str | None = None,
@@ -68,11 +69,9 @@ def calibrated_threshold(entry: dict, method: str, preset: str | None = None,
     if rec is not None:
         v = (rec.get("thresholds") or {}).get(DEFAULT_FPR_KEY)
         return float(v) if v is not None and math.isfinite(float(v)) else None
-    t = (entry or {}).get("threshold")
-    if isinstance(t, dict):
-        t = t.get(method)
-        if isinstance(t, dict):
-            t = t.get(preset) if preset in t else t.get("default")
+    from uad.calibration import legacy_threshold  # numpy only: no torch needed
+
+    t = legacy_threshold(entry, method, preset)
     if t is None:
         return None
     t = float(t)

@@ -1,7 +1,7 @@
 """``uad benchmark``: every method and preset with its bundled model on the held-out set.
 
     uad benchmark -o bench/ [--methods ...] [--contrasts T1 T2 FLAIR] [--presets default paper]
-                  [--device cpu] [--quick] [--precision float32|bf16|fp16] [--channels-last] [--compile]
+                  [--device cpu] [--quick] [--precision fp32|bf16|fp16] [--channels-last] [--compile]
 
 For each contrast, method and preset: the method's bundled model for that
 contrast (reported as *missing* when the zoo has none) runs on every held-out
@@ -53,8 +53,10 @@ import SimpleITK as sitk
 import torch
 
 from . import UADError
+# reduced precision lives in uad.precision (shared with uad detect); re-exported here
+from .precision import (PRECISION_CHOICES, PRECISIONS, AutocastNetwork, autocast, autocast_model,  # noqa: F401
+                        copy_model, normalise_precision, with_precision)
 
-PRECISIONS = {"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LESIONS = ("tumour", "stroke", "ms")
 #: methods whose batched speed-up over the per-slice loop is the GPU goal (iterative samplers)
 ITERATIVE = ("thor", "autoddpm", "anoddpm", "wolleb")
@@ -203,55 +205,6 @@ class PeakMemory:
             self.peak_bytes = max(self._max, _rss_bytes())
 
 
-def _precision_dtype(device, precision: str):
-    if precision not in PRECISIONS:
-        raise UADError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is torch.float16 and torch.device(device).type == "cpu":
-        raise UADError("fp16 autocast needs a GPU; use bf16 on the CPU")
-    return dtype
-
-
-def autocast(device, precision: str = "float32"):
-    """An autocast context for ``precision`` (bf16 / fp16) on ``device``, or a no-op for float32."""
-    dtype = _precision_dtype(device, precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-class AutocastNetwork(torch.nn.Module):
-    """Runs the wrapped network under autocast and returns float32: only the network runs in reduced
-    precision, the samplers, noise, perceptual maps and morphology around it stay float32."""
-
-    def __init__(self, net: torch.nn.Module, device_type: str, dtype):
-        super().__init__()
-        self.net = net
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, *args, **kwargs):
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            out = self.net(*args, **kwargs)
-        return out.float()
-
-
-def autocast_model(model, precision: str = "float32"):
-    """Wrap every network of a loaded ``uad.zoo.Model`` in ``AutocastNetwork`` (in place; float32: unchanged).
-
-        model = autocast_model(load_model("disyre-t2-phantom", device="cuda"), "bf16")
-        detect(image, method="disyre", model=model, device="cuda")
-    """
-    if PRECISIONS.get(precision, 0) is None:
-        return model
-    for role, net in list(model.networks.items()):
-        if isinstance(net, AutocastNetwork):
-            net = net.net
-        dev = next(net.parameters()).device
-        model.networks[role] = AutocastNetwork(net, dev.type, _precision_dtype(dev, precision))
-    return model
-
-
 # ----------------------------------------------------------------------------- models and presets
 def model_for(method: str, contrast: str):
     """The zoo entry serving ``method`` trained on ``contrast`` (on disk), or None (missing)."""
@@ -275,7 +228,7 @@ def resolve_presets(method: str, presets) -> list[str]:
     return out
 
 
-def prepare_model(entry, device, channels_last: bool = False, compile_: bool = False, precision: str = "float32"):
+def prepare_model(entry, device, channels_last: bool = False, compile_: bool = False, precision: str = "fp32"):
     """Load a zoo entry on ``device``; optionally channels-last weights, ``torch.compile`` and autocast."""
     from .zoo import load_model
 
@@ -286,11 +239,7 @@ def prepare_model(entry, device, channels_last: bool = False, compile_: bool = F
         if compile_:
             net = torch.compile(net)
         m.networks[role] = net
-    if precision != "float32":
-        if precision == "fp16" and torch.device(device).type != "cuda":
-            raise UADError("fp16 autocast needs a GPU; use bf16 on the CPU")
-        autocast_model(m, precision)
-    return m
+    return autocast_model(m, precision)
 
 
 # ----------------------------------------------------------------------------- one method on the set
@@ -312,11 +261,7 @@ class CaseRun:
     parts: list = field(default_factory=list)
 
 
-def _copy_model(model):
-    """A shallow copy of a Model (same network objects, own networks dict)."""
-    from .zoo import Model
-
-    return Model(model.id, model.config, dict(model.networks))
+_copy_model = copy_model  # the old name (benchmarks/gpu_bench.py)
 
 
 def _read_case(row: dict):
@@ -326,15 +271,14 @@ def _read_case(row: dict):
 
 
 def run_case(row: dict, method: str, model, preset: str | None, device, batch_size: int = 16, seed: int = 0,
-             precision: str = "float32", time_network: bool = True, image=None, brain=None) -> CaseRun:
+             precision: str = "fp32", time_network: bool = True, image=None, brain=None) -> CaseRun:
     from .pipeline import detect
 
     dev = torch.device(device)
     t0, c0 = time.perf_counter(), _clock(dev)
     if image is None:
         image, brain, _ = _read_case(row)
-    if precision != "float32":
-        model = autocast_model(_copy_model(model), precision)
+    model = with_precision(model, precision)
     timer = NetworkTimer(model, dev) if time_network else contextlib.nullcontext()
     with PeakMemory(dev) as mem, timer:
         res = detect(image, method=method, model=model, device=dev, seed=seed, batch_size=batch_size,
@@ -344,13 +288,19 @@ def run_case(row: dict, method: str, model, preset: str | None, device, batch_si
     run = CaseRun(case=row, scores=sitk.GetArrayFromImage(res.anomaly), seconds=secs, clock_seconds=_clock(dev) - c0,
                   nfe_per_slice=int(res.info["nfe_per_slice"]), slices=int(res.info["slices"]),
                   network_evaluations=int(res.info["network_evaluations"]),
-                  threshold=res.info["threshold"] if res.info["threshold_source"] == "model" else None,
+                  threshold=res.info["threshold"] if _model_calibrated(res.info["threshold_source"]) else None,
                   threshold_source=res.info["threshold_source"], peak_mb=mem.peak_bytes / 2 ** 20)
     if time_network:
         run.network_seconds, run.parts = timer.network_seconds()
         run.network_calls = timer.calls
         run.in_run_network_seconds = timer.in_run_seconds
     return run
+
+
+def _model_calibrated(source: str) -> bool:
+    """Whether detect's threshold came from the model's calibration (``"model"`` for a legacy value,
+    ``"model: calibrated for ..."`` for a per-preset record), not from this volume's percentile."""
+    return str(source) == "model" or str(source).startswith("model:")
 
 
 def _items(runs: list[CaseRun], lesions: dict) -> list[dict]:
@@ -370,6 +320,10 @@ def _summarise(ev: dict, healthy_items: list[dict], thr: float | None) -> dict:
                 "dice_calibrated": ev["mean"].get("mean_dice_calibrated"),
                 "prevalence": {lt: (ev["by_lesion_type"].get(lt) or {}).get("prevalence") for lt in LESIONS},
                 "threshold": thr, "threshold_source": ev["threshold_source"]})
+    row["by_lesion"] = {lt: {"n": d.get("n"), "ap": d.get("mean_ap"), "best_dice": d.get("mean_best_dice"),
+                             "dice_calibrated": d.get("mean_dice_calibrated"), "prevalence": d.get("prevalence")}
+                        for lt, d in ev["by_lesion_type"].items() if lt in LESIONS and d}
+    row["n_healthy"] = ev.get("n_healthy_volumes")
     fp_ml = [h["fp_ml"] for h in ev["healthy"] if h.get("fp_ml") is not None]
     fp_fr = [h["fp_fraction"] for h in ev["healthy"]]
     row["healthy_fp_ml"] = float(np.mean(fp_ml)) if fp_ml else None
@@ -449,20 +403,172 @@ def _hardware(device) -> str:
     return f"{cpu}, {os.cpu_count()} logical CPU(s), torch threads {torch.get_num_threads()}"
 
 
+def _lesion_arrays(rows: list[dict]) -> dict:
+    """case -> (lesion mask & brain, brain) arrays; sets each row's ``_voxel_ml``."""
+    lesions = {}
+    for r in rows:
+        _, b, les = _read_case(r)
+        bb = sitk.GetArrayFromImage(b) > 0
+        lesions[r["case"]] = ((sitk.GetArrayFromImage(les) > 0) & bb, bb)
+        r["_voxel_ml"] = float(np.prod(b.GetSpacing())) / 1000.0
+    return lesions
+
+
+def select_rows(rows: list[dict], max_volumes: int | None) -> list[dict]:
+    """The first ``max_volumes`` held-out volumes of every (contrast, lesion type), healthy included, in the
+    manifest's order (None: all)."""
+    if max_volumes is None:
+        return list(rows)
+    if int(max_volumes) < 1:
+        raise UADError(f"--max-volumes must be >= 1, got {max_volumes}")
+    seen: dict = {}
+    out = []
+    for r in rows:
+        k = (r["contrast"], r["lesion"])
+        seen[k] = seen.get(k, 0) + 1
+        if seen[k] <= int(max_volumes):
+            out.append(r)
+    return out
+
+
+def _volume_counts(rows: list[dict]) -> dict:
+    """{lesion type: volumes, ..., "healthy": volumes} of a contrast's rows."""
+    out = {lt: sum(r["lesion"] == lt for r in rows) for lt in LESIONS}
+    out["healthy"] = sum(r["lesion"] == "none" for r in rows)
+    return out
+
+
+# one unit of work = one (contrast, method, preset) accuracy pass or one per-slab speed comparison; units are
+# independent, so they may run in worker processes (``jobs``); the per-process cache keeps a loaded model for
+# the units of the same model that land in the same process
+_MODEL_CACHE: dict = {}
+
+
+def _unit_model(entry, dev, channels_last, compile_):
+    key = (entry.id, str(entry.root), str(dev), bool(channels_last), bool(compile_))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # one model at a time per process (memory)
+        _MODEL_CACHE[key] = prepare_model(entry, dev, channels_last, compile_)
+    return _MODEL_CACHE[key]
+
+
+def run_unit(unit: dict) -> dict:
+    """Run one unit (``kind`` "accuracy" or "speed") and return ``{"row": ..., "log": [...]}``.  Everything it
+    needs is in ``unit`` (rows, entry, settings), so it runs the same in this process or in a worker."""
+    from .pipeline import resolve_device
+
+    dev = resolve_device(unit["device"])
+    contrast, method, preset, entry = unit["contrast"], unit["method"], unit["preset"], unit["entry"]
+    model = _unit_model(entry, dev, unit["channels_last"], unit["compile"])
+    rows, seed, batch_size, fpr = unit["rows"], unit["seed"], unit["batch_size"], unit["fpr"]
+    if unit["kind"] == "speed":
+        healthy_rows = [r for r in rows if r["lesion"] == "none"] or rows
+        sp = loop_speedup(healthy_rows[0], method, model, preset, dev, unit["speed_slices"], batch_size, seed,
+                          loop=True)
+        sp.update({"contrast": contrast, "method": method, "preset": preset})
+        return {"row": sp, "log": [
+            f"      speed {preset}: {sp['nfe_per_slice']} NFE/slice, batched "
+            f"{sp['batched_clock_s_per_slice']:.3f} s/slice (network {sp['network_s_per_slice']:.3f}, "
+            f"overhead x{_f(sp['overhead'], 2)}), per-slice loop {sp['loop_clock_s_per_slice']:.3f} "
+            f"s/slice: x{sp['speedup_clock']:.2f}; max |difference| {sp['max_abs_difference']:.2e}"]}
+    precision, compare_precision = unit["precision"], unit["compare_precision"]
+    lesions = _lesion_arrays(rows)
+    runs = [run_case(r, method, model, preset, dev, batch_size, seed, precision,
+                     time_network=not unit["compile"]) for r in rows]
+    ev = evaluate_runs(runs, lesions, fpr)
+    sm = ev["summary"]
+    wall = float(np.mean([r.seconds for r in runs]))
+    clock = float(np.sum([r.clock_seconds for r in runs]))
+    net = [r.network_seconds for r in runs if r.network_seconds]
+    inrun = [r.in_run_network_seconds for r in runs if r.in_run_network_seconds]
+    sm.update({"contrast": contrast, "method": method, "preset": preset, "model": entry.id,
+               "status": "ok", "nfe_per_slice": max(r.nfe_per_slice for r in runs),
+               "seconds_per_volume": wall, "slices_per_volume": float(np.mean([r.slices for r in runs])),
+               "clock": "wall" if dev.type == "cuda" else "process CPU time",
+               "clock_seconds_per_volume": clock / len(runs),
+               "network_seconds_per_volume": float(np.mean(net)) if net else None,
+               "overhead": clock / float(np.sum(net)) if net else None,
+               "overhead_in_run": clock / float(np.sum(inrun)) if inrun else None,
+               "peak_mb": float(max(r.peak_mb for r in runs)), "precision": precision,
+               "volumes": _volume_counts(rows), "default_preset": unit.get("default_preset"),
+               "cases": [{"case": r.case["case"], "seconds": r.seconds, "slices": r.slices,
+                          "clock_seconds": r.clock_seconds, "network_seconds": r.network_seconds,
+                          "in_run_network_seconds": r.in_run_network_seconds, "calls": r.parts}
+                         for r in runs]})
+    per_case = {x["case"]: x for x in ev["evaluation"]["per_volume"]}
+    for c in sm["cases"]:
+        c.update({k: per_case.get(c["case"], {}).get(k) for k in ("ap", "best_dice", "dice_calibrated")})
+    if compare_precision and compare_precision != precision:
+        alt = [run_case(r, method, model, preset, dev, batch_size, seed, compare_precision,
+                        time_network=False) for r in rows]
+        ev2 = evaluate_runs(alt, lesions, fpr)["summary"]
+        sm["compare_precision"] = {"precision": compare_precision, "pooled_ap": ev2["pooled_ap"],
+                                   "delta_pooled_ap": ev2["pooled_ap"] - sm["pooled_ap"],
+                                   "seconds_per_volume": float(np.mean([r.seconds for r in alt]))}
+    return {"row": sm, "log": [_line(sm)]}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one torch thread per worker process: ``jobs`` workers use ``jobs`` cores
+
+
+def default_jobs(device="cpu") -> int:
+    """Worker processes of ``uad benchmark`` by default: min(2, cores) on the CPU, 1 on an accelerator."""
+    from .pipeline import available_cores
+
+    return min(2, available_cores()) if torch.device(device).type == "cpu" else 1
+
+
+def run_units(units: list[dict], jobs: int = 1, log=print) -> list[dict]:
+    """The results of ``units`` in their order.  ``jobs`` > 1: that many worker processes (spawned, one torch
+    thread each), the costliest units (NFE per slice x volumes) first so that the last one to finish is a
+    cheap one.  Every unit is seeded, so the results are those of ``jobs=1``; its CPU-second columns are
+    its own process's CPU time."""
+    out: list = [None] * len(units)
+    if jobs <= 1 or len(units) <= 1:
+        for i, u in enumerate(units):
+            out[i] = run_unit(u)
+            for line in out[i]["log"]:
+                log(line)
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    order = sorted(range(len(units)), key=lambda i: -units[i].get("cost", 0.0))
+    with cf.ProcessPoolExecutor(max_workers=int(jobs), mp_context=mp.get_context("spawn"),
+                                initializer=_worker_init) as pool:
+        futs = {pool.submit(run_unit, units[i]): i for i in order}
+        for k, f in enumerate(cf.as_completed(futs), 1):
+            i = futs[f]
+            out[i] = f.result()
+            u = units[i]
+            log(f"  [{k}/{len(units)}] {u['contrast']} {u['method']} {u['preset']} ({u['kind']})")
+            for line in out[i]["log"]:
+                log(line)
+    return out
+
+
 def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "paper"), device: str = "cpu",
                   quick: bool = False, heldout_dir=None, n: int = 5, batch_size: int = 16, seed: int = 0,
-                  precision: str = "float32", compare_precision: str | None = None, channels_last: bool = False,
+                  precision: str = "fp32", compare_precision: str | None = None, channels_last: bool = False,
                   compile_: bool = False, speed_slices: int | None = None, fpr: float = 0.01,
-                  speed_presets=None, speed_only: bool = False, n_reference: int = 3, log=print) -> dict:
+                  speed_presets=None, speed_only: bool = False, n_reference: int = 3, log=print,
+                  jobs: int | None = None, max_volumes: int | None = None, command: str | None = None) -> dict:
     from .evaluation import IntensityBaseline, healthy_reference
     from .heldout import generate_heldout, load_heldout
     from .methods import available_methods
-    from .pipeline import resolve_device
+    from .metrics import threshold_at_fpr
+    from .pipeline import method_class, resolve_device
 
-    t_start = time.time()
+    t_start, c_start = time.time(), time.process_time()
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
+    precision = normalise_precision(precision)
+    compare_precision = normalise_precision(compare_precision) if compare_precision else None
+    jobs = default_jobs(dev) if jobs is None else max(1, int(jobs))
+    if max_volumes is not None and int(max_volumes) < 1:
+        raise UADError(f"--max-volumes must be >= 1, got {max_volumes}")
     methods = list(methods or available_methods())
     contrasts = [c.upper() if c.upper() != "FLAIR" else "FLAIR" for c in (contrasts or (["T2"] if quick else
                                                                                        ["T1", "T2", "FLAIR"]))]
@@ -472,12 +578,14 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
     speed_slices = int(8 if quick else 16) if speed_slices is None else int(speed_slices)
     ho = Path(heldout_dir) if heldout_dir else out / "heldout"
     if heldout_dir is None or not (ho / "heldout.json").is_file():
-        log(f"held-out set -> {ho} ({'quick subset' if quick else f'{n} per lesion type'})")
-        generate_heldout(ho, contrasts, n=n, quick=quick,
+        n_gen = n if max_volumes is None else min(int(n), int(max_volumes))
+        log(f"held-out set -> {ho} ({'quick subset' if quick else f'{n_gen} per lesion type'})")
+        generate_heldout(ho, contrasts, n=n_gen, quick=quick,
                          progress=lambda i, k, r: log(f"  [{i}/{k}] {r['case']} {r['orientation']} {r['spacing_mm']}"))
-    rows_all = load_heldout(ho, contrasts)
+    rows_all = select_rows(load_heldout(ho, contrasts), max_volumes)
 
     results, speed, missing = [], [], []
+    units, slots = [], []  # slots[i]: ("results" | "speed", index) of units[i]
     for contrast in contrasts:
         rows = [r for r in rows_all if r["contrast"] == contrast]
         if not rows:
@@ -491,17 +599,10 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
                 results.append({"contrast": contrast, "method": method, "preset": "-", "model": "-", "status": st})
                 log(f"{contrast:5s} {method:10s} {st}")
             continue
-        lesions = {}
-        for r in rows:
-            _, b, les = _read_case(r)
-            bb = sitk.GetArrayFromImage(b) > 0
-            lesions[r["case"]] = ((sitk.GetArrayFromImage(les) > 0) & bb, bb)
-            r["_voxel_ml"] = float(np.prod(b.GetSpacing())) / 1000.0
+        lesions = _lesion_arrays(rows)
         # the intensity floor, fitted and calibrated on separate healthy phantoms
         imgs, masks = healthy_reference(contrast, n=int(n_reference), spacing=2.0)
         base = IntensityBaseline().fit(imgs, masks)
-        from .metrics import threshold_at_fpr
-
         ref_scores = [sitk.GetArrayFromImage(base.score(i, m))[sitk.GetArrayFromImage(m) > 0]
                       for i, m in zip(imgs, masks)]
         base_thr = threshold_at_fpr(ref_scores, fpr)
@@ -513,10 +614,11 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
             b_runs.append(CaseRun(r, s, time.perf_counter() - t0, 0, 0, 0, base_thr, "model", 0.0))
         ev = evaluate_runs(b_runs, lesions, fpr)
         ev["summary"].update({"contrast": contrast, "method": "intensity-floor", "preset": "-", "model": "-",
-                              "status": "ok", "nfe_per_slice": 0,
+                              "status": "ok", "nfe_per_slice": 0, "volumes": _volume_counts(rows),
                               "seconds_per_volume": float(np.mean([r.seconds for r in b_runs]))})
         results.append(ev["summary"])
         log(_line(ev["summary"]))
+        del lesions
 
         for method in methods:
             entry = model_for(method, contrast)
@@ -526,60 +628,43 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
                                 "status": "missing (no bundled model for this contrast)"})
                 log(f"{contrast:5s} {method:10s} MISSING: no bundled {contrast} model")
                 continue
-            model = prepare_model(entry, dev, channels_last, compile_)
+            cls = method_class(method)
+            base_unit = {"contrast": contrast, "method": method, "entry": entry, "rows": rows, "device": str(dev),
+                         "seed": seed, "batch_size": batch_size, "fpr": fpr, "precision": precision,
+                         "compare_precision": compare_precision, "channels_last": channels_last,
+                         "compile": compile_, "speed_slices": speed_slices,
+                         "default_preset": resolve_presets(method, ["default"])[0]}
+
+            try:
+                nfe = cls.preset_costs()
+            except Exception:  # noqa: BLE001 - only the scheduling order of the units depends on it
+                nfe = {}
+
+            def cost(preset, n_slices, nfe=nfe):
+                return float(nfe.get(preset, 1)) * n_slices
+
             for preset in ([] if speed_only else resolve_presets(method, presets)):
-                runs = [run_case(r, method, model, preset, dev, batch_size, seed, precision,
-                                 time_network=not compile_) for r in rows]
-                ev = evaluate_runs(runs, lesions, fpr)
-                sm = ev["summary"]
-                wall = float(np.mean([r.seconds for r in runs]))
-                clock = float(np.sum([r.clock_seconds for r in runs]))
-                net = [r.network_seconds for r in runs if r.network_seconds]
-                inrun = [r.in_run_network_seconds for r in runs if r.in_run_network_seconds]
-                sm.update({"contrast": contrast, "method": method, "preset": preset, "model": entry.id,
-                           "status": "ok", "nfe_per_slice": max(r.nfe_per_slice for r in runs),
-                           "seconds_per_volume": wall, "slices_per_volume": float(np.mean([r.slices for r in runs])),
-                           "clock": "wall" if dev.type == "cuda" else "process CPU time",
-                           "clock_seconds_per_volume": clock / len(runs),
-                           "network_seconds_per_volume": float(np.mean(net)) if net else None,
-                           "overhead": clock / float(np.sum(net)) if net else None,
-                           "overhead_in_run": clock / float(np.sum(inrun)) if inrun else None,
-                           "peak_mb": float(max(r.peak_mb for r in runs)), "precision": precision,
-                           "cases": [{"case": r.case["case"], "seconds": r.seconds, "slices": r.slices,
-                                      "clock_seconds": r.clock_seconds, "network_seconds": r.network_seconds,
-                                      "in_run_network_seconds": r.in_run_network_seconds, "calls": r.parts}
-                                     for r in runs]})
-                per_case = {x["case"]: x for x in ev["evaluation"]["per_volume"]}
-                for c in sm["cases"]:
-                    c.update({k: per_case.get(c["case"], {}).get(k) for k in ("ap", "best_dice", "dice_calibrated")})
-                if compare_precision and compare_precision != precision:
-                    alt = [run_case(r, method, model, preset, dev, batch_size, seed, compare_precision,
-                                    time_network=False) for r in rows]
-                    ev2 = evaluate_runs(alt, lesions, fpr)["summary"]
-                    sm["compare_precision"] = {"precision": compare_precision, "pooled_ap": ev2["pooled_ap"],
-                                               "delta_pooled_ap": ev2["pooled_ap"] - sm["pooled_ap"],
-                                               "seconds_per_volume": float(np.mean([r.seconds for r in alt]))}
-                results.append(sm)
-                log(_line(sm))
+                results.append(None)
+                units.append(dict(base_unit, kind="accuracy", preset=preset, cost=cost(preset, len(rows) * 40)))
+                slots.append(("results", len(results) - 1))
             if speed_slices > 0:
-                healthy_rows = [r for r in rows if r["lesion"] == "none"] or rows
                 for preset in resolve_presets(method, speed_presets):
-                    sp = loop_speedup(healthy_rows[0], method, model, preset, dev, speed_slices, batch_size, seed,
-                                      loop=True)
-                    sp.update({"contrast": contrast, "method": method, "preset": preset})
-                    speed.append(sp)
-                    log(f"      speed {preset}: {sp['nfe_per_slice']} NFE/slice, batched "
-                        f"{sp['batched_clock_s_per_slice']:.3f} s/slice (network {sp['network_s_per_slice']:.3f}, "
-                        f"overhead x{_f(sp['overhead'], 2)}), per-slice loop {sp['loop_clock_s_per_slice']:.3f} "
-                        f"s/slice: x{sp['speedup_clock']:.2f}; max |difference| {sp['max_abs_difference']:.2e}")
+                    speed.append(None)
+                    units.append(dict(base_unit, kind="speed", preset=preset, cost=cost(preset, 3 * speed_slices)))
+                    slots.append(("speed", len(speed) - 1))
+    if units:
+        log(f"{len(units)} unit(s) of work in {jobs} process(es)")
+    for (where, i), res in zip(slots, run_units(units, jobs, log)):
+        (results if where == "results" else speed)[i] = res["row"]
 
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
               "hardware": _hardware(dev), "device": str(dev), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "quick": bool(quick), "heldout": str(ho),
+              "threads": torch.get_num_threads() if jobs <= 1 else 1, "jobs": jobs, "quick": bool(quick),
+              "heldout": str(ho), "max_volumes": max_volumes, "command": command,
               "batch_size": batch_size, "precision": precision, "channels_last": channels_last,
               "compile": compile_, "fpr": fpr, "results": results, "speed": speed, "missing": missing,
               "speed_presets": list(speed_presets), "speed_slices": speed_slices, "speed_only": bool(speed_only),
-              "wall_seconds": time.time() - t_start}
+              "wall_seconds": time.time() - t_start, "load_average": _load_average()}
     report["over_limit"] = [
         f"{r['method']}/{r['preset']} ({r['contrast']}, {'slab' if 'pooled_ap' not in r else 'held-out set'}): "
         f"{_f(r.get('overhead'), 2)} isolated / {_f(r.get('overhead_in_run'), 2)} in-run"
@@ -587,6 +672,13 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
         if max(r.get("overhead") or 0, r.get("overhead_in_run") or 0) > OVERHEAD_LIMIT]
     write_report(report, out)
     return report
+
+
+def _load_average():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _f(v, nd=3):
@@ -749,13 +841,23 @@ def plots(report: dict, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _command_line() -> str | None:
+    """This process's ``uad benchmark ...`` command line (None when not started from the command line)."""
+    import shlex
+    import sys
+
+    argv = sys.argv[1:]
+    return "uad " + " ".join(shlex.quote(a) for a in argv) if argv[:1] == ["benchmark"] else None
+
+
 def _cli(args) -> int:
     rep = run_benchmark(args.output, methods=args.methods, contrasts=args.contrasts,
                         presets=args.presets, device=args.device, quick=args.quick, heldout_dir=args.heldout,
                         n=args.n, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
                         compare_precision=args.compare_precision, channels_last=args.channels_last,
                         compile_=args.compile, speed_slices=args.speed_slices, fpr=args.fpr,
-                        speed_presets=args.speed_presets, speed_only=args.speed_only)
+                        speed_presets=args.speed_presets, speed_only=args.speed_only, jobs=args.jobs,
+                        max_volumes=args.max_volumes, command=_command_line())
     print()
     print(markdown(rep))
     ov = [r for r in rep["results"] if r.get("overhead")]
@@ -786,7 +888,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--n", type=int, default=5, help="held-out volumes per lesion type when generating (default 5)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="float32", choices=list(PRECISIONS), help="autocast precision")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="autocast precision of the networks (default fp32)")
     p.add_argument("--compare-precision", default=None, choices=list(PRECISIONS),
                    help="also run every method at this precision and report the AP change")
     p.add_argument("--channels-last", action="store_true", help="networks in channels-last memory format")
@@ -797,4 +900,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--speed-presets", nargs="+", default=None,
                    help="presets of the per-slab speed comparison (default: default paper; default with --quick)")
     p.add_argument("--speed-only", action="store_true", help="only the per-slab speed comparison (no accuracy pass)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes for the independent (contrast, method, preset) units, one torch thread "
+                        "each (default: min(2, cores) on the CPU, 1 on a GPU; results as with --jobs 1)")
+    p.add_argument("--max-volumes", type=int, default=None, metavar="N",
+                   help="use only the first N held-out volumes of each lesion type and N healthy volumes per "
+                        "contrast (a CPU-sized subset; the table says how many each row used)")
     p.set_defaults(func=_cli)

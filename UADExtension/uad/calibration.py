@@ -64,10 +64,12 @@ def _new_format(cal) -> bool:
 
 def calibration_record(config: dict, method: str, preset: str, backend: str) -> dict | None:
     """The stored record for (method, preset, backend), or None."""
-    cal = (config.get("calibration") or {}).get(method)
+    cal = config.get("calibration")
+    cal = cal.get(method) if isinstance(cal, dict) else None
     if not _new_format(cal):
         return None
-    rec = (cal["presets"].get(preset) or {}).get(backend)
+    per = cal["presets"].get(preset)
+    rec = per.get(backend) if isinstance(per, dict) else None
     return rec if isinstance(rec, dict) else None
 
 
@@ -96,6 +98,22 @@ def available(config: dict, method: str) -> list[str]:
     if not _new_format(cal):
         return []
     return [f"{p}/{b}" for p, per in cal["presets"].items() if isinstance(per, dict) for b in per]
+
+
+def legacy_threshold(config: dict, method: str, preset: str | None = None):
+    """The raw old-format ``threshold`` of a manifest entry for ``method`` / ``preset``, or None.
+
+    ``threshold`` is one number, or a dict by method whose values are numbers or dicts by
+    preset (``default`` when the preset has none).  The value is returned unconverted: the
+    engine (``uad.pipeline.model_threshold``) refuses a bad one, the Slicer side's live
+    threshold (``UADExtensionLib.thresholding.calibrated_threshold``) treats a non-finite one as none.
+    """
+    t = (config or {}).get("threshold")
+    if isinstance(t, dict):
+        t = t.get(method)
+        if isinstance(t, dict):
+            t = t.get(preset) if preset in t else t.get("default")
+    return t
 
 
 def _legacy(config: dict, method: str):
@@ -324,5 +342,6 @@ def warn(message: str) -> None:
 
 
 __all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
+           "legacy_threshold",
            "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
            "autoddpm_stage1_values"]

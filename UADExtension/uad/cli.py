@@ -233,6 +233,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
     single = len(cases) == 1 and not ctx.enabled and not any(Path(x).is_dir() for x in args.inputs)
     errors: dict[int, str] = {}
     choices: dict[int, tuple] = {}  # case -> (method, model id, preset)
+    contrasts: dict[int, tuple] = {}  # case -> its contrast, resolved once (_scan_contrast)
     voxels = 0
     for i, c in enumerate(cases):
         try:
@@ -243,7 +244,8 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                 mimg = read_image(c.mask)
                 validate_mask(mimg, img, name=str(c.mask))
             voxels = max(voxels, int(np.prod(img.GetSize(), dtype=np.int64)))
-            choices[i] = _choose_method(args, name, img, c.path, mimg, say)
+            contrasts[i] = _scan_contrast(args.contrast, img, c.path, mimg)
+            choices[i] = _choose_method(args, name, img, c.path, mimg, say, contrasts[i])
             del img, mimg
         except UADError as e:
             if single:
@@ -266,6 +268,9 @@ def _cmd_detect(args, json_events: bool = False) -> int:
         dev = resolve_device(args.device, log=print)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size if ctx.enabled else 1) or 1)
     configure_threads(args.threads, processes=local)
+    from .precision import precision_dtype
+
+    precision_dtype(dev, getattr(args, "precision", "fp32"))  # e.g. fp16 where torch cannot: refused before any work
     where = f"rank {ctx.rank}: " if ctx.enabled else ""
     print(f"{where}device: {describe_device(dev)}" + (" (picked by --device auto)" if args.device == "auto"
                                                       else ""))
@@ -299,7 +304,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                 image = read_image(p)
                 bmask = read_image(c.mask) if c.mask is not None else None
                 warnings = plausibility_warnings(image)
-                scan_contrast, source = _scan_contrast(args.contrast, image, p)
+                scan_contrast, source = contrasts[i][:2]
                 if model_contrast and scan_contrast and scan_contrast != model_contrast:
                     warnings.append(f"the model {model.id} is for {model_contrast} but the scan looks "
                                     f"{scan_contrast} ({source}); pick a {scan_contrast} model with --model")
@@ -320,7 +325,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                     result = detect(image, method=name, model=model, device=dev, seed=args.seed,
                                     batch_size=args.batch_size, preset=preset, params=params,
                                     threshold=threshold, brain_mask=bmask, progress=progress, log=print,
-                                    fpr=args.fpr, contrast=scan_contrast if scan_contrast in CONTRASTS else None,
+                                    fpr=args.fpr, precision=getattr(args, "precision", "fp32"), contrast=scan_contrast if scan_contrast in CONTRASTS else None,
                                     skull_stripped=args.skull_stripped,
                                     bias_correction=(None if args.bias_correction == "auto"
                                                      else args.bias_correction == "yes"))
@@ -397,51 +402,57 @@ def _cmd_detect(args, json_events: bool = False) -> int:
 CONTRASTS = ("T1", "T2", "FLAIR")
 
 
-def _choose_method(args, name, image, path, brain_mask, say) -> tuple:
+def _choose_method(args, name, image, path, brain_mask, say, contrast=None) -> tuple:
     """(method, model id, preset) for one case: the given ``--method``, else the method whose bundled
-    model measured best for the case's contrast (``--contrast``, the metadata / file name, or
-    ``uad.selection.guess_contrast``), printed with the reason."""
+    model measured best for the case's contrast (``contrast``: its ``_scan_contrast`` resolution, made
+    here when not given), printed with the reason."""
     if name is not None:
         return name, args.model, args.preset
-    from .imageio import metadata_contrast
     from .pipeline import method_key
     from .selection import default_choice
 
-    given = args.contrast or metadata_contrast(image, path)
-    if given and str(given).upper() not in CONTRASTS:
-        raise InputError(f"{path}: no bundled model for contrast {given}; give --method and --model")
+    c, source, ctext = contrast if contrast is not None else _scan_contrast(args.contrast, image, path, brain_mask)
+    if c is None:  # the guess failed: its one-line reason
+        raise InputError(f"{path}: {ctext}")
+    if c not in CONTRASTS:
+        raise InputError(f"{path}: no bundled model for contrast {c}; give --method and --model")
     try:
-        choice, ctext = default_choice(image, given, args.model, brain_mask)
+        choice, _ = default_choice(image, c, args.model, brain_mask)
     except ValueError as e:
         raise InputError(f"{path}: {_one_line(e)}") from None
-    if given and not args.contrast:
-        ctext = ctext.replace("(given)", "(metadata / file name)")
     say(f"{path}: contrast {ctext}")
     say(f"{path}: method {choice.method} (model {choice.model}"
         f"{', preset ' + choice.preset if choice.preset and not args.preset else ''}): {choice.reason}")
     return method_key(choice.method), args.model or choice.model, args.preset or choice.preset
 
 
-def _scan_contrast(given, image, path) -> tuple[str | None, str]:
-    """(contrast, where it comes from): --contrast, else the image metadata / file name, else
-    ``uad.selection.guess_contrast`` when that module is present; (None, "") when nothing says."""
+def _scan_contrast(given, image, path, brain_mask=None) -> tuple[str | None, str, str]:
+    """One case's contrast, resolved once for the default method and the model-mismatch warning:
+    (contrast or None, where it comes from, the text printed with the default method).  ``--contrast``,
+    else the image metadata / file name, else ``uad.selection.guess_contrast`` (with the brain mask when
+    one is given; "unsure" when it warns).  When the guess fails: (None, "", its one-line reason)."""
+    import warnings
+
     from .imageio import metadata_contrast
+    from .selection import guess_contrast
 
     if given:
-        return str(given).upper(), "--contrast"
+        c = str(given).upper()
+        return c, "--contrast", f"{c} (given)"
     c = metadata_contrast(image, path)
     if c:
-        return c, "metadata / file name"
+        c = str(c).upper()
+        return c, "metadata / file name", f"{c} (metadata / file name)"
     try:
-        from .selection import guess_contrast  # added by the model-selection work (issue 8)
-    except ImportError:
-        return None, ""
-    try:
-        g = guess_contrast(image)
-    except Exception:  # noqa: BLE001 - a guess that fails is no guess
-        return None, ""
-    g = getattr(g, "contrast", g)
-    return (str(g).upper(), "guessed from the intensities") if isinstance(g, str) and g else (None, "")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g = guess_contrast(image, brain_mask)
+    except Exception as e:  # noqa: BLE001 - a guess that fails is no guess
+        return None, "", _one_line(e)
+    text = f"{g.contrast} (guessed, confidence {g.confidence:.2f}: {g.reason})"
+    if caught:
+        text += " -- warning: unsure, pass --contrast to override"
+    return str(g.contrast).upper(), "guessed from the intensities", text
 
 
 def sitk_array(img):
@@ -614,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="healthy false-positive rate of the calibrated threshold, a fraction of healthy brain "
                         "voxels (default 0.01; 0.05 as THOR and AutoDDPM calibrate)")
     d.add_argument("--batch-size", type=int, default=16, metavar="B", help="slices per batch (default 16)")
+    d.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="precision of the networks: fp32 (default), or bf16 / fp16 autocast around the networks "
+                        "only (samplers, noise and maps stay float32); fp16 on the CPU only where torch supports it")
     d.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="method parameter overriding the preset (repeatable)")
     d.add_argument("--brain-mask", action="append", default=None, metavar="FILE",

@@ -180,14 +180,10 @@ def guided_to_monai_state(state: dict, cfg: dict, num_heads: int = 1, name: str 
                 new[f"{m}.attn.out_proj.{s}"] = po[..., 0] if po.ndim == 3 else po
     unexpected = sorted(set(state) - used)
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {', '.join(sorted(missing)[:12])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:12])}"
-                         + (" ..." if len(unexpected) > 12 else ""))
+        from .reference import key_mismatch
+
         raise ModelError(f"{name}: the state dict does not match the guided-diffusion UNetModel read from it: "
-                         + "; ".join(parts))
+                         + key_mismatch(missing, unexpected))
     return new
 
 
@@ -393,13 +389,10 @@ def load_guided_classifier(state: dict, name: str = "checkpoint", base: dict | N
     missing = sorted(set(ref) - set(state))
     unexpected = sorted(set(state) - set(ref))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:12])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:12])}")
+        from .reference import key_mismatch
+
         raise ModelError(f"{name}: the classifier state dict does not match the EncoderUNetModel of config "
-                         f"{ {k: v for k, v in cfg.items() if k != 'type'} }: " + "; ".join(parts))
+                         f"{ {k: v for k, v in cfg.items() if k != 'type'} }: " + key_mismatch(missing, unexpected))
     bad = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in ref.items()
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:

@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -322,20 +321,14 @@ def load_heldout(folder: str | os.PathLike, contrasts: Iterable[str] | None = No
 
 # ----------------------------------------------------------------------------- CLI
 def _cli(args) -> int:
-    t0 = time.time()
+    from .phantoms import run_writer
 
-    def report(i, n, row):
-        print(f"[{i}/{n}] {row['case']}: {row['orientation']} {row['spacing_mm']} mm ({row['storage_order']}), "
-              f"lesion {row['lesion_ml']} ml, {time.time() - t0:.0f} s", flush=True)
-
-    try:
-        rows = generate_heldout(args.outdir, args.contrasts, args.lesions, n=args.n, n_healthy=args.n_healthy,
-                                quick=args.quick, progress=report)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {' '.join(str(e).split())}")
-        return 2
-    print(f"wrote {len(rows)} held-out volume(s), {MANIFEST_CSV} and {MANIFEST_JSON} to {args.outdir}")
-    return 0
+    return run_writer(
+        lambda progress: generate_heldout(args.outdir, args.contrasts, args.lesions, n=args.n,
+                                          n_healthy=args.n_healthy, quick=args.quick, progress=progress),
+        lambda row: (f"{row['case']}: {row['orientation']} {row['spacing_mm']} mm ({row['storage_order']}), "
+                     f"lesion {row['lesion_ml']} ml"),
+        lambda rows: f"wrote {len(rows)} held-out volume(s), {MANIFEST_CSV} and {MANIFEST_JSON} to {args.outdir}")
 
 
 def add_cli(subparsers) -> None:

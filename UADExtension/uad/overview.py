@@ -102,10 +102,10 @@ def _probe(image: sitk.Image) -> sitk.Image:
 
 
 def overview_title(name: str, info: dict) -> str:
-    """The overview's title: input, method (preset), model, seed, perceptual backend and threshold source."""
+    """The overview's title: input, method (preset), model, seed, precision, perceptual backend and threshold source."""
     backend = info.get("perceptual_backend") or "none"
     src = str(info.get("threshold_source", "")).split(":")[0]
     thr = info.get("threshold")
     thr_txt = f"{thr:.3g}" if isinstance(thr, (int, float)) else "-"
     return (f"{name}: {info.get('method')} ({info.get('preset')}), model {info.get('model')}, seed {info.get('seed')}, "
-            f"perceptual {backend}, threshold {thr_txt} ({src})")
+            f"{info.get('precision') or 'fp32'}, perceptual {backend}, threshold {thr_txt} ({src})")

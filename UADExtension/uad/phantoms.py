@@ -973,23 +973,36 @@ def generate_cohort(outdir: str | os.PathLike, n: int, contrast: str = "T2", les
     return rows
 
 
-def _cli_phantoms(args) -> int:
+def run_writer(generate, describe, done) -> int:
+    """The command-line shape of the phantom writers (``uad phantoms``, ``uad heldout``):
+    ``generate(progress)`` is called with a ``progress(i, n, row)`` that prints
+    "[i/n] <describe(row)>, <elapsed> s" per volume; a ``ValueError`` / ``OSError`` /
+    ``RuntimeError`` becomes one "error: ..." line and exit status 2; on success
+    ``done(result)`` is printed and the status is 0."""
     import time
 
     t0 = time.time()
 
     def report(i, n, row):
-        print(f"[{i}/{n}] {row['stem']}: seed {row['seed']}, lesion {row['lesion_ml']:.2f} ml "
-              f"({row['lesion_voxels']} voxels), {time.time() - t0:.1f} s", flush=True)
+        print(f"[{i}/{n}] {describe(row)}, {time.time() - t0:.1f} s", flush=True)
 
     try:
-        generate_cohort(args.outdir, args.n, contrast=args.contrast, lesion=args.lesion, seed=args.seed,
-                        spacing=args.spacing, progress=report, image_dtype=args.dtype, head=args.head)
+        result = generate(report)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}")
         return 2
-    print(f"wrote {args.n} phantom(s) and cohort.csv to {args.outdir}")
+    print(done(result))
     return 0
+
+
+def _cli_phantoms(args) -> int:
+    return run_writer(
+        lambda progress: generate_cohort(args.outdir, args.n, contrast=args.contrast, lesion=args.lesion,
+                                         seed=args.seed, spacing=args.spacing, progress=progress,
+                                         image_dtype=args.dtype, head=args.head),
+        lambda row: (f"{row['stem']}: seed {row['seed']}, lesion {row['lesion_ml']:.2f} ml "
+                     f"({row['lesion_voxels']} voxels)"),
+        lambda _: f"wrote {args.n} phantom(s) and cohort.csv to {args.outdir}")
 
 
 def _contrast_arg(text: str) -> str:

@@ -279,11 +279,9 @@ def model_threshold(model, method: str, preset: str | None) -> float | None:
     The manifest's ``threshold`` is either one number, or a dict keyed by method
     whose values are numbers or dicts keyed by preset.
     """
-    t = model.config.get("threshold")
-    if isinstance(t, dict):
-        t = t.get(method)
-        if isinstance(t, dict):
-            t = t.get(preset) if preset in t else t.get("default")
+    from .calibration import legacy_threshold
+
+    t = legacy_threshold(model.config, method, preset)
     if t is None:
         return None
     try:
@@ -452,7 +450,8 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
            cancel: Callable[[], bool] | None = None, skull_stripped="auto",
            bias_correction: bool | None = None, preprocessing: dict | None = None,
            contrast: str | None = None, forward: Callable | None = None,
-           log: Callable[[str], None] | None = None, fpr: float | None = None) -> DetectionResult:
+           log: Callable[[str], None] | None = None, fpr: float | None = None,
+           precision: str = "fp32") -> DetectionResult:
     """Run anomaly detection on a 3-D volume.
 
     ``model``: a ``uad.zoo.Model``, a model id, or None for the method's default
@@ -478,7 +477,8 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     When the device runs out of memory the batch is halved and retried (down to one slice;
     ``info["batch_size_used"]``, ``info["oom_retries"]``); results do not change, since every slice
     has its own random generator.  ``forward(method, x, mask, rng)`` replaces the method call (a seam
-    for tests); ``log`` receives the retry messages.
+    for tests); ``log`` receives the retry messages.  ``precision``: fp32 (default), bf16 or fp16 --
+    only the networks run under autocast (``uad.precision``), ``info["precision"]`` records it.
     """
     from .postprocess import apply_method_postprocess, threshold_mask, to_volumes
     from .preprocess import preprocess
@@ -495,7 +495,10 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     name = method_key(method)
     method_class(name)
     dev = resolve_device(device)
-    m = resolve_model(model, name, dev)
+    from .precision import normalise_precision, with_precision
+
+    precision = normalise_precision(precision)
+    m = with_precision(resolve_model(model, name, dev), precision)  # the caller's model is not wrapped
     meth = build(name, m, preset, params)
 
     def check_cancel():
@@ -540,6 +543,7 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
         "model": m.id,
         "device": str(dev),
         "seed": int(seed),
+        "precision": precision,
         "batch_size": batch_size,
         "batch_size_used": run["batch_size_used"],
         "oom_retries": run["oom_retries"],

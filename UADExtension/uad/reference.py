@@ -247,6 +247,18 @@ def _names(keys: Sequence[str], n: int = 12) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def key_mismatch(missing: Sequence[str], unexpected: Sequence[str], n: int = 12) -> str:
+    """The state-dict key check's message: "N missing tensor(s): a, b; M unexpected tensor(s): c" (names
+    sorted, at most ``n`` of each); "" when nothing is missing or unexpected.  Shared by the THOR /
+    AutoDDPM importer and ``uad.guided_diffusion`` (Wolleb's UNet and classifier)."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s): {_names(missing, n)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected, n)}")
+    return "; ".join(parts)
+
+
 # ----------------------------------------------------------------------------- architecture
 def infer_architecture(state: dict, name: str = "checkpoint") -> dict:
     """The GenerativeModels UNet arguments (MONAI names) read from the tensor shapes.
@@ -317,14 +329,9 @@ def convert_unet(state: dict, config: dict, name: str = "checkpoint") -> torch.n
     given = set(state)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
         raise ModelError(f"{name}: the state dict does not match the GenerativeModels DiffusionModelUNet of "
                          f"architecture channels={config['channels']}, attention={config['attention_levels']}: "
-                         + "; ".join(parts))
+                         + key_mismatch(missing, unexpected))
     ref = net.state_dict()
     old = {k: v for k, v in state.items()}
     shapes = []

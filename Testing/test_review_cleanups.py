@@ -1,0 +1,111 @@
+"""Behaviour kept by the review clean-ups: one key-mismatch message for every state-dict check, one legacy
+threshold lookup for the engine and the live threshold, one progress line for the phantom writers, one
+contrast resolution per case in ``uad detect``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uad import ModelError
+
+
+def test_key_mismatch_message_shared_by_the_importers():
+    from uad.guided_diffusion import WOLLEB_CLASSIFIER, build_guided_encoder, load_guided_classifier
+    from uad.reference import key_mismatch
+
+    assert key_mismatch([], []) == ""
+    many = [f"k{i:02d}" for i in range(14)]
+    msg = key_mismatch(["b", "a"], many)
+    assert msg.startswith("2 missing tensor(s): a, b; 14 unexpected tensor(s): k00, k01")
+    assert msg.endswith("k11 ... and 2 more")
+    cfg = dict(WOLLEB_CLASSIFIER, image_size=32, in_channels=1, model_channels=32, num_res_blocks=1,
+               channel_mult=[1, 1], attention_resolutions=[16], num_head_channels=32)
+    torch.manual_seed(0)
+    state = dict(build_guided_encoder(cfg).state_dict())
+    gone = sorted(k for k in state if k.startswith("out."))[-1]
+    del state[gone]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ModelError) as e:
+        load_guided_classifier(state, "cls.pt", base=cfg)
+    assert f"1 missing tensor(s): {gone}; 1 unexpected tensor(s): extra.weight" in str(e.value)
+
+
+def test_legacy_threshold_one_lookup_each_callers_error_behaviour():
+    from types import SimpleNamespace
+
+    from UADExtensionLib.thresholding import calibrated_threshold
+    from uad.calibration import legacy_threshold
+    from uad.pipeline import model_threshold
+
+    entry = {"id": "m", "threshold": {"thor": {"fast": 0.2, "default": 0.5}, "anoddpm": 0.7, "bad": "x",
+                                      "inf": float("inf")}}
+    model = SimpleNamespace(id="m", config=entry)
+    for method, preset, want in (("thor", "fast", 0.2), ("thor", "paper", 0.5), ("anoddpm", "paper", 0.7),
+                                 ("disyre", None, None)):
+        assert legacy_threshold(entry, method, preset) == want
+        assert model_threshold(model, method, preset) == want
+        assert calibrated_threshold(entry, method, preset) == want
+    assert legacy_threshold({"threshold": 0.3}, "any") == 0.3
+    # the engine refuses a bad value; the live threshold treats a non-finite one as none
+    with pytest.raises(ModelError, match="invalid threshold"):
+        model_threshold(model, "bad", None)
+    assert calibrated_threshold(entry, "inf") is None and model_threshold(model, "inf", None) == float("inf")
+
+
+def test_phantom_writers_share_the_progress_report(tmp_path, capsys, monkeypatch):
+    from uad import heldout
+    from uad.cli import main
+    from uad.phantoms import run_writer
+
+    rc = run_writer(lambda progress: [progress(i, 2, {"x": i}) for i in (1, 2)], lambda r: f"case {r['x']}",
+                    lambda res: f"done {len(res)}")
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and lines[0].startswith("[1/2] case 1, ") and lines[0].endswith(" s") and lines[-1] == "done 2"
+
+    def fail(progress):
+        raise ValueError("bad\n  input")
+
+    assert run_writer(fail, str, str) == 2 and capsys.readouterr().out.strip() == "error: bad input"
+    monkeypatch.setattr(heldout, "SOURCE_SPACING", 3.0)
+    out = tmp_path / "ho"
+    assert main(["heldout", str(out), "--quick", "--contrasts", "T2", "--lesions", "tumour"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/2] heldout_T2_tumour_") and " mm (LPS), lesion " in lines[0]
+    assert lines[-1] == f"wrote 2 held-out volume(s), heldout.csv and heldout.json to {out}"
+    (tmp_path / "afile").write_text("x")
+    assert main(["heldout", str(tmp_path / "afile"), "--quick", "--contrasts", "T2"]) == 2
+    assert capsys.readouterr().out.startswith("error: ") and (tmp_path / "afile").read_text() == "x"
+
+
+def test_detect_resolves_each_cases_contrast_once(tiny_zoo, tmp_path, monkeypatch, make_volume, capsys):
+    """The default method and the model-mismatch warning use one contrast resolution per case."""
+    import SimpleITK as sitk
+
+    import uad.selection
+    from uad.cli import main
+
+    calls = []
+    real = uad.selection.guess_contrast
+
+    def counting(image, brain_mask=None):
+        calls.append(brain_mask is not None)
+        g = real(image, brain_mask)
+        return type(g)(**{**g.__dict__, "contrast": "FLAIR"})  # "looks FLAIR": the T2 model gets a warning
+
+    monkeypatch.setattr(uad.selection, "guess_contrast", counting)
+    img, _, brain = make_volume(shape_zyx=(6, 40, 36))
+    inp, msk = str(tmp_path / "scan.nii.gz"), str(tmp_path / "scan_bm.nii.gz")
+    sitk.WriteImage(img, inp)
+    sitk.WriteImage(brain, msk)
+    fast = ["--param", "level=20", "--param", "steps=3", "--param", "sampler=ddim"]
+    rc = main(["detect", inp, "-o", str(tmp_path / "out"), "--method", "anoddpm", "--model", "tiny-test",
+               "--brain-mask", msk, "--device", "cpu", "--no-progress", *fast])
+    out = capsys.readouterr().out
+    assert rc == 0 and calls == [True]  # once, with the brain mask
+    assert "the model tiny-test is for T2 but the scan looks FLAIR (guessed from the intensities)" in out
+    # --contrast: no guess at all
+    calls.clear()
+    rc = main(["detect", inp, "-o", str(tmp_path / "out2"), "--method", "anoddpm", "--model", "tiny-test",
+               "--contrast", "T1", "--device", "cpu", "--no-progress", *fast])
+    assert rc == 0 and calls == [] and "scan looks T1 (--contrast)" in capsys.readouterr().out

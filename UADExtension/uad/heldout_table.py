@@ -1,0 +1,275 @@
+"""The held-out table of the README and of every model card, written from a ``uad benchmark`` run.
+
+    python scripts/update_cards.py BENCH_DIR [--models models/] [--readme README.md]
+
+One row per contrast, method, preset and lesion type: mean per-volume AP on the held-out
+set next to the intensity floor's and the lesion prevalence, AP / floor, best Dice (oracle
+threshold), Dice at the calibrated threshold, the healthy false-positive percentage (of the
+healthy volumes' brain voxels at that threshold), NFE per slice, seconds per volume, the
+number of volumes the row used, and whether the row beats the floor and reaches twice it.
+Issue 7's target is spelled out under the table for the default presets: beat the floor on
+tumour and stroke for T2 and FLAIR, with at least twice the floor on T2 tumour and T2 stroke.
+
+The table goes between ``<!-- heldout-table:begin -->`` and ``<!-- heldout-table:end -->``:
+text outside the markers is never changed, a second run with the same ``benchmark.json``
+changes nothing, a card without markers gets the section appended, and a file with
+unbalanced markers is refused (nothing is written).  Files are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+BEGIN = "<!-- heldout-table:begin -->"
+END = "<!-- heldout-table:end -->"
+LESIONS = ("tumour", "stroke", "ms")
+#: issue 7: (contrast, lesion) where the default preset must beat the floor, and where it must reach 2x
+TARGET_BEAT = {("T2", "tumour"), ("T2", "stroke"), ("FLAIR", "tumour"), ("FLAIR", "stroke")}
+TARGET_TWICE = {("T2", "tumour"), ("T2", "stroke")}
+CARD_HEADING = "## Held-out benchmark"
+
+
+def load_report(path) -> dict:
+    """``benchmark.json`` of a benchmark folder (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "benchmark.json"
+    if not p.is_file():
+        raise ValueError(f"{p} does not exist (give a 'uad benchmark -o DIR' folder or its benchmark.json)")
+    try:
+        rep = json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("results"), list):
+        raise ValueError(f"{p} is not a uad benchmark report (no 'results' list)")
+    return rep
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _lesion_stats(r: dict, lt: str) -> dict:
+    """AP, Dice, prevalence, n of one lesion type in a result row (older reports: AP and prevalence only)."""
+    d = dict((r.get("by_lesion") or {}).get(lt) or {})
+    d.setdefault("ap", r.get(lt))
+    d.setdefault("prevalence", (r.get("prevalence") or {}).get(lt))
+    if d.get("n") is None:
+        d["n"] = (r.get("volumes") or {}).get(lt)
+    return d
+
+
+def table_rows(report: dict, model_ids=None) -> list[dict]:
+    """One dict per (contrast, method, preset, lesion type) with a measured AP (``model_ids``: only rows of
+    those models).  The floor of the same contrast and lesion type is in ``floor_ap``."""
+    floors = {r["contrast"]: r for r in report["results"]
+              if r.get("method") == "intensity-floor" and r.get("status") == "ok"}
+    cpu = not str(report.get("device", "cpu")).startswith("cuda")
+    out = []
+    for r in report["results"]:
+        if r.get("status") != "ok" or r.get("method") == "intensity-floor":
+            continue
+        if model_ids is not None and r.get("model") not in model_ids:
+            continue
+        fl = floors.get(r["contrast"])
+        for lt in LESIONS:
+            d = _lesion_stats(r, lt)
+            ap = _num(d.get("ap"))
+            if ap is None:
+                continue
+            f_ap = _num(_lesion_stats(fl, lt).get("ap")) if fl else None
+            secs = r.get("clock_seconds_per_volume") if cpu and r.get("clock_seconds_per_volume") is not None \
+                else r.get("seconds_per_volume")
+            out.append({
+                "contrast": r["contrast"], "lesion": lt, "method": r["method"], "preset": r["preset"],
+                "model": r.get("model"),
+                "default": None if r.get("default_preset") is None else r["preset"] == r["default_preset"],
+                "n": d.get("n"), "n_healthy": r.get("n_healthy", (r.get("volumes") or {}).get("healthy")),
+                "ap": ap, "floor_ap": f_ap, "prevalence": _num(d.get("prevalence")),
+                "ratio": ap / f_ap if f_ap else None,
+                "best_dice": _num(d.get("best_dice")), "dice_calibrated": _num(d.get("dice_calibrated")),
+                "healthy_fp_percent": _num(r.get("healthy_fp_percent")),
+                "threshold_source": r.get("threshold_source", ""),
+                "nfe_per_slice": r.get("nfe_per_slice"), "seconds_per_volume": _num(secs),
+                "beats_floor": None if f_ap is None else ap > f_ap,
+                "twice_floor": None if f_ap is None else ap >= 2.0 * f_ap,
+            })
+    return out
+
+
+def _f(v, nd=3):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _yn(v):
+    return "-" if v is None else ("yes" if v else "**no**")
+
+
+def header(report: dict) -> str:
+    cpu = not str(report.get("device", "cpu")).startswith("cuda")
+    subset = "quick subset" if report.get("quick") else "held-out set"
+    if report.get("max_volumes"):
+        subset += f", at most {report['max_volumes']} volume(s) per lesion type and {report['max_volumes']} healthy"
+    cmd = report.get("command") or "command not recorded in benchmark.json"
+    jobs = report.get("jobs") or 1
+    return (f"Measured {report.get('date_utc', '?')} on {report.get('hardware', '?')} (device "
+            f"{report.get('device', '?')}, {jobs} worker process(es), batch {report.get('batch_size', '?')}, "
+            f"{report.get('precision', 'fp32')}), {subset}, with `{cmd}`. AP = mean per-volume average precision "
+            f"over brain voxels; floor = the intensity threshold (`uad.evaluation.IntensityBaseline`); "
+            f"prevalence = lesion voxels / brain voxels; best Dice at the oracle threshold; Dice@cal and healthy "
+            f"FP % (flagged share of the healthy volumes' brain voxels) at the model's calibrated threshold "
+            f"(\"-\" where the model has none); s/volume = "
+            f"{'process CPU seconds' if cpu else 'wall seconds'} per volume; volumes = lesion volumes of the row "
+            f"/ healthy volumes.")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| contrast | lesion | method | preset | model | volumes | AP | floor AP | prevalence | AP / floor | "
+             "best Dice | Dice@cal | healthy FP % | NFE/slice | s/volume | beats floor | >= 2x floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        preset = r["preset"] + (" (default)" if r.get("default") else "")
+        vols = f"{r['n'] if r['n'] is not None else '?'} / {r['n_healthy'] if r['n_healthy'] is not None else '?'}"
+        ratio = "-" if r["ratio"] is None else f"x{r['ratio']:.2f}"
+        lines.append(
+            f"| {r['contrast']} | {r['lesion']} | {r['method']} | {preset} | {r['model']} | {vols} | "
+            f"{_f(r['ap'])} | {_f(r['floor_ap'])} | {_f(r['prevalence'], 4)} | "
+            f"{ratio} | "
+            f"{_f(r['best_dice'])} | {_f(r['dice_calibrated'])} | {_f(r['healthy_fp_percent'], 2)} | "
+            f"{r['nfe_per_slice'] if r['nfe_per_slice'] is not None else '-'} | {_f(r['seconds_per_volume'], 1)} | "
+            f"{_yn(r['beats_floor'])} | {_yn(r['twice_floor'])} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One sentence per (method, contrast) default preset on issue 7's targets (T2/FLAIR tumour and stroke
+    beat the floor; T2 tumour and stroke at least 2x the floor)."""
+    out = []
+    keys = []
+    for r in rows:
+        k = (r["method"], r["preset"], r["contrast"], r["model"])
+        if (r.get("default") in (True, None)) and k not in keys:
+            keys.append(k)
+    for method, preset, contrast, model in keys:
+        parts = []
+        for lt in ("tumour", "stroke"):
+            r = next((x for x in rows if (x["method"], x["preset"], x["contrast"], x["model"], x["lesion"]) ==
+                      (method, preset, contrast, model, lt)), None)
+            if r is None or r["beats_floor"] is None:
+                if (contrast, lt) in TARGET_BEAT:
+                    parts.append(f"{lt}: not measured")
+                continue
+            txt = f"{lt} AP {r['ap']:.3f} vs floor {r['floor_ap']:.3f}: "
+            txt += "beats the floor" if r["beats_floor"] else "does NOT beat the floor"
+            if (contrast, lt) in TARGET_TWICE:
+                txt += ", reaches 2x the floor" if r["twice_floor"] else ", does NOT reach 2x the floor"
+            parts.append(txt)
+        if not parts:
+            continue
+        met = all(("NOT" not in p and "not measured" not in p) for p in parts)
+        goal = "T2/FLAIR tumour and stroke above the floor, T2 at 2x" if contrast in ("T2", "FLAIR") else \
+            "no target for this contrast"
+        out.append(f"- **{method}** ({preset}, {contrast}, model {model}): "
+                   + "; ".join(parts) + (f" -- target ({goal}) {'met' if met else 'NOT met'}."
+                                         if contrast in ("T2", "FLAIR") else "."))
+    return out
+
+
+def block(report: dict, model_ids=None) -> str:
+    """The text between the markers: header, table, verdicts (``model_ids``: rows of those models only)."""
+    rows = table_rows(report, model_ids)
+    if not rows:
+        return "\n" + header(report) + "\n\nNo held-out measurement of this model in that run.\n"
+    v = verdicts(rows)
+    text = "\n" + header(report) + "\n\n" + markdown_table(rows) + "\n"
+    if v:
+        text += ("\nDefault presets against issue 7's target (beat the floor on tumour and stroke for T2 and "
+                 "FLAIR; at least twice the floor on T2 tumour and T2 stroke):\n\n" + "\n".join(v) + "\n")
+    return text
+
+
+def _marker_lines(text: str, marker: str) -> list[int]:
+    """Offsets of the lines that are exactly ``marker`` (a marker quoted inside a sentence does not count)."""
+    import re
+
+    return [m.start() for m in re.finditer(r"(?m)^[ \t]*" + re.escape(marker) + r"[ \t]*$", text)]
+
+
+def replace_marked(text: str, content: str, heading: str | None = CARD_HEADING) -> str:
+    """``text`` with the part between the marker lines replaced by ``content`` (markers kept); without
+    markers the section (``heading``, markers, content) is appended.  Unbalanced or repeated marker lines:
+    ``ValueError``."""
+    nb, ne = _marker_lines(text, BEGIN), _marker_lines(text, END)
+    if not nb and not ne:
+        sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        return text + sep + (f"{heading}\n\n" if heading else "") + BEGIN + content + END + "\n"
+    if len(nb) != 1 or len(ne) != 1 or nb[0] > ne[0]:
+        raise ValueError(f"the marker lines {BEGIN} ... {END} are unbalanced or repeated "
+                         f"({len(nb)} begin, {len(ne)} end)")
+    a = text.index(BEGIN, nb[0]) + len(BEGIN)
+    b = text.index(END, ne[0])
+    return text[:a] + content + text[b:]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        except OSError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def update_file(path, content: str, heading: str | None = CARD_HEADING, require_markers: bool = False) -> bool:
+    """Put ``content`` between the markers of ``path``; True when the file changed."""
+    path = Path(path)
+    text = path.read_text()
+    if require_markers and not _marker_lines(text, BEGIN):
+        raise ValueError(f"{path} has no {BEGIN} ... {END} section")
+    new = replace_marked(text, content, heading)
+    if new == text:
+        return False
+    _write_atomic(path, new)
+    return True
+
+
+def update_cards(report: dict, models_dir) -> list[tuple[str, str]]:
+    """Replace the held-out section of the card of every model of ``models_dir/manifest.json`` that the run
+    measured; returns (model id, what happened) per model.  Every card is checked before any is written."""
+    models_dir = Path(models_dir)
+    man = models_dir / "manifest.json"
+    if not man.is_file():
+        raise ValueError(f"{man} does not exist")
+    entries = json.loads(man.read_text()).get("models") or []
+    measured = {r.get("model") for r in report["results"] if r.get("status") == "ok"}
+    plan, log = [], []
+    for e in entries:
+        mid, card = e.get("id"), e.get("card")
+        if not card:
+            log.append((mid, "no card in the manifest: skipped"))
+            continue
+        path = (models_dir / card).resolve()
+        if models_dir.resolve() not in path.parents or not path.is_file():
+            log.append((mid, f"card {card} not found inside {models_dir}: skipped"))
+            continue
+        if mid not in measured:
+            log.append((mid, "not measured in this benchmark: card unchanged"))
+            continue
+        content = block(report, {mid})
+        replace_marked(path.read_text(), content)  # refuses bad markers before anything is written
+        plan.append((mid, path, content))
+    for mid, path, content in plan:
+        changed = update_file(path, content)
+        log.append((mid, f"{path}: {'updated' if changed else 'unchanged (same table)'}"))
+    return log

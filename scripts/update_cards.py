@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Write the held-out table of a ``uad benchmark`` run into the model cards and the README.
+
+    python scripts/update_cards.py BENCH_DIR [--models models/] [--readme README.md] [--print]
+
+BENCH_DIR is a ``uad benchmark -o BENCH_DIR`` folder (its ``benchmark.json``).  Every model of
+``--models``'s manifest that the run measured gets its card's section between
+``<!-- heldout-table:begin -->`` and ``<!-- heldout-table:end -->`` replaced (appended under
+"## Held-out benchmark" when the card has none) with the rows of the methods it serves;
+text outside the markers is left as it is.  ``--readme`` replaces the same marked section of
+the README with the table of every measured model (the README must have the markers).
+``--print`` prints the README table.  See ``uad.heldout_table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_REPO / "UADExtension"))
+
+from uad.heldout_table import block, load_report, update_cards, update_file  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("bench_dir", help="a 'uad benchmark -o DIR' folder, or its benchmark.json")
+    p.add_argument("--models", default=None, metavar="DIR",
+                   help="model folder with manifest.json whose cards are updated (e.g. models/)")
+    p.add_argument("--readme", default=None, metavar="FILE", help="README whose marked section is replaced")
+    p.add_argument("--command", default=None,
+                   help="the benchmark's command line, for reports written before benchmark.json recorded it")
+    p.add_argument("--print", action="store_true", dest="show", help="print the README table")
+    a = p.parse_args(argv)
+    try:
+        rep = load_report(a.bench_dir)
+        if a.command and not rep.get("command"):
+            rep["command"] = a.command
+        text = block(rep)
+        if a.show or not (a.models or a.readme):
+            print(text)
+        if a.models:
+            for mid, what in update_cards(rep, a.models):
+                print(f"{mid}: {what}")
+        if a.readme:
+            changed = update_file(a.readme, text, heading=None, require_markers=True)
+            print(f"{a.readme}: {'updated' if changed else 'unchanged (same table)'}")
+    except (ValueError, OSError) as e:
+        print(f"update_cards: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
