@@ -4,13 +4,17 @@ Builds a synthetic skull-stripped "brain" volume of the given shape in memory (f
 tiny random-weight model (the network's memory does not grow with the volume), runs ``detect``
 once, and reports, in bytes per input voxel:
 
-* ``rss``: the process's peak resident set (``ru_maxrss``) minus its resident set just before
-  ``detect`` (input volume and model already loaded): every allocation, numpy's and ITK's;
-* ``tracemalloc``: the peak of the allocations Python's tracemalloc sees during ``detect`` (numpy
-  arrays; SimpleITK's own buffers are not traced, so this is a lower bound);
+* ``rss``: the process's peak resident set during ``detect`` minus its resident set just before
+  (input volume and model loaded, a warm-up ``detect`` on a small volume done so that lazy imports
+  and torch's first-call allocations are not counted): every allocation, numpy's, ITK's (the
+  results are SimpleITK images) and torch's.  The peak is the kernel's high-water mark
+  (``VmHWM``), reset just before ``detect`` through ``/proc/self/clear_refs``; where that is not
+  possible, ``ru_maxrss`` of the process (then run it in a fresh process);
+* ``tracemalloc``: the peak of the allocations Python's tracemalloc sees during ``detect``: numpy
+  arrays (the working memory), not SimpleITK's buffers (the four results, 10 bytes a voxel, and
+  ITK's own temporaries), so the real peak is at least this plus the results;
 
-and the largest traced allocation sites.  Run it in a fresh process (``ru_maxrss`` is a
-high-water mark):
+and the largest traced allocation sites.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --shape 400 512 512     # z y x
 """
@@ -36,11 +40,34 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """The resident high-water mark since the last ``reset_peak_rss`` (VmHWM), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def make_input(shape, dtype: str, seed: int = 0):
-    """An ellipsoid 'brain' with smooth texture and a bright lesion, zero outside, 1 x 1 x 1.2 mm."""
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark of this process (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+#: field of view (x, y, z) in mm of the synthetic volume: the ellipsoid is a brain-sized ~1.6 l (144 x 170 x 128 mm), so that
+#: detect takes it as skull-stripped whatever the shape (the default chain: no N4, no skull stripper)
+FOV_MM = (180.0, 200.0, 150.0)
+
+
+def make_input(shape, dtype: str, seed: int = 0, spacing=None):
+    """An ellipsoid 'brain' with smooth texture and a bright lesion, zero outside; spacing: ``FOV_MM`` / shape."""
     import SimpleITK as sitk
 
     nz, ny, nx = shape
@@ -54,7 +81,8 @@ def make_input(shape, dtype: str, seed: int = 0):
     img[les & inside] = 900.0
     arr = img if dtype == "float32" else np.rint(img).astype(np.int16)
     im = sitk.GetImageFromArray(arr)
-    im.SetSpacing((1.0, 1.0, 1.2))
+    im.SetSpacing(tuple(float(v) for v in spacing) if spacing is not None else
+                  tuple(f / n for f, n in zip(FOV_MM, (nx, ny, nz))))
     del img, arr, inside, les, r2
     return im
 
@@ -73,24 +101,34 @@ def tiny_model(image_size: int):
     return build_model(cfg, model_id="bench-tiny")
 
 
-def measure(shape, dtype="float32", image_size=32, trace=True, top=8) -> dict:
+def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=True) -> dict:
     """Run detect once; returns the measurements (see the module docstring)."""
+    import warnings
+
     import SimpleITK as sitk
 
     from uad.pipeline import detect
 
-    image = make_input(shape, dtype)
     model = tiny_model(image_size)
-    n = int(np.prod(shape))
     params = {"level": 10, "steps": 2, "sampler": "ddim"}
+    warnings.filterwarnings("ignore", message=".*no calibrated threshold.*")
+    if warmup:  # lazy imports, torch's first-call allocations, numpy's caches: not the volume's memory
+        detect(make_input((24, 48, 40), dtype), model=model, device="cpu", params=params, batch_size=64)
+    image = make_input(shape, dtype)
+    n = int(np.prod(shape))
     base = rss_bytes()
+    hwm_reset = reset_peak_rss()
     if trace:
         tracemalloc.start()
     t0 = time.perf_counter()
     res = detect(image, model=model, device="cpu", params=params, batch_size=64)
     secs = time.perf_counter() - t0
     out = {"shape_zyx": list(shape), "dtype": dtype, "voxels": n, "seconds": round(secs, 1),
-           "input_bytes_per_voxel": sitk.GetArrayViewFromImage(image).itemsize}
+           "spacing_xyz_mm": [round(v, 4) for v in image.GetSpacing()],
+           "skull_stripped": res.info["preprocess"]["skull_stripped"],
+           "steps": [st["step"] for st in res.info["preprocess"]["steps"]],
+           "input_bytes_per_voxel": sitk.GetArrayViewFromImage(image).itemsize,
+           "rss_peak_source": "VmHWM reset before detect" if hwm_reset else "ru_maxrss of the process"}
     if trace:
         cur, peak = tracemalloc.get_traced_memory()
         snap = tracemalloc.take_snapshot()

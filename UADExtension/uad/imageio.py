@@ -83,6 +83,26 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     return img
 
 
+class _ImageBuffer:
+    """Exposes a SimpleITK image's voxel buffer to numpy and keeps the image alive while it is viewed."""
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        view = sitk.GetArrayViewFromImage(image)
+        self.__array_interface__ = view.__array_interface__
+
+
+def array_view(image: sitk.Image) -> np.ndarray:
+    """A read-only numpy view (z, y, x) of ``image``'s voxels, no copy.
+
+    Unlike ``sitk.GetArrayViewFromImage``, the view (and every view taken from it) keeps the image
+    alive, so it never points at freed memory; writing to it raises (the image is never modified).
+    """
+    arr = np.asarray(_ImageBuffer(image))
+    arr.flags.writeable = False
+    return arr
+
+
 def validate(image: sitk.Image, name: str = "input image", min_slices: int = MIN_SLICES) -> None:
     """Raise ``InputError`` (one line) unless ``image`` is a usable 3-D scalar volume.
 
@@ -116,9 +136,12 @@ def validate(image: sitk.Image, name: str = "input image", min_slices: int = MIN
         raise InputError(f"{name}: has only {min(size)} slice(s) along {axis} (size {size_txt}); "
                          f"a 3-D volume with at least {min_slices} is needed")
     arr = sitk.GetArrayViewFromImage(image)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        n = int((~np.isfinite(arr)).sum())
-        raise InputError(f"{name}: contains {n} NaN or infinite voxel value(s)")
+    if arr.dtype.kind == "f":  # slab by slab: no volume-sized temporary
+        step = max(1, (1 << 16) // max(1, int(np.prod(arr.shape[1:]))))
+        n = sum(int(arr[z:z + step].size - np.count_nonzero(np.isfinite(arr[z:z + step])))
+                for z in range(0, arr.shape[0], step))
+        if n:
+            raise InputError(f"{name}: contains {n} NaN or infinite voxel value(s)")
     lo, hi = arr.min(), arr.max()
     if lo == 0 and hi == 0:
         raise InputError(f"{name}: is empty (all voxels are zero)")

@@ -426,8 +426,9 @@ def select_threshold(model, method: str, meth, threshold: float | None, fpr: flo
         notes.append(warn)
     if thr is None:
         pct = 100.0 * (1.0 - rate)
-        vals = sitk.GetArrayViewFromImage(anomaly)[brain]
-        thr = float(np.percentile(vals, pct)) if vals.size else 0.0
+        vals = sitk.GetArrayViewFromImage(anomaly)[brain]  # one copy, partially sorted in place
+        thr = float(np.percentile(vals, pct, overwrite_input=True)) if vals.size else 0.0
+        del vals
         source = f"fallback: {pct:g}th percentile of the in-brain anomaly (uncalibrated)"
         fall = f"; falling back to the {pct:g}th percentile of this volume (uncalibrated)"
         if warn:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocess import SliceStack
+from .imageio import array_view
+from .preprocess import SliceStack, canonical_view, label, label_counts, paste_canonical_slices
+
+#: axial slices of the working volume mapped back at a time by the streamed way back
+CHUNK_SLICES = 4
 
 
 def _as_stack_array(x, stack: SliceStack, name: str) -> np.ndarray:
@@ -33,16 +37,50 @@ def to_volumes(stack: SliceStack, restoration_slices, anomaly_slices) -> tuple[s
     reverse order (``SliceStack.invert``).  The restoration is de-normalised to
     the input's intensity units inside the brain and equals the input outside
     it and wherever no slice was processed; the anomaly map is zero there.
+
+    Memory: when every step inverts slice by slice (no registration,
+    ``SliceStack.streamable``), the two output images are allocated once and
+    filled ``CHUNK_SLICES`` axial slices at a time (``SliceStack.invert_slices``,
+    SimpleITK's in-place paste), so nothing of the volume's size is held
+    besides them; with registration the whole-volume inverse runs one map at a time.
     """
     rest = np.clip(_as_stack_array(restoration_slices, stack, "restoration"), 0.0, 1.0)
     anom = _as_stack_array(anomaly_slices, stack, "anomaly")
-    maps = stack.invert({"restoration": rest, "anomaly": anom, "valid": np.ones_like(anom)})
-    use = stack.brain_mask_array() & (maps.pop("valid") > 0.5)
-    original = sitk.GetArrayFromImage(stack.reference).astype(np.float32)
-    restoration = np.where(use, maps["restoration"], original).astype(np.float32)
-    del original
-    anomaly = np.where(use, np.maximum(maps["anomaly"], 0.0), 0.0).astype(np.float32)
-    return _image_like(restoration, stack.reference), _image_like(anomaly, stack.reference)
+    if stack.streamable:
+        return _to_volumes_streamed(stack, rest, anom)
+    ref = stack.reference
+    use = np.asarray(stack.invert({"valid": np.ones_like(anom)})["valid"] > 0.5)
+    use &= stack.brain_mask_array()
+    original = sitk.GetArrayViewFromImage(ref)
+    restoration = stack.invert({"restoration": rest})["restoration"]
+    np.copyto(restoration, original, where=~use, casting="unsafe")
+    rest_img = _image_like(restoration, ref)
+    del restoration
+    anomaly = stack.invert({"anomaly": anom})["anomaly"]
+    np.maximum(anomaly, 0.0, out=anomaly)
+    anomaly[~use] = 0.0
+    return rest_img, _image_like(anomaly, ref)
+
+
+def _to_volumes_streamed(stack: SliceStack, rest: np.ndarray, anom: np.ndarray) -> tuple[sitk.Image, sitk.Image]:
+    ref = stack.reference
+    out_r = sitk.Image(ref.GetSize(), sitk.sitkFloat32)
+    out_a = sitk.Image(ref.GetSize(), sitk.sitkFloat32)
+    out_r.CopyInformation(ref)
+    out_a.CopyInformation(ref)
+    original = canonical_view(array_view(ref), stack.permute, stack.flip)
+    brain = canonical_view(stack.brain_mask_array(), stack.permute, stack.flip)
+    valid = np.ones_like(anom)
+    K = original.shape[0]
+    for k0 in range(0, K, CHUNK_SLICES):
+        ks = slice(k0, min(K, k0 + CHUNK_SLICES))
+        maps = stack.invert_slices({"restoration": rest, "anomaly": anom, "valid": valid}, ks)
+        use = brain[ks] & (maps["valid"] > 0.5)
+        r = np.where(use, maps["restoration"], np.asarray(original[ks], np.float32)).astype(np.float32)
+        a = np.where(use, np.maximum(maps["anomaly"], 0.0), 0.0).astype(np.float32)
+        paste_canonical_slices(out_r, r, k0, stack.permute, stack.flip)
+        paste_canonical_slices(out_a, a, k0, stack.permute, stack.flip)
+    return out_r, out_a
 
 
 def apply_method_postprocess(anomaly_array: np.ndarray, brain_mask_array: np.ndarray,
@@ -89,15 +127,27 @@ def threshold_mask(anomaly: sitk.Image | np.ndarray, threshold: float, min_compo
 
     is_img = isinstance(anomaly, sitk.Image)
     arr = sitk.GetArrayViewFromImage(anomaly) if is_img else np.asarray(anomaly)
-    m = arr > float(threshold)
     n_min = int(min_component_size or 0)
+    if is_img and n_min <= 1 and arr.ndim == 3:  # slab by slab into the output image (no full-size temporary)
+        img = sitk.Image(anomaly.GetSize(), sitk.sitkUInt8)
+        img.CopyInformation(anomaly)
+        for z0 in range(0, arr.shape[0], 16):
+            chunk = np.greater(arr[z0:z0 + 16], float(threshold)).view(np.uint8)
+            img[:, :, z0:z0 + chunk.shape[0]] = sitk.GetImageFromArray(chunk)
+        return img
+    m = np.greater(arr, float(threshold), out=np.empty(arr.shape, np.uint8), casting="unsafe")
     if n_min > 1 and m.any():
-        lab, n = ndimage.label(m, structure=np.ones((3,) * m.ndim, bool))
-        counts = np.bincount(lab.ravel())
+        # label only the bounding box of the flagged voxels (the same components, a fraction of the memory)
+        box = tuple(slice(int(np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != ax)))[0]),
+                          int(np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != ax)))[-1]) + 1)
+                    for ax in range(m.ndim))
+        sub = m[box]
+        lab, n = label(sub, structure=np.ones((3,) * m.ndim, bool))
+        counts = label_counts(lab, n)
         keep = counts >= n_min
         keep[0] = False
-        m = keep[lab]
-    m = m.astype(np.uint8)
+        sub[...] = keep[lab]
+        del lab
     if not is_img:
         return m
     img = sitk.GetImageFromArray(m)

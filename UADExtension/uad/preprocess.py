@@ -63,7 +63,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import InputError
-from .imageio import validate, validate_mask
+from .imageio import array_view, validate, validate_mask
 
 CANONICAL_ORIENTATION = "LPS"
 
@@ -106,61 +106,126 @@ def orientation_of(image: sitk.Image) -> tuple[tuple[int, int, int], tuple[bool,
     return tuple(int(p) for p in f.GetPermuteOrder()), tuple(bool(b) for b in f.GetFlipAxes())
 
 
-def orient_array(arr: np.ndarray, permute, flip) -> np.ndarray:
-    """Input array (z, y, x) -> canonical array (k, j, i), as DICOMOrient does to the image."""
+def canonical_view(arr: np.ndarray, permute, flip) -> np.ndarray:
+    """Input array (z, y, x) -> canonical (k, j, i), as DICOMOrient does to the image: a (strided) view, no copy."""
     a = arr.transpose(2, 1, 0).transpose(tuple(permute))
     for ax, fl in enumerate(flip):
         if fl:
             a = np.flip(a, ax)
-    return np.ascontiguousarray(a.transpose(2, 1, 0))
+    return a.transpose(2, 1, 0)
 
 
-def unorient_array(arr: np.ndarray, permute, flip) -> np.ndarray:
-    """Inverse of ``orient_array``: canonical (k, j, i) -> the input's (z, y, x) voxel order."""
+def input_view(arr: np.ndarray, permute, flip) -> np.ndarray:
+    """Inverse of ``canonical_view``: canonical (k, j, i) -> the input's (z, y, x) voxel order, a view."""
     a = arr.transpose(2, 1, 0)
     for ax, fl in enumerate(flip):
         if fl:
             a = np.flip(a, ax)
     a = a.transpose(tuple(int(i) for i in np.argsort(permute)))
-    return np.ascontiguousarray(a.transpose(2, 1, 0))
+    return a.transpose(2, 1, 0)
+
+
+def orient_array(arr: np.ndarray, permute, flip) -> np.ndarray:
+    """Input array (z, y, x) -> canonical array (k, j, i), as DICOMOrient does to the image (a contiguous copy)."""
+    return np.ascontiguousarray(canonical_view(arr, permute, flip))
+
+
+def unorient_array(arr: np.ndarray, permute, flip) -> np.ndarray:
+    """Inverse of ``orient_array``: canonical (k, j, i) -> the input's (z, y, x) voxel order (a contiguous copy)."""
+    return np.ascontiguousarray(input_view(arr, permute, flip))
+
+
+def paste_canonical_slices(image: sitk.Image, chunk: np.ndarray, k0: int, permute, flip) -> None:
+    """Write canonical slices ``k0 : k0 + len(chunk)`` (array (n, J, I)) into ``image`` (the input's grid) in place.
+
+    The canonical axial axis k is one axis of the input (possibly reversed), so the chunk is one slab of
+    the input grid: it is arranged in the input's voxel order and pasted (SimpleITK's in-place paste;
+    the output image is never copied).
+    """
+    n = int(chunk.shape[0])
+    size = image.GetSize()  # (x, y, z)
+    sitk_axis = int(permute[2])  # the input's SimpleITK axis that becomes canonical k
+    depth = int(size[sitk_axis])
+    start = depth - (k0 + n) if flip[2] else k0
+    slab_shape = list(size[::-1])
+    slab_shape[2 - sitk_axis] = n
+    slab = np.empty(slab_shape, dtype=chunk.dtype)
+    canonical_view(slab, permute, flip)[...] = chunk
+    region = [slice(None)] * 3
+    region[sitk_axis] = slice(start, start + n)
+    piece = sitk.GetImageFromArray(slab)
+    if piece.GetPixelID() != image.GetPixelID():
+        piece = sitk.Cast(piece, image.GetPixelID())
+    image[tuple(region)] = piece
 
 
 # -- brain mask ---------------------------------------------------------------------------------
 def compute_brain_mask(arr: np.ndarray, threshold_fraction: float = 0.05) -> np.ndarray:
     """Brain mask of a skull-stripped volume (array k, j, i); see the module docstring."""
-    from scipy import ndimage
-
-    a = np.asarray(arr, dtype=np.float32)
+    a = np.asarray(arr)  # any dtype, possibly a read-only strided view of the input: never copied whole
     base = float(a.min())
-    above = a[a > base]
+    above = np.asarray(a[a > base], np.float32)  # the only copy: the voxels above the background
     if above.size == 0:
         return np.zeros(a.shape, bool)
-    robust_max = float(np.percentile(above, 99.0))
+    robust_max = float(np.percentile(above, 99.0, overwrite_input=True))
+    del above
     thr = base + threshold_fraction * (robust_max - base)
-    fg = a > thr
-    lab, n = ndimage.label(fg)
-    if n == 0:
-        return np.zeros(a.shape, bool)
-    counts = np.bincount(lab.ravel())
-    counts[0] = 0
-    mask = lab == int(np.argmax(counts))
-    return fill_holes_per_slice(mask)
+    mask = largest_component(a > thr)
+    if not mask.any():
+        return mask
+    return fill_holes_per_slice(mask, out=mask)
 
 
-def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """Fill the holes of every axial slice (axis 0) of a 3-D mask (this also fills closed 3-D cavities)."""
+def label(mask: np.ndarray, structure=None) -> tuple[np.ndarray, int]:
+    """``scipy.ndimage.label`` into uint16 labels when they fit (2 bytes a voxel), else int32."""
     from scipy import ndimage
 
-    struct = np.zeros((3, 3, 3), bool)
-    struct[1] = ndimage.generate_binary_structure(2, 1)  # in-plane 4-connectivity, nothing through z
-    lab, n = ndimage.label(~mask, structure=struct)
+    try:
+        return ndimage.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # more than 65535 components
+        return ndimage.label(mask, structure=structure)
+
+
+def largest_component(fg: np.ndarray) -> np.ndarray:
+    """The largest connected component (6-connected) of a bool volume; all False when there is none."""
+    lab, n = label(fg)
+    del fg
     if n == 0:
-        return mask.copy()
-    outside = np.zeros(n + 1, bool)
-    for border in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
-        outside[np.unique(border)] = True
-    outside[0] = True  # label 0 = mask voxels
-    return mask | ~outside[lab]
+        return np.zeros(lab.shape, bool)
+    counts = label_counts(lab, n)
+    counts[0] = 0
+    return lab == int(np.argmax(counts))
+
+
+def label_counts(lab: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per label 0..n (``np.bincount``, one axial slab at a time: it converts its input to int64)."""
+    counts = np.zeros(n + 1, np.int64)
+    step = max(1, (1 << 16) // max(1, int(np.prod(lab.shape[1:]))))
+    for k0 in range(0, lab.shape[0], step):
+        counts += np.bincount(lab[k0:k0 + step].ravel(), minlength=n + 1)
+    return counts
+
+
+def fill_holes_per_slice(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Fill the holes of every axial slice (axis 0) of a 3-D mask (this also fills closed 3-D cavities).
+
+    One slice at a time (in-plane 4-connectivity, nothing through z); ``out`` may be ``mask`` itself.
+    """
+    from scipy import ndimage
+
+    if out is None:
+        out = np.array(mask, dtype=bool, copy=True)
+    struct = ndimage.generate_binary_structure(2, 1)
+    for k in range(mask.shape[0]):
+        lab, n = ndimage.label(~mask[k], structure=struct)
+        if n == 0:
+            continue
+        outside = np.zeros(n + 1, bool)
+        for border in (lab[0, :], lab[-1, :], lab[:, 0], lab[:, -1]):
+            outside[np.unique(border)] = True
+        outside[0] = True  # label 0 = mask voxels
+        out[k] |= ~outside[lab]
+    return out
 
 
 def _mask_on_grid(mask: sitk.Image, image: sitk.Image) -> np.ndarray:
@@ -176,7 +241,7 @@ def _mask_on_grid(mask: sitk.Image, image: sitk.Image) -> np.ndarray:
         m = sitk.Cast(sitk.GetImageFromArray((sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8)), sitk.sitkUInt8)
         m.CopyInformation(mask)
         mask = sitk.Resample(m, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    out = sitk.GetArrayFromImage(mask) > 0
+    out = sitk.GetArrayViewFromImage(mask) > 0
     if not out.any():
         raise InputError("brain mask: does not overlap the image")
     return out
@@ -257,23 +322,31 @@ STRIPPED_TOLERANCE = 0.01  # "at the minimum": within this fraction of the foreg
 STRIPPED_MAX_VOLUME_ML = 2900.0  # a brain mask (the MNI152 one: ~2300 ml with CSF) is below; a head above
 
 
-def detect_skull_stripped(arr: np.ndarray, spacing, mask_threshold: float = 0.05) -> tuple[bool, dict]:
+def detect_skull_stripped(arr: np.ndarray, spacing, mask_threshold: float = 0.05,
+                          foreground: np.ndarray | None = None) -> tuple[bool, dict]:
     """(skull-stripped?, evidence) for a volume array (k, j, i) with ``spacing`` (x, y, z) mm.
 
     Skull-stripped when at least ``STRIPPED_BACKGROUND_FRACTION`` of the voxels
     outside the foreground component lie at the image minimum (within
     ``STRIPPED_TOLERANCE`` of the foreground's 99th percentile: a masked-out
     background, also after resampling; a raw scan's background is noise) and
-    the foreground is at most ``STRIPPED_MAX_VOLUME_ML``.
+    the foreground is at most ``STRIPPED_MAX_VOLUME_ML``.  ``foreground``: the
+    ``compute_brain_mask(arr, mask_threshold)`` already computed (not recomputed).
     """
     a = np.asarray(arr)
-    fg = compute_brain_mask(a, mask_threshold)
+    fg = compute_brain_mask(a, mask_threshold) if foreground is None else foreground
     base = float(a.min())
-    bg = ~fg
-    n_bg = int(bg.sum())
-    tol = STRIPPED_TOLERANCE * (float(np.percentile(a[fg], 99.0)) - base) if fg.any() else 0.0
-    at_min = float((a[bg] <= base + tol).mean()) if n_bg else 1.0
-    vol_ml = float(fg.sum()) * float(np.prod(spacing)) / 1000.0
+    n_fg = int(np.count_nonzero(fg))
+    n_bg = int(fg.size) - n_fg
+    tol = STRIPPED_TOLERANCE * (float(np.percentile(np.asarray(a[fg], np.float32), 99.0, overwrite_input=True))
+                                - base) if n_fg else 0.0
+    if n_bg:
+        low = a <= base + tol
+        at_min = (int(np.count_nonzero(low)) - int(np.count_nonzero(low & fg))) / n_bg
+        del low
+    else:
+        at_min = 1.0
+    vol_ml = float(n_fg) * float(np.prod(spacing)) / 1000.0
     stripped = at_min >= STRIPPED_BACKGROUND_FRACTION and vol_ml <= STRIPPED_MAX_VOLUME_ML
     return bool(stripped), {"background_at_minimum": round(at_min, 4), "foreground_ml": round(vol_ml, 1)}
 
@@ -325,10 +398,17 @@ class Grid:
 
 @dataclass
 class _Work:
-    """What flows through the forward chain."""
+    """What flows through the forward chain.
+
+    Memory: ``arr`` starts as a read-only view of the input's voxels in canonical order (no copy);
+    a step that changes every voxel of the 3-D volume (N4, registration) makes a float32 working
+    copy, voxel-wise steps (``Normalise``) are queued in ``voxelwise`` and ``SelectSlices`` only
+    records ``selected``: ``read`` applies them to a few slices at a time, when ``InPlane``
+    resamples them, so the normalised volume is never held whole.
+    """
 
     image: sitk.Image  # the input (never modified)
-    arr: np.ndarray | None = None  # working voxels: (K, J, I), then (N, J, I), then (N, S, S)
+    arr: np.ndarray | None = None  # working voxels (K, J, I) (a read-only view of the input until a 3-D step)
     grid: Grid | None = None  # grid of the working volume (3-D steps)
     brain: np.ndarray | None = None  # bool, same shape as arr
     permute: tuple = (0, 1, 2)
@@ -337,10 +417,25 @@ class _Work:
     mask_input: bool = True  # zero the model input outside the brain
     cval: float = 0.0  # normalised value outside the image (padding)
     box: tuple | None = None  # (j0, j1, i0, i1) brain box of the working volume
+    foreground: np.ndarray | None = None  # compute_brain_mask(arr, mask_threshold) when already computed
+    voxelwise: list = field(default_factory=list)  # queued voxel-wise functions f(slices, brain) -> slices
+    selected: np.ndarray | None = None  # axial slices kept (SelectSlices); None = all
+    slices: np.ndarray | None = None  # (N, S, S) model-resolution slices (InPlane)
+    masks: np.ndarray | None = None  # (N, S, S) bool brain at model resolution (InPlane)
     info: dict = field(default_factory=dict)
 
+    def read(self, ks) -> np.ndarray:
+        """Float32 working voxels of the axial slices ``ks`` (indices or a slice), queued voxel-wise steps applied."""
+        a = np.asarray(self.arr[ks], np.float32)
+        if self.voxelwise:
+            b = self.brain[ks]
+            for fn in self.voxelwise:
+                a = fn(a, b)
+        return a
+
     def current_image(self) -> sitk.Image:
-        return self.grid.image(self.arr)
+        arr = self.read(slice(None)) if self.voxelwise else self.arr
+        return self.grid.image(arr)
 
 
 # -- the steps --------------------------------------------------------------------------------------
@@ -356,15 +451,35 @@ class Step:
     """
 
     name = "step"
+    #: the inverse acts on each axial slice of the working volume alone (``inverse(maps, ks)`` can map a
+    #: few slices at a time); ``to_volumes`` then streams the way back slice by slice
+    slicewise = True
 
     def forward(self, w: _Work) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def inverse(self, maps: dict) -> dict:
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
+        """``maps`` on this step's output grid -> its input grid; ``ks``: the axial slices of the working
+        volume the maps cover (None: all of them)."""
         return maps
 
     def record(self) -> dict:
         return {"step": self.name}
+
+
+def oriented_grid(image: sitk.Image, permute, flip) -> Grid:
+    """The grid of ``sitk.DICOMOrient(image, CANONICAL_ORIENTATION)`` (axes permuted, then flipped), computed
+    from the geometry alone (DICOMOrient would copy the voxels)."""
+    size, sp = image.GetSize(), image.GetSpacing()
+    d = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    corner = [int(size[p]) - 1 if fl else 0 for p, fl in zip(permute, flip)]
+    index = [0, 0, 0]
+    for ax, p in enumerate(permute):
+        index[p] = corner[ax]
+    origin = image.TransformIndexToPhysicalPoint(index)
+    cols = [d[:, p] * (-1.0 if fl else 1.0) for p, fl in zip(permute, flip)]
+    direction = tuple(float(v) for v in np.stack(cols, axis=1).ravel())
+    return Grid(tuple(int(size[p]) for p in permute), tuple(float(sp[p]) for p in permute), tuple(origin), direction)
 
 
 class Reorient(Step):
@@ -374,13 +489,12 @@ class Reorient(Step):
 
     def forward(self, w: _Work) -> None:
         self.permute, self.flip = orientation_of(w.image)
-        oriented = sitk.DICOMOrient(w.image, CANONICAL_ORIENTATION)
-        w.arr = sitk.GetArrayFromImage(oriented).astype(np.float32, copy=False)
-        w.grid = Grid.of(oriented)
+        w.grid = oriented_grid(w.image, self.permute, self.flip)  # what DICOMOrient gives, without the voxels
+        # the voxels: a read-only view of the input in canonical order (DICOMOrient's permutation and flips)
+        w.arr = canonical_view(array_view(w.image), self.permute, self.flip)
         w.permute, w.flip = self.permute, self.flip
-        del oriented
 
-    def inverse(self, maps: dict) -> dict:
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
         return {k: unorient_array(v, self.permute, self.flip) for k, v in maps.items()}
 
     def record(self) -> dict:
@@ -399,14 +513,15 @@ class BiasCorrection(Step):
 
     def forward(self, w: _Work) -> None:
         self.field = n4_bias_field(w.current_image(), self.iterations, self.voxel_mm)
-        w.arr = (w.arr / self.field).astype(np.float32)
+        w.arr = np.divide(w.arr, self.field, dtype=np.float32)  # the float32 working copy
         self.range = (float(self.field.min()), float(self.field.max()))
 
-    def inverse(self, maps: dict) -> dict:
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
         out = dict(maps)
+        f = self.field if ks is None else self.field[ks]
         for k in INTENSITY_MAPS:
             if k in out:
-                out[k] = (out[k] * self.field).astype(np.float32)
+                out[k] = (out[k] * f).astype(np.float32)
         return out
 
     def record(self) -> dict:
@@ -432,13 +547,42 @@ def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 
     f.SetMaximumNumberOfIterations([int(i) for i in iterations])
     f.Execute(small, mask)
     log_field = f.GetLogBiasFieldAsImage(img)
-    return np.exp(sitk.GetArrayFromImage(log_field)).astype(np.float32)
+    del img
+    field = sitk.GetArrayFromImage(sitk.Cast(log_field, sitk.sitkFloat32))
+    del log_field
+    return np.exp(field, out=field)
 
 
 #: With a skull stripper's mask, anomalies closer than this to the mask's boundary are zeroed: the
 #: stripper's boundary is uncertain to about a voxel, and what lies just outside the brain (CSF
 #: rim, bone) looks anomalous to a model of brain tissue.
 STRIP_MARGIN_MM = 3.0
+
+
+def deeper_than(mask: np.ndarray, depth_mm: float, sampling) -> np.ndarray:
+    """``distance_transform_edt(mask, sampling) > depth_mm``, computed on slabs of axial slices.
+
+    A voxel's distance decides the result only up to ``depth_mm``, and the nearest background voxel
+    within that distance lies within ``ceil(depth_mm / sampling[0])`` slices, so slabs overlapping by
+    that many slices give the whole-volume answer exactly, without its float64 distances and
+    feature-transform arrays (~20 bytes a voxel).
+    """
+    from scipy import ndimage
+
+    K = mask.shape[0]
+    m = int(np.ceil(depth_mm / float(sampling[0]))) + 1
+    out = np.zeros(mask.shape, bool)
+    step = max(8, 4 * m)
+    for k0 in range(0, K, step):
+        k1 = min(K, k0 + step)
+        a0, a1 = max(0, k0 - m), min(K, k1 + m)
+        if mask[a0:a1].all():  # no background within reach: every voxel is deeper
+            out[k0:k1] = True
+            continue
+        d = ndimage.distance_transform_edt(mask[a0:a1], sampling=sampling)
+        out[k0:k1] = d[k0 - a0:k1 - a0] > depth_mm
+        del d
+    return out
 
 
 class BrainMask(Step):
@@ -474,28 +618,26 @@ class BrainMask(Step):
             if not brain.any():
                 raise InputError("input image: the skull stripper found no brain; pass a brain mask")
         else:
-            brain = compute_brain_mask(w.arr, self.mask_threshold)
+            fg = w.foreground if w.foreground is not None and w.foreground.shape == w.arr.shape else None
+            brain = compute_brain_mask(w.arr, self.mask_threshold) if fg is None else fg
             self.source = "automatic"
             if not brain.any():
                 raise InputError("input image: no brain found by the automatic brain mask; pass a brain mask")
+        w.foreground = None
         w.brain = brain
         self.core = None
         if self.source.startswith("skull strip") and STRIP_MARGIN_MM > 0:
-            from scipy import ndimage
+            self.core = deeper_than(brain, STRIP_MARGIN_MM, tuple(w.grid.spacing[::-1]))
+        self.voxels = int(np.count_nonzero(brain))
+        self.volume_ml = float(self.voxels) * float(np.prod(w.grid.spacing)) / 1000.0
+        self.fraction = float(self.voxels / brain.size)
 
-            depth = ndimage.distance_transform_edt(brain, sampling=tuple(w.grid.spacing[::-1]))
-            self.core = depth > STRIP_MARGIN_MM
-            del depth
-        self.voxels = int(brain.sum())
-        self.volume_ml = float(brain.sum()) * float(np.prod(w.grid.spacing)) / 1000.0
-        self.fraction = float(brain.mean())
-        self.brain = brain
-
-    def inverse(self, maps: dict) -> dict:
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
         if self.core is None or "anomaly" not in maps:
             return maps
         out = dict(maps)
-        out["anomaly"] = np.where(self.core, out["anomaly"], 0.0).astype(np.float32)
+        core = self.core if ks is None else self.core[ks]
+        out["anomaly"] = np.where(core, out["anomaly"], 0.0).astype(np.float32)
         return out
 
     def record(self) -> dict:
@@ -513,6 +655,7 @@ class Register(Step):
     """
 
     name = "register"
+    slicewise = False  # a 3-D resampling
 
     def __init__(self, spacing_mm: float | None = None, options: dict | None = None):
         self.spacing_mm = spacing_mm
@@ -535,7 +678,9 @@ class Register(Step):
         w.grid = self.target
         self.inv = self.transform.GetInverse()
 
-    def inverse(self, maps: dict) -> dict:
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
+        if ks is not None:
+            raise ValueError("the registration's inverse maps whole volumes (ks must be None)")
         return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), self.inv)
                 for k, v in maps.items()}
 
@@ -558,25 +703,38 @@ class Normalise(Step):
         self.pad_value = pad_value
 
     def forward(self, w: _Work) -> None:
-        vals = w.arr[w.brain] if self.reference == "brain-percentile" else w.arr.ravel()
-        lo, hi = (float(v) for v in np.percentile(vals, [self.lower_pct, self.upper_pct]))
+        # one float32 copy of the reference voxels (partially sorted in place by the percentile)
+        if self.reference == "brain-percentile":
+            vals = np.asarray(w.arr[w.brain], np.float32)
+        else:
+            vals = np.array(w.arr, np.float32).ravel()
+        lo, hi = (float(v) for v in np.percentile(vals, [self.lower_pct, self.upper_pct], overwrite_input=True))
         if hi <= lo:
             hi = float(vals.max())
+        del vals
         if hi <= lo:
             raise InputError("input image: the intensities inside the brain mask are constant")
         self.lo, self.hi = lo, hi
         pad = float(w.arr.min()) if self.pad_value == "min" else float(self.pad_value)
         w.cval = float((pad - lo) / (hi - lo))
-        arr = (w.arr - lo) / (hi - lo)
+        if self.clip:
+            w.cval = float(np.clip(w.cval, 0.0, 1.0))
+        self.mask_input = bool(w.mask_input)
+        if self.mask_input:
+            w.cval = 0.0
+        w.voxelwise.append(self.apply)  # applied slice by slice when the slices are read (``_Work.read``)
+
+    def apply(self, arr: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        """The normalisation of float32 voxels ``arr`` (any shape; ``brain`` the same shape), in place when it can."""
+        arr = np.subtract(arr, self.lo, out=arr if arr.flags.writeable else None)
+        arr /= (self.hi - self.lo)
         if self.clip:
             np.clip(arr, 0.0, 1.0, out=arr)
-            w.cval = float(np.clip(w.cval, 0.0, 1.0))
-        if w.mask_input:
-            arr = np.where(w.brain, arr, 0.0)
-            w.cval = 0.0
-        w.arr = arr.astype(np.float32, copy=False)
+        if self.mask_input:
+            arr[~brain] = 0.0
+        return arr
 
-    def inverse(self, maps: dict) -> dict:
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
         out = dict(maps)
         for k in INTENSITY_MAPS:
             if k in out:
@@ -613,14 +771,24 @@ class SelectSlices(Step):
             kk = sel
         self.indices = kk.astype(np.int64)
         self.depth = int(b.shape[0])
-        w.arr = w.arr[self.indices]
-        w.brain = w.brain[self.indices]
+        w.selected = self.indices  # the slices are read from the volume when InPlane resamples them
 
-    def inverse(self, maps: dict) -> dict:
+    def positions(self, ks: slice | None = None) -> np.ndarray:
+        """Positions in the stack of the selected slices that lie in the axial range ``ks``."""
+        if ks is None:
+            return np.arange(len(self.indices))
+        k0, k1, _ = ks.indices(self.depth)
+        return np.flatnonzero((self.indices >= k0) & (self.indices < k1))
+
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
+        """Stack maps -> axial slices (zero where no slice was processed).  With ``ks``, ``maps`` hold only
+        the stack positions ``positions(ks)`` and the result covers the slices ``ks``."""
+        k0, k1, _ = (slice(None) if ks is None else ks).indices(self.depth)
+        pos = self.positions(ks)
         out = {}
         for k, v in maps.items():
-            vol = np.zeros((self.depth,) + tuple(v.shape[1:]), np.float32)
-            vol[self.indices] = v
+            vol = np.zeros((k1 - k0,) + tuple(v.shape[1:]), np.float32)
+            vol[self.indices[pos] - k0] = v
             out[k] = vol
         return out
 
@@ -633,6 +801,7 @@ class InPlane(Step):
     """Square field of view (crop to the brain box, or pad the whole slice) resampled to S x S pixels."""
 
     name = "in_plane"
+    chunk = 8  # slices resampled at a time
 
     def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True):
         self.size, self.square, self.margin, self.clip = int(size), square, float(margin), bool(clip)
@@ -641,7 +810,7 @@ class InPlane(Step):
         from scipy import ndimage
 
         sx, sy, _ = w.grid.spacing
-        n, J, I = w.arr.shape
+        _, J, I = w.arr.shape
         if self.square == "crop":
             j0, j1, i0, i1 = w.box
             ext = max((j1 - j0 + 1) * sy, (i1 - i0 + 1) * sx)
@@ -654,19 +823,27 @@ class InPlane(Step):
         step = (pixel / sy, pixel / sx)
         self.shape_in = (J, I)
         self.center, self.step, self.fov_mm, self.pixel_mm = center, step, float(fov), float(pixel)
-        norm = w.arr
         sig = tuple(max(0.0, (st - 1.0) / 2.0) for st in step)
-        if max(sig) > 0:
-            norm = ndimage.gaussian_filter(norm, sigma=(0.0, sig[0], sig[1]), mode="constant", cval=w.cval)
-        slices = _resample_inplane(norm, center, step, self.size, cval=w.cval)
-        masks = _resample_inplane(w.brain.astype(np.float32), center, step, self.size) > 0.5
+        kk = w.selected if w.selected is not None else np.arange(w.arr.shape[0])
+        slices = np.empty((len(kk), self.size, self.size), np.float32)
+        masks = np.empty((len(kk), self.size, self.size), bool)
+        # a few slices at a time (every operation is in-plane, so the result is the same as at once)
+        for n0 in range(0, len(kk), self.chunk):
+            ks = kk[n0:n0 + self.chunk]
+            norm = w.read(ks)
+            if max(sig) > 0:
+                norm = ndimage.gaussian_filter(norm, sigma=(0.0, sig[0], sig[1]), mode="constant", cval=w.cval)
+            slices[n0:n0 + len(ks)] = _resample_inplane(norm, center, step, self.size, cval=w.cval)
+            masks[n0:n0 + len(ks)] = _resample_inplane(w.brain[ks].astype(np.float32), center, step,
+                                                       self.size) > 0.5
+            del norm
         if self.clip:
             np.clip(slices, 0.0, 1.0, out=slices)
         if w.mask_input:
             slices *= masks
-        w.arr, w.brain = slices, masks
+        w.slices, w.masks = slices, masks
 
-    def inverse(self, maps: dict) -> dict:
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
         from scipy import ndimage
 
         J, I = self.shape_in
@@ -675,6 +852,9 @@ class InPlane(Step):
         out = {}
         for k, v in maps.items():
             v = np.asarray(v, np.float32)
+            if v.shape[0] == 0:
+                out[k] = np.zeros((0, J, I), np.float32)
+                continue
             out[k] = ndimage.affine_transform(
                 v, np.array([1.0, 1.0 / dj, 1.0 / di]), offset=np.array([0.0, c - cj / dj, c - ci / di]),
                 output_shape=(v.shape[0], J, I), order=1, mode="constant", cval=0.0, prefilter=False)
@@ -698,7 +878,7 @@ class SliceStack:
     oriented_reference: sitk.Image  # geometry of the working volume (1 voxel, no voxel data kept)
     permute: tuple  # DICOMOrient permute order (x, y, z)
     flip: tuple  # DICOMOrient flip axes
-    brain: np.ndarray  # (K, J, I) bool brain mask of the working volume
+    brain: np.ndarray  # (K, J, I) bool brain mask of the working volume (a view of input_brain when not registered)
     center: tuple  # (cj, ci) centre of the field of view, working-volume index units
     step: tuple  # (dj, di) working voxels per model pixel along j and i
     fov_mm: float  # side of the square field of view
@@ -707,8 +887,9 @@ class SliceStack:
     settings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)  # the recorded Step objects, in forward order
-    input_brain: np.ndarray | None = None  # bool brain mask in the input's voxel order (z, y, x)
+    input_brain: np.ndarray | None = None  # bool brain mask in the input's voxel order (z, y, x), read-only
     profile: dict = field(default_factory=dict)
+    brain_image: sitk.Image | None = None  # uint8 brain mask on the input's grid (input_brain is a view of it)
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -727,15 +908,37 @@ class SliceStack:
             out = st.inverse(out)
         return out
 
+    @property
+    def streamable(self) -> bool:
+        """Every step after the reorientation inverts slice by slice (no registration): ``invert_slices`` works."""
+        return all(st.slicewise for st in self.steps[1:]) and bool(self.steps) and self.steps[0].name == "reorient"
+
+    def invert_slices(self, maps: dict, ks: slice) -> dict:
+        """Per-slice maps (N, S, S) -> the canonical axial slices ``ks`` (k0:k1) of the working volume, through
+        every inverse but the reorientation's (``paste_canonical_slices`` writes them onto the input grid).
+
+        Needs ``streamable``; the memory used is that of the slices ``ks``, not of the volume.
+        """
+        if not self.streamable:
+            raise ValueError("the chain has a 3-D step (registration): invert whole volumes with invert()")
+        sel = next(st for st in self.steps if isinstance(st, SelectSlices))
+        pos = sel.positions(ks)
+        out = {k: v[pos] for k, v in maps.items()}
+        for st in reversed(self.steps[1:]):
+            out = st.inverse(out, ks if self.steps.index(st) <= self.steps.index(sel) else None)
+        return out
+
     def brain_mask_array(self) -> np.ndarray:
-        """Brain mask (bool) in the input's voxel order (z, y, x)."""
+        """Brain mask (bool, read-only) in the input's voxel order (z, y, x)."""
         return self.input_brain
 
     def brain_mask_image(self) -> sitk.Image:
-        """Brain mask as a uint8 image on the input's grid."""
-        img = sitk.GetImageFromArray(self.brain_mask_array().astype(np.uint8))
-        img.CopyInformation(self.reference)
-        return img
+        """Brain mask as a uint8 image on the input's grid (the one ``brain_mask_array`` views)."""
+        if self.brain_image is None:
+            img = sitk.GetImageFromArray(np.ascontiguousarray(self.brain_mask_array(), np.uint8))
+            img.CopyInformation(self.reference)
+            self.brain_image = img
+        return self.brain_image
 
 
 def _resample_inplane(stack: np.ndarray, center, step, size: int, order: int = 1, cval: float = 0.0) -> np.ndarray:
@@ -796,7 +999,8 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
     run(Reorient())
     # skull-stripped or not: told, or detected (a given brain mask is taken as the truth about the brain)
     if told == "auto":
-        stripped, evidence = detect_skull_stripped(w.arr, w.grid.spacing, s["mask_threshold"])
+        w.foreground = compute_brain_mask(w.arr, s["mask_threshold"])  # reused as the automatic brain mask
+        stripped, evidence = detect_skull_stripped(w.arr, w.grid.spacing, s["mask_threshold"], w.foreground)
         info["skull_stripped"] = {"value": stripped, "source": "detected", **evidence}
     else:
         stripped = bool(told)
@@ -805,12 +1009,18 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
     n4 = prof["bias_correction"] if bias_correction is None else bool(bias_correction)
     if n4 == "auto":
         n4 = not stripped
+    strip = brain_mask is None and (prof["skull_strip"] is True or not stripped)
+    if n4 or strip or brain_mask is not None:
+        w.foreground = None  # not the brain mask (or another volume's after N4): free it
     if n4:
         run(BiasCorrection())
-    strip = brain_mask is None and (prof["skull_strip"] is True or not stripped)
     run(BrainMask(given=brain_mask, strip=strip, method=strip_method, contrast=contrast,
                   mask_threshold=s["mask_threshold"], device=device))
-    input_brain = unorient_array(w.brain, w.permute, w.flip)
+    # the brain mask on the input grid (uint8, one of the results); the working mask becomes a view of it
+    brain_image = sitk.GetImageFromArray(np.ascontiguousarray(input_view(w.brain, w.permute, w.flip)).view(np.uint8))
+    brain_image.CopyInformation(image)
+    input_brain = array_view(brain_image).view(bool)
+    w.brain = canonical_view(input_brain, w.permute, w.flip)
     if steps[-1].source == "automatic" and steps[-1].fraction > 0.6:
         info["warnings"].append(f"the automatic brain mask covers {100 * steps[-1].fraction:.0f}% of the volume; "
                                 f"is the input skull-stripped? Pass a brain mask otherwise")
@@ -827,7 +1037,8 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
                  "lower": norm_step.lo, "upper": norm_step.hi, "permute": list(w.permute), "flip": list(w.flip),
                  "brain_mask": steps[[st.name for st in steps].index("brain_mask")].source,
                  "steps": [st.record() for st in steps]})
-    return SliceStack(slices=w.arr, masks=w.brain, indices=sel_step.indices, image_size=size, reference=image,
+    return SliceStack(slices=w.slices, masks=w.masks, indices=sel_step.indices, image_size=size, reference=image,
                       oriented_reference=geom, permute=w.permute, flip=w.flip, brain=full_brain,
                       center=ip.center, step=ip.step, fov_mm=ip.fov_mm, lower=norm_step.lo, upper=norm_step.hi,
-                      settings=s, info=info, steps=steps, input_brain=input_brain, profile=prof)
+                      settings=s, info=info, steps=steps, input_brain=input_brain, profile=prof,
+                      brain_image=brain_image)
