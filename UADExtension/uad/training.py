@@ -71,6 +71,7 @@ its data shard).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -790,6 +791,13 @@ def load_train_state(path: Path) -> tuple[dict, dict]:
 CURVE_PHANTOM_SEED = 5_000_000
 
 
+@functools.lru_cache(maxsize=3)
+def _curve_phantom(contrast: str):
+    from .phantoms import make_phantom
+
+    return make_phantom(CURVE_PHANTOM_SEED, contrast=contrast, lesion="tumour", spacing=2.0)
+
+
 def curve_sample(n_slices: int = 24, contrast: str = "T2") -> dict:
     """A cheap sub-volume of a labelled volume of ``contrast``: ``n_slices`` axial slices evenly spaced over
     the brain (at least one through the lesion), with its lesion and brain masks (numpy).
@@ -809,9 +817,7 @@ def curve_sample(n_slices: int = 24, contrast: str = "T2") -> dict:
         lesion = sitk.GetArrayFromImage(read_image(sp["lesion"])) > 0
         brain = sitk.GetArrayFromImage(read_image(sp["brain_mask"])) > 0
     else:
-        from .phantoms import make_phantom
-
-        ph = make_phantom(CURVE_PHANTOM_SEED, contrast=contrast, lesion="tumour", spacing=2.0)
+        ph = _curve_phantom(contrast)
         img = ph.image
         lesion = sitk.GetArrayFromImage(ph.lesion_mask) > 0
         brain = sitk.GetArrayFromImage(ph.brain_mask) > 0
