@@ -313,3 +313,29 @@ def test_cli_options_reach_the_run(tmp_path, capsys):
     rc = main(["train", "--method", "thor", "-o", str(run), "--resume", "--time-limit", "0"])
     err = capsys.readouterr().err
     assert rc == 1 and "--time-limit must be a positive number of minutes" in err
+
+
+def test_learning_curve_of_a_flair_run_measures_on_a_flair_phantom(tmp_path):
+    """The bundled sample is T2: a FLAIR run's curve AP comes from a labelled FLAIR phantom instead."""
+    import SimpleITK as sitk
+
+    from uad.phantoms import make_phantom
+    from uad.training import CURVE_PHANTOM_SEED
+
+    sample = curve_sample(3, "FLAIR")
+    assert sample["contrast"] == "FLAIR" and len(sample["slices"]) == 3
+    ph = make_phantom(CURVE_PHANTOM_SEED, contrast="FLAIR", lesion="tumour", spacing=2.0)
+    ref = sitk.GetArrayFromImage(ph.image)[sample["slices"]]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sample["image"]), ref)
+    np.testing.assert_array_equal(sample["lesion"], sitk.GetArrayFromImage(ph.lesion_mask)[sample["slices"]] > 0)
+    assert sample["lesion"].any() and (sample["lesion"] <= sample["brain"]).all()
+    assert sample["image"].GetSpacing() == ph.image.GetSpacing()
+    t2 = curve_sample(3)
+    assert t2["contrast"] == "T2" and t2["image"].GetSize() != sample["image"].GetSize()
+
+    run = tmp_path / "run"
+    train(_cfg(contrast="FLAIR", steps=2, curve_every=2, curve_methods=["anoddpm"], curve_slices=3), run, device="cpu",
+          progress=False, log=None)
+    rows = _rows(run / "curve.csv")
+    model = build_model(json.loads((run / "config.json").read_text())["model"], load_weights(run / "model.safetensors"))
+    assert float(rows[-1]["ap_anoddpm"]) == pytest.approx(sample_ap(model, "anoddpm", "fast", sample, "cpu"), abs=1e-5)

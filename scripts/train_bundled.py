@@ -105,6 +105,7 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
         f"Hardware: {extra['hardware']}; {extra['train_seconds'] / 60:.0f} min wall time. "
         + ("This is the small CPU configuration, not the paper's network: expect lower accuracy than a GPU-trained "
            "paper-size model." if tr.get("small") else ""),
+        *training_details(tr, entry),
         "",
     ]
     lines += threshold_section(entry)
@@ -115,6 +116,12 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
         for m, r in extra["sample"].items():
             lines.append(f"| {m} | {r['preset']} | {r['ap']:.3f} | {r['prevalence']:.3f} | {r['best_dice']:.3f} | "
                          f"{r['nfe_per_slice']} | {r['seconds']} |")
+    elif entry.get("contrast") != "T2":
+        lines += ["", "## Bundled sample", "",
+                  f"The bundled sample (Resources/SampleData) is a T2 volume, so this {entry.get('contrast')} model "
+                  f"is not measured on it: its numbers come from {entry.get('contrast')} phantoms with lesions "
+                  f"(the held-out set below and the learning curve's phantom)."]
+    lines += curve_section(path.parent)
     ph = extra["phantoms"]
     res = ph["results"]
     lt = ("tumour", "stroke", "ms")
@@ -142,6 +149,76 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
               "chance. Best Dice uses the oracle threshold and is reported for comparison with the literature "
               "only.", ""]
     path.write_text("\n".join(lines))
+
+
+def training_details(tr: dict, entry: dict | None = None) -> list[str]:
+    """Card lines for a fine-tune (``init``), EMA weights and a restricted timestep range."""
+    from uad.noise import options_for
+
+    out = []
+    init = tr.get("init")
+    if init:
+        before = f" ({init['steps']} steps)" if init.get("steps") else ""
+        total = f", {int(init['steps']) + int(tr['steps'])} steps in all" if init.get("steps") else ""
+        out.append(f"This is a **fine-tune of `{init['model']}`**{before} (sha256 `{str(init.get('sha256'))[:12]}...`): "
+                   f"{tr.get('steps')} further steps on {tr.get('contrast')} phantoms{total}. The phantoms share "
+                   f"the anatomy generator across contrasts; only the tissue contrast differs.")
+        try:
+            parent = find_model(init["model"]).data
+        except Exception:  # the parent is no longer bundled
+            parent = None
+        if entry is not None and parent is not None and str(entry.get("noise", "")).startswith("simplex"):
+            was, now = options_for(parent), options_for(entry)
+            if was != now:
+                out.append(f"Simplex noise: `{init['model']}` was trained with {was}; this fine-tune trains and "
+                           f"runs with {now} (the reference amplitude and frequency, uad.noise.REFERENCE_OPTIONS).")
+    if tr.get("weights") == "ema":
+        out.append(f"Exported weights: an exponential moving average of the training weights (decay "
+                   f"{tr.get('ema_decay')}).")
+    if tr.get("timesteps"):
+        lo, hi = tr["timesteps"]
+        out.append(f"Training timesteps t in [{lo}, {hi}) only (the range the methods' samplers use).")
+    return [""] + out if out else []
+
+
+def copy_curve(run_dir: Path, model_dir: Path) -> bool:
+    """The run's learning curve (curve.png / curve.csv) into the model folder, for the card."""
+    import shutil
+
+    done = False
+    for name in ("curve.png", "curve.csv"):
+        src = run_dir / name
+        if src.is_file():
+            shutil.copyfile(src, model_dir / name)
+            done = True
+    return done
+
+
+def curve_section(model_dir: Path) -> list[str]:
+    """The card's learning-curve section from models/<id>/curve.csv (+ curve.png), if the run recorded one."""
+    import csv
+
+    f = model_dir / "curve.csv"
+    if not f.is_file():
+        return []
+    with open(f, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return []
+    aps = [k for k in rows[0] if k.startswith("ap_")]
+    lines = ["", "## Learning curve", "",
+             "Validation loss (held-out phantoms) and, per method, AP of its fast preset on a fixed labelled "
+             "volume against training steps (`uad train --curve-every`): the bundled T2 sample for T2 models, a "
+             "tumour phantom of the model's contrast (seed 5000000, used nowhere else) otherwise; steps count "
+             "from the start of this run.", ""]
+    if (model_dir / "curve.png").is_file():
+        lines += ["![learning curve](curve.png)", ""]
+    lines += ["| step | minutes | validation loss | " + " | ".join(f"{k[3:]} AP" for k in aps) + " |",
+              "|---|---|---|" + "---|" * len(aps)]
+    for r in rows:
+        lines.append(f"| {r['step']} | {float(r['seconds']) / 60:.0f} | {float(r['val_loss']):.4f} | "
+                     + " | ".join(f"{float(r[k]):.3f}" if r[k] else "-" for k in aps) + " |")
+    return lines
 
 
 def rewrite_card(args) -> None:
@@ -281,6 +358,9 @@ def main() -> None:
                          "stored calibration and phantom results are kept)")
     ap.add_argument("--train-minutes", type=float, default=None, help="with --card-only: training wall time")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--run-dir", default=None,
+                    help="the training run folder (default runs/<id>); with --finalize-only: export a run made "
+                         "with 'uad train' (e.g. a fine-tune with --init), calibrate, evaluate and write the card")
     ap.add_argument("--calibration-volumes", type=int, default=2)
     ap.add_argument("--calibrate-only", action="store_true",
                     help="re-calibrate the bundled model per method / preset / perceptual backend (no training)")
@@ -291,7 +371,7 @@ def main() -> None:
     ap.add_argument("--description", default="")
     args = ap.parse_args()
 
-    run_dir = ROOT / "runs" / args.id
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else ROOT / "runs" / args.id
     t0 = time.time()
     if args.card_only:
         return rewrite_card(args)
@@ -308,11 +388,13 @@ def main() -> None:
     from uad.preprocess import normalisation_settings
 
     stored_cfg = json.loads((run_dir / "config.json").read_text())["model"]
+    args.contrast = stored_cfg.get("contrast") or args.contrast  # a run knows its contrast
     extra_training = {"wall_seconds": train_seconds}
     extra = {"license": "Apache-2.0", "description": args.description, "card": f"{args.id}/README.md",
              "normalisation": normalisation_settings(stored_cfg.get("normalisation")),
              "training": extra_training}
     entry = export_run(run_dir, models_dir, args.id, extra)
+    copy_curve(run_dir, models_dir / args.id)
     verify(find_model(args.id))
     model = load_model(find_model(args.id), device="cpu")
     methods = entry["methods"]

@@ -71,6 +71,7 @@ its data shard).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -785,18 +786,42 @@ def load_train_state(path: Path) -> tuple[dict, dict]:
     return weights, {"state": state, "param_groups": json.loads(meta["param_groups"])}
 
 
-def curve_sample(n_slices: int = 24) -> dict:
-    """A cheap sub-volume of the bundled sample (Resources/SampleData): ``n_slices`` axial slices evenly
-    spaced over the brain (at least one through the lesion), with its lesion and brain masks (numpy)."""
+#: Seed of the labelled phantom the learning curve uses for contrasts other than the bundled sample's (T2):
+#: far from training (0.., 100000..), calibration (2000000..) and held-out (3000000..) seeds.
+CURVE_PHANTOM_SEED = 5_000_000
+
+
+@functools.lru_cache(maxsize=3)
+def _curve_phantom(contrast: str):
+    from .phantoms import make_phantom
+
+    return make_phantom(CURVE_PHANTOM_SEED, contrast=contrast, lesion="tumour", spacing=2.0)
+
+
+def curve_sample(n_slices: int = 24, contrast: str = "T2") -> dict:
+    """A cheap sub-volume of a labelled volume of ``contrast``: ``n_slices`` axial slices evenly spaced over
+    the brain (at least one through the lesion), with its lesion and brain masks (numpy).
+
+    T2: the bundled sample (Resources/SampleData, a T2 tumour phantom). Other contrasts (the sample is T2,
+    so its AP would not measure a FLAIR or T1 model): a tumour phantom of that contrast at 2 mm
+    (seed ``CURVE_PHANTOM_SEED``, never used in training, calibration or the held-out set).
+    """
     import SimpleITK as sitk
 
     from .imageio import read_image, sample_paths
 
-    sp = sample_paths()
-    img = read_image(sp["image"])
+    contrast = str(contrast).upper()
+    if contrast == "T2":
+        sp = sample_paths()
+        img = read_image(sp["image"])
+        lesion = sitk.GetArrayFromImage(read_image(sp["lesion"])) > 0
+        brain = sitk.GetArrayFromImage(read_image(sp["brain_mask"])) > 0
+    else:
+        ph = _curve_phantom(contrast)
+        img = ph.image
+        lesion = sitk.GetArrayFromImage(ph.lesion_mask) > 0
+        brain = sitk.GetArrayFromImage(ph.brain_mask) > 0
     arr = sitk.GetArrayFromImage(img)
-    lesion = sitk.GetArrayFromImage(read_image(sp["lesion"])) > 0
-    brain = sitk.GetArrayFromImage(read_image(sp["brain_mask"])) > 0
     zs = np.nonzero(brain.reshape(len(brain), -1).any(1))[0]
     pick = np.unique(zs[np.round(np.linspace(0, len(zs) - 1, min(int(n_slices), len(zs)))).astype(int)])
     area = lesion.reshape(len(lesion), -1).sum(1)
@@ -812,7 +837,7 @@ def curve_sample(n_slices: int = 24) -> dict:
         return out
 
     return {"image": sub(arr, img), "brain_mask": sub(brain.astype(np.uint8), img), "lesion": lesion[pick],
-            "brain": brain[pick], "slices": pick.tolist()}
+            "brain": brain[pick], "slices": pick.tolist(), "contrast": contrast}
 
 
 def sample_ap(model: Model, method: str, preset: str, sample: dict, device) -> float:
@@ -861,7 +886,7 @@ class LearningCurve:
         aps = {}
         if self.cfg.curve_methods:
             if self._sample is None:
-                self._sample = curve_sample(self.cfg.curve_slices)
+                self._sample = curve_sample(self.cfg.curve_slices, self.cfg.contrast)
                 self.prevalence = float(self._sample["lesion"][self._sample["brain"]].mean())
             for m in self.cfg.curve_methods:
                 aps[m] = sample_ap(model, m, self.cfg.curve_preset, self._sample, device)
@@ -891,7 +916,8 @@ def curve_title(run_dir: Path, cfg: TrainConfig) -> str:
     if cfg.t_min or cfg.t_max is not None:
         parts.append(f"t in [{cfg.t_min}, {cfg.t_max if cfg.t_max is not None else 'T'})")
     if cfg.curve_methods:
-        parts.append(f"AP: preset {cfg.curve_preset}, {cfg.curve_slices} sample slices")
+        where = "sample" if cfg.contrast == "T2" else f"{cfg.contrast} tumour phantom"
+        parts.append(f"AP: preset {cfg.curve_preset}, {cfg.curve_slices} {where} slices")
     return ", ".join(parts)
 
 
