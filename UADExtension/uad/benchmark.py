@@ -703,7 +703,8 @@ def _line(r: dict) -> str:
                  f"(in-run x{_f(r.get('overhead_in_run'), 2)}), peak {r.get('peak_mb', 0):.0f} MB")
     return (f"{r['contrast']:5s} {r['method']:16s} {r['preset']:6s} AP {aps} | pooled {_f(r.get('pooled_ap'))} "
             f"| best Dice {_f(r.get('best_dice'))} Dice@cal {_f(r.get('dice_calibrated'))} | healthy FP "
-            f"{_f(r.get('healthy_fp_ml'), 1)} ml | NFE/slice {r.get('nfe_per_slice')} | "
+            f"{_f(r.get('healthy_fp_ml'), 1)} ml ({_f(r.get('healthy_fp_percent'), 2)} %) | "
+            f"NFE/slice {r.get('nfe_per_slice')} | "
             f"{_f(r.get('seconds_per_volume'), 1)} s/vol{extra}")
 
 
@@ -759,7 +760,7 @@ def markdown(report: dict) -> str:
              f"(Dice@cal and healthy FP at the model's calibrated threshold; "
              f"prevalence: " + ", ".join(f"{lt} {_f(prev.get(lt), 4)}" for lt in LESIONS) + ").", "",
              "| contrast | method | preset | model | tumour AP | stroke AP | MS AP | pooled AP | best Dice | "
-             "Dice@cal | healthy FP ml | NFE/slice | s/volume | compute s | network s | overhead (isolated / in-run) | "
+             "Dice@cal | healthy FP % (ml) | NFE/slice | s/volume | compute s | network s | overhead (isolated / in-run) | "
              "peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res:
@@ -768,7 +769,8 @@ def markdown(report: dict) -> str:
             continue
         lines.append(f"| {r['contrast']} | {r['method']} | {r['preset']} | {r['model']} | {_f(r.get('tumour'))} | "
                      f"{_f(r.get('stroke'))} | {_f(r.get('ms'))} | {_f(r.get('pooled_ap'))} | "
-                     f"{_f(r.get('best_dice'))} | {_f(r.get('dice_calibrated'))} | {_f(r.get('healthy_fp_ml'), 1)} | "
+                     f"{_f(r.get('best_dice'))} | {_f(r.get('dice_calibrated'))} | {_f(r.get('healthy_fp_percent'), 2)} "
+                     f"({_f(r.get('healthy_fp_ml'), 1)}) | "
                      f"{r.get('nfe_per_slice')} | {_f(r.get('seconds_per_volume'), 1)} | "
                      f"{_f(r.get('clock_seconds_per_volume'), 1)} | "
                      f"{_f(r.get('network_seconds_per_volume'), 1)} | {_f(r.get('overhead'), 2)} / "
