@@ -569,15 +569,15 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
     from .metrics import threshold_at_fpr
     from .pipeline import method_class, resolve_device
 
-    t_start, c_start = time.time(), time.process_time()
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    precision = normalise_precision(precision)
-    compare_precision = normalise_precision(compare_precision) if compare_precision else None
-    jobs = default_jobs(dev) if jobs is None else max(1, int(jobs))
+    t_start = time.time()
     if max_volumes is not None and int(max_volumes) < 1:
         raise UADError(f"--max-volumes must be >= 1, got {max_volumes}")
+    precision = normalise_precision(precision)
+    compare_precision = normalise_precision(compare_precision) if compare_precision else None
+    dev = resolve_device(device)
+    jobs = default_jobs(dev) if jobs is None else max(1, int(jobs))
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
     methods = list(methods or available_methods())
     contrasts = [c.upper() if c.upper() != "FLAIR" else "FLAIR" for c in (contrasts or (["T2"] if quick else
                                                                                        ["T1", "T2", "FLAIR"]))]
