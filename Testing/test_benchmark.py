@@ -237,3 +237,16 @@ def test_max_volumes_selects_the_first_per_lesion_type():
     assert select_rows(rows, None) == rows and len(select_rows(rows, 5)) == 18
     with pytest.raises(UADError, match="max-volumes"):
         select_rows(rows, 0)
+
+
+def test_benchmark_cli_options(tmp_path, capsys):
+    from uad.benchmark import default_jobs
+    from uad.cli import build_parser, main
+
+    a = build_parser().parse_args(["benchmark", "-o", str(tmp_path / "b"), "--jobs", "3", "--max-volumes", "2",
+                                   "--precision", "float32"])
+    assert a.jobs == 3 and a.max_volumes == 2 and a.precision == "float32"
+    assert build_parser().parse_args(["benchmark", "-o", "x"]).jobs is None and 1 <= default_jobs("cpu") <= 2
+    rc = main(["benchmark", "-o", str(tmp_path / "b"), "--max-volumes", "0"])
+    assert rc == 1 and "--max-volumes must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before anything is written

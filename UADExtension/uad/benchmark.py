@@ -31,7 +31,13 @@ tables), ``speed.csv``, and the plots ``ap_per_lesion.png``,
 
 ``--quick``: the quick held-out subset (one volume per lesion type and one
 healthy volume per contrast, axial 5 mm), default presets, contrast T2 unless
-given, per-slice comparison on 8 slices: about 10 minutes on 2 CPU cores.
+given, per-slice comparison on 8 slices: 12 CPU-minutes of work, about 6-7 minutes on 2 free CPU
+cores with the default ``--jobs`` (min(2, cores) worker processes, one torch thread each).
+
+``--jobs N``: the independent units -- one per (contrast, method, preset) accuracy pass and one per
+per-slab speed comparison -- run in N spawned worker processes, costliest first; the rows come back
+in their fixed order and equal those of ``--jobs 1`` (every unit is seeded).  ``--max-volumes N``:
+the first N held-out volumes of each lesion type and N healthy ones per contrast.
 """
 
 from __future__ import annotations
@@ -526,10 +532,13 @@ def run_units(units: list[dict], jobs: int = 1, log=print) -> list[dict]:
     its own process's CPU time."""
     out: list = [None] * len(units)
     if jobs <= 1 or len(units) <= 1:
-        for i, u in enumerate(units):
-            out[i] = run_unit(u)
-            for line in out[i]["log"]:
-                log(line)
+        try:
+            for i, u in enumerate(units):
+                out[i] = run_unit(u)
+                for line in out[i]["log"]:
+                    log(line)
+        finally:
+            _MODEL_CACHE.clear()  # no model kept alive in this process after the run
         return out
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -560,15 +569,15 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
     from .metrics import threshold_at_fpr
     from .pipeline import method_class, resolve_device
 
-    t_start, c_start = time.time(), time.process_time()
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    precision = normalise_precision(precision)
-    compare_precision = normalise_precision(compare_precision) if compare_precision else None
-    jobs = default_jobs(dev) if jobs is None else max(1, int(jobs))
+    t_start = time.time()
     if max_volumes is not None and int(max_volumes) < 1:
         raise UADError(f"--max-volumes must be >= 1, got {max_volumes}")
+    precision = normalise_precision(precision)
+    compare_precision = normalise_precision(compare_precision) if compare_precision else None
+    dev = resolve_device(device)
+    jobs = default_jobs(dev) if jobs is None else max(1, int(jobs))
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
     methods = list(methods or available_methods())
     contrasts = [c.upper() if c.upper() != "FLAIR" else "FLAIR" for c in (contrasts or (["T2"] if quick else
                                                                                        ["T1", "T2", "FLAIR"]))]
@@ -694,7 +703,8 @@ def _line(r: dict) -> str:
                  f"(in-run x{_f(r.get('overhead_in_run'), 2)}), peak {r.get('peak_mb', 0):.0f} MB")
     return (f"{r['contrast']:5s} {r['method']:16s} {r['preset']:6s} AP {aps} | pooled {_f(r.get('pooled_ap'))} "
             f"| best Dice {_f(r.get('best_dice'))} Dice@cal {_f(r.get('dice_calibrated'))} | healthy FP "
-            f"{_f(r.get('healthy_fp_ml'), 1)} ml | NFE/slice {r.get('nfe_per_slice')} | "
+            f"{_f(r.get('healthy_fp_ml'), 1)} ml ({_f(r.get('healthy_fp_percent'), 2)} %) | "
+            f"NFE/slice {r.get('nfe_per_slice')} | "
             f"{_f(r.get('seconds_per_volume'), 1)} s/vol{extra}")
 
 
@@ -750,7 +760,7 @@ def markdown(report: dict) -> str:
              f"(Dice@cal and healthy FP at the model's calibrated threshold; "
              f"prevalence: " + ", ".join(f"{lt} {_f(prev.get(lt), 4)}" for lt in LESIONS) + ").", "",
              "| contrast | method | preset | model | tumour AP | stroke AP | MS AP | pooled AP | best Dice | "
-             "Dice@cal | healthy FP ml | NFE/slice | s/volume | compute s | network s | overhead (isolated / in-run) | "
+             "Dice@cal | healthy FP % (ml) | NFE/slice | s/volume | compute s | network s | overhead (isolated / in-run) | "
              "peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res:
@@ -759,7 +769,8 @@ def markdown(report: dict) -> str:
             continue
         lines.append(f"| {r['contrast']} | {r['method']} | {r['preset']} | {r['model']} | {_f(r.get('tumour'))} | "
                      f"{_f(r.get('stroke'))} | {_f(r.get('ms'))} | {_f(r.get('pooled_ap'))} | "
-                     f"{_f(r.get('best_dice'))} | {_f(r.get('dice_calibrated'))} | {_f(r.get('healthy_fp_ml'), 1)} | "
+                     f"{_f(r.get('best_dice'))} | {_f(r.get('dice_calibrated'))} | {_f(r.get('healthy_fp_percent'), 2)} "
+                     f"({_f(r.get('healthy_fp_ml'), 1)}) | "
                      f"{r.get('nfe_per_slice')} | {_f(r.get('seconds_per_volume'), 1)} | "
                      f"{_f(r.get('clock_seconds_per_volume'), 1)} | "
                      f"{_f(r.get('network_seconds_per_volume'), 1)} | {_f(r.get('overhead'), 2)} / "
