@@ -362,6 +362,8 @@ def main() -> None:
                     help="the training run folder (default runs/<id>); with --finalize-only: export a run made "
                          "with 'uad train' (e.g. a fine-tune with --init), calibrate, evaluate and write the card")
     ap.add_argument("--calibration-volumes", type=int, default=2)
+    ap.add_argument("--phantoms-per-type", type=int, default=2,
+                    help="held-out phantoms per lesion type for the card's table (default 2)")
     ap.add_argument("--calibrate-only", action="store_true",
                     help="re-calibrate the bundled model per method / preset / perceptual backend (no training)")
     ap.add_argument("--methods", default=None, help="with --calibrate-only: comma-separated methods")
@@ -410,7 +412,7 @@ def main() -> None:
     entry = export_run(run_dir, models_dir, args.id, extra)
     model = load_model(find_model(args.id), device="cpu")
     sample = evaluate_on_sample(model, methods, args.device) if args.contrast == "T2" else {}
-    bench = evaluate_on_phantoms(model, methods, args.contrast, args.device)
+    bench = evaluate_on_phantoms(model, methods, args.contrast, args.device, n=args.phantoms_per_type)
     extra["evaluation"] = {"sample": sample, "phantoms": bench}
     entry = export_run(run_dir, models_dir, args.id, extra)
     nparams = sum(count_parameters(n) for n in model.networks.values())
