@@ -801,7 +801,7 @@ class InPlane(Step):
     """Square field of view (crop to the brain box, or pad the whole slice) resampled to S x S pixels."""
 
     name = "in_plane"
-    chunk = 8  # slices resampled at a time
+    chunk = 8  # slices resampled at a time (at most; at most 2 % of the slices)
 
     def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True):
         self.size, self.square, self.margin, self.clip = int(size), square, float(margin), bool(clip)
@@ -828,8 +828,9 @@ class InPlane(Step):
         slices = np.empty((len(kk), self.size, self.size), np.float32)
         masks = np.empty((len(kk), self.size, self.size), bool)
         # a few slices at a time (every operation is in-plane, so the result is the same as at once)
-        for n0 in range(0, len(kk), self.chunk):
-            ks = kk[n0:n0 + self.chunk]
+        per = max(1, min(self.chunk, len(kk) // 50))
+        for n0 in range(0, len(kk), per):
+            ks = kk[n0:n0 + per]
             norm = w.read(ks)
             if max(sig) > 0:
                 norm = ndimage.gaussian_filter(norm, sigma=(0.0, sig[0], sig[1]), mode="constant", cval=w.cval)
