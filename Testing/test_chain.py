@@ -295,3 +295,20 @@ def test_skull_strip_core_margin_slabs_equal_the_whole_distance_transform():
         m = ndimage.gaussian_filter(rng.random(shape), 2.5) > 0.5
         ref = ndimage.distance_transform_edt(m, sampling=sampling) > 3.0
         assert np.array_equal(deeper_than(m, 3.0, sampling), ref)
+
+
+def test_detect_mask_false_computes_no_mask_and_inf_means_the_same(tiny_model, fast_params, make_volume):
+    img, _, _ = make_volume()
+    full = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, threshold=0.02)
+    bare = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, mask=False)
+    old = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, threshold=float("inf"))
+    assert full.mask is not None and _arr(full.mask).sum() > 0
+    for r in (bare, old):
+        assert r.mask is None and r.info["threshold"] is None and "mask=False" in r.info["threshold_source"]
+        assert np.array_equal(_arr(r.anomaly), _arr(full.anomaly))
+        assert np.array_equal(_arr(r.brain_mask), _arr(full.brain_mask))
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(uad.UADError, match="threshold must be a finite number"):
+            uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, threshold=bad)
+    with pytest.raises(uad.UADError, match="threshold must be a finite number"):
+        uad.pipeline.check_threshold(float("inf"))  # what the CLI calls: --threshold inf stays refused

@@ -33,7 +33,7 @@ FALLBACK_PERCENTILE = 99.0
 class DetectionResult:
     restoration: sitk.Image  # float32, input intensity units, input grid
     anomaly: sitk.Image  # float32 >= 0, zero outside the brain, input grid
-    mask: sitk.Image  # uint8, anomaly > threshold, input grid
+    mask: sitk.Image | None  # uint8, anomaly > threshold, input grid (None with detect(..., mask=False))
     info: dict = field(default_factory=dict)
     brain_mask: sitk.Image | None = None  # uint8 brain mask used, input grid
 
@@ -506,7 +506,8 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
            cancel: Callable[[], bool] | None = None, skull_stripped="auto",
            bias_correction: bool | None = None, preprocessing: dict | None = None,
            contrast: str | None = None, forward: Callable | None = None,
-           log: Callable[[str], None] | None = None, fpr: float | None = None) -> DetectionResult:
+           log: Callable[[str], None] | None = None, fpr: float | None = None,
+           mask: bool = True) -> DetectionResult:
     """Run anomaly detection on a 3-D volume.
 
     ``model``: a ``uad.zoo.Model``, a model id, or None for the method's default
@@ -519,8 +520,10 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     ``uad.calibration``), else -- with a warning -- the (1 - fpr) percentile of
     this volume's in-brain anomaly values (``info["threshold_source"]`` says
     which; ``info["warnings"]`` lists the warnings, ``info["perceptual_backend"]``
-    the backend of the map); ``threshold=float("inf")`` flags no voxel (for callers that only
-    want the map, e.g. calibration).  The input image is not modified.
+    the backend of the map).  ``mask=False``: no threshold is chosen and no binary mask computed
+    (``result.mask`` is None, ``info["threshold"]`` None): for callers that only want the map, e.g.
+    calibration and learning curves (``threshold=float("inf")``, the old way of saying it, is read
+    the same).  The input image is not modified.
 
     Preprocessing follows the model's ``preprocessing`` profile (``uad.preprocess.DEFAULT_PROFILE``;
     ``preprocessing`` overrides keys of it).  ``skull_stripped``: "auto" (detected), True or False:
@@ -539,7 +542,10 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
 
     t0 = time.perf_counter()
     validate(image)
-    if threshold is not None and threshold != float("inf"):  # +inf: no voxel flagged (callers that want the map)
+    want_mask = bool(mask)
+    if threshold is not None and threshold == float("inf"):  # the old spelling of mask=False
+        want_mask, threshold = False, None
+    if threshold is not None:
         threshold = check_threshold(threshold)
     if brain_mask is not None:
         validate_mask(brain_mask, image)
@@ -588,8 +594,11 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     restoration, anomaly = to_volumes(stack, rest, anom)
     brain = stack.brain_mask_array()
 
-    thr, source, notes = select_threshold(m, name, meth, threshold, fpr, anomaly, brain)
-    mask = threshold_mask(anomaly, thr, int(post.get("min_component_size") or 0))
+    if want_mask:
+        thr, source, notes = select_threshold(m, name, meth, threshold, fpr, anomaly, brain)
+        mask_img = threshold_mask(anomaly, thr, int(post.get("min_component_size") or 0))
+    else:
+        thr, source, notes, mask_img = None, "none: no mask computed (mask=False)", [], None
     brain_img = stack.brain_mask_image()
 
     params_used = dataclasses.asdict(meth.params) if dataclasses.is_dataclass(meth.params) else dict(params or {})
@@ -616,4 +625,4 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
         "image_size": stack.image_size,
         "preprocess": dict(stack.info),
     }
-    return DetectionResult(restoration=restoration, anomaly=anomaly, mask=mask, info=info, brain_mask=brain_img)
+    return DetectionResult(restoration=restoration, anomaly=anomaly, mask=mask_img, info=info, brain_mask=brain_img)
