@@ -856,6 +856,12 @@ class InPlane(Step):
             if v.shape[0] == 0:
                 out[k] = np.zeros((0, J, I), np.float32)
                 continue
+            if k == "valid" and v.min() == 1.0 == v.max():  # the footprint, the same for every slice: once
+                if getattr(self, "_footprint", None) is None:
+                    self._footprint = self.inverse({"footprint": np.ones((1, self.size, self.size), np.float32)})[
+                        "footprint"]
+                out[k] = np.broadcast_to(self._footprint, (v.shape[0], J, I))
+                continue
             out[k] = ndimage.affine_transform(
                 v, np.array([1.0, 1.0 / dj, 1.0 / di]), offset=np.array([0.0, c - cj / dj, c - ci / di]),
                 output_shape=(v.shape[0], J, I), order=1, mode="constant", cval=0.0, prefilter=False)
