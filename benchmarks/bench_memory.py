@@ -138,7 +138,7 @@ def no_network(method, x, mask, rng):
 
 
 def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=True, network=True,
-            batch_size=64) -> dict:
+            batch_size=64, spacing=None) -> dict:
     """Run detect once; returns the measurements (see the module docstring).  ``network=False``: the method
     call is replaced by ``no_network`` (the memory of the preprocessing chain and the way back alone)."""
     import warnings
@@ -154,7 +154,7 @@ def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=Tru
     if warmup:  # lazy imports, torch's first-call allocations, numpy's caches: not the volume's memory
         detect(make_input((24, 48, 40), dtype), model=model, device="cpu", params=params, batch_size=batch_size,
                forward=None if network else no_network)
-    image = make_input(shape, dtype)
+    image = make_input(shape, dtype, spacing=spacing)
     n = int(np.prod(shape))
     release_free_memory()
     base = rss_bytes()
@@ -194,9 +194,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-network", action="store_true",
                     help="replace the method call by a stand-in: the chain's memory alone")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                    help="voxel size in mm (default: FOV_MM / shape, a brain; e.g. 1 1 1.2 at 256 x 256 x 128 makes "
+                         "the ellipsoid a head-sized volume: the unprocessed-scan path, N4 and a skull stripper)")
     args = ap.parse_args(argv)
     r = measure(tuple(args.shape), args.dtype, args.image_size, trace=not args.no_trace,
-                network=not args.no_network, batch_size=args.batch_size)
+                network=not args.no_network, batch_size=args.batch_size, spacing=args.spacing)
     print(json.dumps(r, indent=2))
     return 0
 

@@ -546,11 +546,9 @@ def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 
     f = sitk.N4BiasFieldCorrectionImageFilter()
     f.SetMaximumNumberOfIterations([int(i) for i in iterations])
     f.Execute(small, mask)
-    log_field = f.GetLogBiasFieldAsImage(img)
-    del img
-    field = sitk.GetArrayFromImage(sitk.Cast(log_field, sitk.sitkFloat32))
-    del log_field
-    return np.exp(field, out=field)
+    log_field = sitk.Cast(f.GetLogBiasFieldAsImage(img), sitk.sitkFloat32)
+    del img, small, mask
+    return np.exp(sitk.GetArrayViewFromImage(log_field))  # a new float32 array; the log field is then freed
 
 
 #: With a skull stripper's mask, anomalies closer than this to the mask's boundary are zeroed: the
