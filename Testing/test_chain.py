@@ -166,6 +166,9 @@ def test_registration_round_trip_onto_the_input_grid():
     dice = 2 * (st.brain & tbm).sum() / (st.brain.sum() + tbm.sum())
     assert dice > 0.85  # the brain landed on the template's brain
     rest, anom = to_volumes(st, st.slices, st.slices)
+    assert not st.streamable  # a 3-D step: the whole-volume way back, one map at a time
+    ref_r, ref_a = _compose_whole(st, st.slices, st.slices)
+    assert np.array_equal(_arr(rest), ref_r.astype(np.float32)) and np.array_equal(_arr(anom), ref_a.astype(np.float32))
     for out in (rest, anom):
         assert out.GetSize() == img.GetSize() and out.GetOrigin() == img.GetOrigin()
         assert out.GetDirection() == img.GetDirection() and out.GetSpacing() == img.GetSpacing()
