@@ -166,6 +166,9 @@ def test_registration_round_trip_onto_the_input_grid():
     dice = 2 * (st.brain & tbm).sum() / (st.brain.sum() + tbm.sum())
     assert dice > 0.85  # the brain landed on the template's brain
     rest, anom = to_volumes(st, st.slices, st.slices)
+    assert not st.streamable  # a 3-D step: the whole-volume way back, one map at a time
+    ref_r, ref_a = _compose_whole(st, st.slices, st.slices)
+    assert np.array_equal(_arr(rest), ref_r.astype(np.float32)) and np.array_equal(_arr(anom), ref_a.astype(np.float32))
     for out in (rest, anom):
         assert out.GetSize() == img.GetSize() and out.GetOrigin() == img.GetOrigin()
         assert out.GetDirection() == img.GetDirection() and out.GetSpacing() == img.GetSpacing()
@@ -205,3 +208,110 @@ def test_skull_stripped_and_bias_overrides(tiny_model, fast_params, make_volume,
     assert (tmp_path / "o" / "v_brainmask.nii.gz").is_file()
     with pytest.raises(SystemExit):
         main(["detect", str(inp), "-o", str(tmp_path / "o"), "--skull-stripped", "maybe"])
+
+
+# -- the lean way back -------------------------------------------------------------------------------
+def _compose_whole(st, rest, anom):
+    """The whole-volume composition (every inverse at once, then restoration = input outside): the reference
+    of the streamed way back."""
+    rest = np.clip(rest, 0.0, 1.0)
+    maps = st.invert({"restoration": rest, "anomaly": anom, "valid": np.ones_like(anom)})
+    use = st.brain_mask_array() & (maps["valid"] > 0.5)
+    x = _arr(st.reference).astype(np.float32)
+    return np.where(use, maps["restoration"], x), np.where(use, np.maximum(maps["anomaly"], 0.0), 0.0)
+
+
+@pytest.mark.parametrize("case", ["axial", "permuted", "oblique", "slice_range", "int16"])
+def test_streamed_way_back_equals_the_whole_volume_inverse(make_volume, case):
+    from scipy.spatial.transform import Rotation
+
+    kw = {}
+    direction = None
+    if case == "permuted":  # sagittal-like storage: canonical k is the input's x axis, reversed
+        direction = np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float)
+    if case == "oblique":
+        direction = Rotation.from_euler("xyz", [14, 0, 9], degrees=True).as_matrix()
+    if case == "slice_range":
+        kw["profile"] = {"slice_range": [0.3, 0.7], "square": "pad"}
+    img, _, _ = make_volume((18, 40, 34), (1.2, 1.0, 3.0), direction=direction,
+                            dtype=np.int16 if case == "int16" else np.float32)
+    before = _arr(img).copy()
+    st = preprocess(img, S, **kw)
+    assert st.streamable
+    rng = np.random.default_rng(0)
+    rest = rng.random(st.slices.shape, dtype=np.float32)
+    anom = rng.random(st.slices.shape, dtype=np.float32) - 0.1
+    r, a = to_volumes(st, rest, anom)
+    ref_r, ref_a = _compose_whole(st, rest, anom)
+    assert np.array_equal(_arr(r), ref_r.astype(np.float32)) and np.array_equal(_arr(a), ref_a.astype(np.float32))
+    for out in (r, a):
+        assert out.GetSize() == img.GetSize() and out.GetDirection() == img.GetDirection()
+        assert out.GetOrigin() == img.GetOrigin() and out.GetSpacing() == img.GetSpacing()
+    assert np.array_equal(_arr(img), before)  # the input is never written
+
+
+def test_paste_canonical_slices_every_orientation():
+    """Canonical slices pasted in chunks land where unorient_array puts them, for all 48 axis orders."""
+    import itertools
+
+    from uad.preprocess import canonical_view, orientation_of, paste_canonical_slices, unorient_array
+
+    rng = np.random.default_rng(1)
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product([1, -1], repeat=3):
+            m = np.zeros((3, 3))
+            for ax, (p, sg) in enumerate(zip(perm, signs)):
+                m[p, ax] = sg
+            img = sitk.Image([5, 6, 7], sitk.sitkFloat32)
+            img.SetDirection(m.ravel().tolist())
+            permute, flip = orientation_of(img)
+            canon = rng.random(canonical_view(np.zeros((7, 6, 5)), permute, flip).shape).astype(np.float32)
+            for k0 in range(0, canon.shape[0], 2):
+                paste_canonical_slices(img, canon[k0:k0 + 2], k0, permute, flip)
+            assert np.array_equal(_arr(img), unorient_array(canon, permute, flip)), (perm, signs)
+            # and the oriented grid is DICOMOrient's
+            o = sitk.DICOMOrient(img, "LPS")
+            assert np.array_equal(_arr(o), canon)
+
+
+def test_array_view_keeps_the_image_alive_and_is_read_only():
+    import gc
+
+    from uad.imageio import array_view
+
+    v = array_view(sitk.GetImageFromArray(np.arange(60, dtype=np.float32).reshape(3, 4, 5)))[::-1].T
+    gc.collect()
+    _ = [np.full(1000, 7.0) for _ in range(50)]  # would reuse freed memory if the image were gone
+    assert v[2, 1, 0] == 2 * 20 + 1 * 5 + 2 and v[0, 0, 2] == 0  # v[i, j, k] = a[2 - k, j, i]
+    with pytest.raises(ValueError):
+        v[0, 0, 0] = 1.0
+
+
+def test_skull_strip_core_margin_slabs_equal_the_whole_distance_transform():
+    from scipy import ndimage
+
+    from uad.preprocess import deeper_than
+
+    rng = np.random.default_rng(2)
+    for shape, sampling in [((40, 20, 24), (1.0, 1.0, 1.3)), ((13, 30, 30), (4.0, 0.9, 0.9)),
+                            ((70, 16, 16), (0.7, 1.2, 1.2))]:
+        m = ndimage.gaussian_filter(rng.random(shape), 2.5) > 0.5
+        ref = ndimage.distance_transform_edt(m, sampling=sampling) > 3.0
+        assert np.array_equal(deeper_than(m, 3.0, sampling), ref)
+
+
+def test_detect_mask_false_computes_no_mask_and_inf_means_the_same(tiny_model, fast_params, make_volume):
+    img, _, _ = make_volume()
+    full = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, threshold=0.02)
+    bare = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, mask=False)
+    old = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, threshold=float("inf"))
+    assert full.mask is not None and _arr(full.mask).sum() > 0
+    for r in (bare, old):
+        assert r.mask is None and r.info["threshold"] is None and "mask=False" in r.info["threshold_source"]
+        assert np.array_equal(_arr(r.anomaly), _arr(full.anomaly))
+        assert np.array_equal(_arr(r.brain_mask), _arr(full.brain_mask))
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(uad.UADError, match="threshold must be a finite number"):
+            uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, threshold=bad)
+    with pytest.raises(uad.UADError, match="threshold must be a finite number"):
+        uad.pipeline.check_threshold(float("inf"))  # what the CLI calls: --threshold inf stays refused

@@ -169,3 +169,71 @@ def test_engine_warnings_reach_the_result(mrml_scene_logic=None):
         logging.getLogger("uad.perceptual").info("not a warning")
         logging.getLogger("other").warning("not the engine")
     assert msgs == ["LPIPS (SqueezeNet) is not available: fallback"]
+
+
+NO_KERNEL = "CUDA error: no kernel image is available for execution on the device"
+
+
+@pytest.fixture
+def gpu_without_kernels(monkeypatch):
+    """A CUDA build that sees a GPU it has no kernels for (the probe raises "no kernel image")."""
+    import torch
+
+    import uad.pipeline
+
+    def probe(dev):
+        raise RuntimeError(NO_KERNEL)
+
+    monkeypatch.setattr(uad.pipeline, "_cuda_available", lambda: True)
+    monkeypatch.setattr(uad.pipeline, "_probe", probe)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA Future GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    return probe
+
+
+def test_explicit_cuda_without_kernels_falls_back_to_the_cpu_and_names_the_gpu(gpu_without_kernels):
+    import torch
+
+    import uad.pipeline
+
+    logs = []
+    for name in ("cuda", "cuda:0", "auto"):
+        assert uad.pipeline.resolve_device(name, log=logs.append) == torch.device("cpu")
+    assert len(logs) == 3
+    for msg in logs:  # the GPU, its compute capability and what the build supports, then the way out
+        assert "has no kernels for the GPU cuda" in msg and "(NVIDIA Future GPU, compute capability 12.0)" in msg
+        assert "it supports sm_80 sm_90" in msg and "falling back to the CPU" in msg
+    assert "--device cuda was requested" in logs[0] and "--device cuda:0 was requested" in logs[1]
+    # other failures of an explicit device are not hidden
+    uad.pipeline._probe = lambda dev: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))
+    with pytest.raises(uad.UADError, match="cannot run .*illegal memory access"):
+        uad.pipeline.resolve_device("cuda")
+    # the Slicer side builds the same message from the device probe's JSON
+    from UADExtensionLib.devices import no_kernel_message
+
+    info = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "arch_list": ["sm_80", "sm_90"],
+            "gpus": [{"index": 0, "name": "NVIDIA Future GPU", "memory_gib": 32.0, "capability": "12.0"}]}
+    assert no_kernel_message(info, "cuda") in logs[0]
+
+
+def test_explicit_cuda_fallback_reaches_the_result_and_the_json_events(gpu_without_kernels, tiny_zoo, make_volume,
+                                                                      tmp_path, capsys):
+    import SimpleITK as sitk
+
+    import uad.pipeline
+    from uad.cli import main
+
+    img, _, _ = make_volume()
+    r = uad.pipeline.detect(img, model="tiny-test", device="cuda", params={"steps": 2, "level": 20})
+    assert r.info["device"] == "cpu"
+    assert any("NVIDIA Future GPU" in w and "falling back to the CPU" in w for w in r.info["warnings"])
+    sitk.WriteImage(img, str(tmp_path / "a.nii.gz"))
+    rc = main(["detect", str(tmp_path / "a.nii.gz"), "-o", str(tmp_path / "o"), "--model", "tiny-test",
+               "--device", "cuda", "--progress-format", "json", "--param", "steps=2", "--param", "level=20"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    warned = [e["message"] for e in events if e["event"] == "warning" and "NVIDIA Future GPU" in e["message"]]
+    assert warned and "it supports sm_80 sm_90" in warned[0]  # what the Slicer runner shows (run.warnings)
+    assert (tmp_path / "o" / "a_anomaly.nii.gz").is_file()

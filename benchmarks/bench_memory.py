@@ -6,7 +6,9 @@ once, and reports, in bytes per input voxel:
 
 * ``rss``: the process's peak resident set during ``detect`` minus its resident set just before
   (input volume and model loaded, a warm-up ``detect`` on a small volume done so that lazy imports
-  and torch's first-call allocations are not counted): every allocation, numpy's, ITK's (the
+  and torch's first-call allocations are not counted, free allocator pages given back with glibc's
+  ``malloc_trim`` and allocations above 1 MiB mapped on their own (``mallopt``) so that freed
+  memory is not retained and reused unseen): every allocation, numpy's, ITK's (the
   results are SimpleITK images) and torch's.  The peak is the kernel's high-water mark
   (``VmHWM``), reset just before ``detect`` through ``/proc/self/clear_refs``; where that is not
   possible, ``ru_maxrss`` of the process (then run it in a fresh process);
@@ -49,6 +51,32 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Tell glibc's allocator to map every allocation above ``threshold`` bytes on its own (``mallopt``
+    M_MMAP_THRESHOLD, which also stops its dynamic raising up to 32 MiB): freed arrays go back to the
+    system at once, so the resident peak is that of the live arrays, at any volume size."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free pages back to the system (glibc ``malloc_trim``), so that memory freed
+    before the measurement (the input's construction, the warm-up) is not silently reused by it."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> bool:
@@ -101,34 +129,49 @@ def tiny_model(image_size: int):
     return build_model(cfg, model_id="bench-tiny")
 
 
-def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=True) -> dict:
-    """Run detect once; returns the measurements (see the module docstring)."""
+def no_network(method, x, mask, rng):
+    """A stand-in for the method call (``detect(..., forward=)``): restoration = input, anomaly = |x - 0.5|
+    in the brain.  Without the network, what is measured is the volume chain alone."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(restoration=x, anomaly=(x - 0.5).abs() * mask, nfe=0)
+
+
+def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=True, network=True,
+            batch_size=64, spacing=None) -> dict:
+    """Run detect once; returns the measurements (see the module docstring).  ``network=False``: the method
+    call is replaced by ``no_network`` (the memory of the preprocessing chain and the way back alone)."""
     import warnings
 
     import SimpleITK as sitk
 
     from uad.pipeline import detect
 
+    mapped = map_large_allocations()
     model = tiny_model(image_size)
     params = {"level": 10, "steps": 2, "sampler": "ddim"}
     warnings.filterwarnings("ignore", message=".*no calibrated threshold.*")
     if warmup:  # lazy imports, torch's first-call allocations, numpy's caches: not the volume's memory
-        detect(make_input((24, 48, 40), dtype), model=model, device="cpu", params=params, batch_size=64)
-    image = make_input(shape, dtype)
+        detect(make_input((24, 48, 40), dtype), model=model, device="cpu", params=params, batch_size=batch_size,
+               forward=None if network else no_network)
+    image = make_input(shape, dtype, spacing=spacing)
     n = int(np.prod(shape))
+    release_free_memory()
     base = rss_bytes()
     hwm_reset = reset_peak_rss()
     if trace:
         tracemalloc.start()
     t0 = time.perf_counter()
-    res = detect(image, model=model, device="cpu", params=params, batch_size=64)
+    res = detect(image, model=model, device="cpu", params=params, batch_size=batch_size,
+                 forward=None if network else no_network)
     secs = time.perf_counter() - t0
-    out = {"shape_zyx": list(shape), "dtype": dtype, "voxels": n, "seconds": round(secs, 1),
+    out = {"shape_zyx": list(shape), "dtype": dtype, "voxels": n, "seconds": round(secs, 1), "network": network,
            "spacing_xyz_mm": [round(v, 4) for v in image.GetSpacing()],
            "skull_stripped": res.info["preprocess"]["skull_stripped"],
            "steps": [st["step"] for st in res.info["preprocess"]["steps"]],
            "input_bytes_per_voxel": sitk.GetArrayViewFromImage(image).itemsize,
-           "rss_peak_source": "VmHWM reset before detect" if hwm_reset else "ru_maxrss of the process"}
+           "rss_peak_source": ("VmHWM reset before detect" if hwm_reset else "ru_maxrss of the process")
+           + (", allocations > 1 MiB mapped alone" if mapped else "")}
     if trace:
         cur, peak = tracemalloc.get_traced_memory()
         snap = tracemalloc.take_snapshot()
@@ -148,8 +191,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "int16"), default="float32")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--no-trace", action="store_true", help="RSS only (tracemalloc slows numpy down a little)")
+    ap.add_argument("--no-network", action="store_true",
+                    help="replace the method call by a stand-in: the chain's memory alone")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                    help="voxel size in mm (default: FOV_MM / shape, a brain; e.g. 1 1 1.2 at 256 x 256 x 128 makes "
+                         "the ellipsoid a head-sized volume: the unprocessed-scan path, N4 and a skull stripper)")
     args = ap.parse_args(argv)
-    r = measure(tuple(args.shape), args.dtype, args.image_size, trace=not args.no_trace)
+    r = measure(tuple(args.shape), args.dtype, args.image_size, trace=not args.no_trace,
+                network=not args.no_network, batch_size=args.batch_size, spacing=args.spacing)
     print(json.dumps(r, indent=2))
     return 0
 

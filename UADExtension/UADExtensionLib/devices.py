@@ -5,6 +5,8 @@
 - ``detect_halving_batch_on_oom()``: out of GPU memory halves the batch and retries.
 - ``classify_failure(text)``: "out of memory", "no kernel image" (a GPU too new or too old for
   the installed torch build: offer the CPU), or None.
+- ``no_kernel_message(info)``: the engine's one message for such a build (GPU, compute capability,
+  the build's architectures); the engine itself falls back to the CPU with it as a warning.
 - ``device_info()`` (run it in a separate process with ``probe_command()``, so that Slicer's
   process never imports torch just to show it): torch and CUDA versions, GPU names and memory,
   and whether MPS is present *and* passes a tiny convolution.
@@ -158,6 +160,18 @@ def describe(info: dict) -> str:
                                       "present but failed a test convolution; the CPU is used"))
     parts.append(f"{info.get('threads', '?')} CPU threads")
     return "; ".join(parts) + "."
+
+
+def no_kernel_message(info: dict, device: str = "cuda:0") -> str:
+    """The engine's message for a PyTorch build without kernels for the GPU (``uad.pipeline.no_kernel_message``),
+    from ``device_info()``: the GPU, its compute capability and the build's architectures."""
+    from uad.pipeline import no_kernel_message as engine_message
+
+    index = int(str(device).split(":")[1]) if ":" in str(device) else 0
+    gpu = next((g for g in info.get("gpus") or [] if g.get("index") == index), None)
+    return engine_message(f"cuda:{index}", str(info.get("torch") or "?"), info.get("cuda_build"),
+                          gpu.get("name") if gpu else None, gpu.get("capability") if gpu else None,
+                          info.get("arch_list") or [])
 
 
 def probe_command(python: str | None = None) -> list[str]:

@@ -297,6 +297,17 @@ class BackgroundRun:
             return "cpu"
         return device
 
+    def _noKernelText(self, probe=None) -> str:
+        """The engine's message (GPU, compute capability, the build's architectures) from the device probe,
+        with the way out in Slicer."""
+        from .devices import no_kernel_message
+
+        info = (probe or self._probeDevice)()
+        dev = self.device if str(self.device).startswith("cuda") else "cuda:0"
+        text = no_kernel_message(info, dev) if info.get("gpus") else \
+            "the installed PyTorch has no kernels for this GPU; run on the CPU (device 'cpu')"
+        return text + " (in Slicer: the PyTorch Utils module installs another build)"
+
     def _probeDevice(self) -> dict:
         from .devices import parse_probe_output, probe_command
 
@@ -448,8 +459,7 @@ class BackgroundRun:
         else:
             self.error = text or f"the engine process failed (exit status {rc})"
         if kind == "no_kernel_image":
-            self.error += (" -- the installed PyTorch has no kernels for this GPU; run on the CPU (device 'cpu') "
-                           "or install a PyTorch build for this GPU in the PyTorch Utils module")
+            self.error += " -- " + self._noKernelText()
         self.endTime = time.monotonic()
         self._cleanup()
         self._emit({"event": "failed", "error": self.error, "kind": kind, "returncode": rc})

@@ -319,7 +319,7 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     anomalies, brains = [], []
     for i, (img, brain) in enumerate(vols):
         res = detect(img, method=method, model=model, device=device, seed=i, preset=preset, params=params,
-                     brain_mask=brain, threshold=float("inf"))
+                     brain_mask=brain, mask=False)
         anomalies.append(sitk.GetArrayFromImage(res.anomaly))
         brains.append(sitk.GetArrayFromImage(brain) > 0)
         post = res.info.get("postprocess") or {}

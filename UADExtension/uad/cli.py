@@ -265,7 +265,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
 
         ctx, dev = setup_distributed(args.device)
     else:
-        dev = resolve_device(args.device, log=print)
+        dev = resolve_device(args.device, log=None if json_events else print)  # json: a warning event
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size if ctx.enabled else 1) or 1)
     configure_threads(args.threads, processes=local)
     from .precision import precision_dtype

@@ -33,7 +33,7 @@ FALLBACK_PERCENTILE = 99.0
 class DetectionResult:
     restoration: sitk.Image  # float32, input intensity units, input grid
     anomaly: sitk.Image  # float32 >= 0, zero outside the brain, input grid
-    mask: sitk.Image  # uint8, anomaly > threshold, input grid
+    mask: sitk.Image | None  # uint8, anomaly > threshold, input grid (None with detect(..., mask=False))
     info: dict = field(default_factory=dict)
     brain_mask: sitk.Image | None = None  # uint8 brain mask used, input grid
 
@@ -53,35 +53,85 @@ def _probe(dev) -> None:
     float(torch.nn.functional.conv2d(x, w, padding=1).sum().item())
 
 
+class NoKernelImage(UADError):
+    """The installed PyTorch build has no kernels for this GPU ("no kernel image is available")."""
+
+
+def no_kernel_message(device: str, torch_version: str, cuda_version: str | None = None, gpu: str | None = None,
+                      capability: str | None = None, arch_list=None) -> str:
+    """The one message for a CUDA build that cannot run on the GPU (the engine and the Slicer module both
+    use it): the GPU, its compute capability and the architectures the build supports."""
+    what = f"the GPU {device}" + (f" ({gpu}" + (f", compute capability {capability}" if capability else "") + ")"
+                                  if gpu else (f" (compute capability {capability})" if capability else ""))
+    build = f"torch {torch_version}" + (f", CUDA {cuda_version}" if cuda_version else "")
+    archs = " ".join(arch_list or []) or "unknown"
+    return (f"this PyTorch build ({build}) has no kernels for {what}: it supports {archs}; "
+            f"install a PyTorch build for this GPU, or use --device cpu")
+
+
+def _no_kernel_error(dev) -> NoKernelImage:
+    import torch
+
+    gpu = capability = None
+    archs: list = []
+    try:
+        gpu = torch.cuda.get_device_name(dev)
+    except Exception:
+        pass
+    try:
+        cap = torch.cuda.get_device_capability(dev)
+        capability = f"{cap[0]}.{cap[1]}"
+    except Exception:
+        pass
+    try:
+        archs = list(torch.cuda.get_arch_list())
+    except Exception:
+        pass
+    index = getattr(dev, "index", None)
+    if index is None:
+        try:
+            index = torch.cuda.current_device()
+        except Exception:
+            index = 0
+    return NoKernelImage(no_kernel_message(f"cuda:{index}", torch.__version__, getattr(torch.version, "cuda", None), gpu,
+                                           capability, archs))
+
+
+def is_no_kernel_image(text: str) -> bool:
+    low = " ".join(str(text).split()).lower()
+    return "no kernel image" in low or "not compatible with the current pytorch" in low or "not compatible" in low
+
+
 def check_device_runs(dev, probe: Callable | None = None) -> None:
-    """Raise ``UADError`` with a clear message when kernels cannot run on ``dev`` (for example a CUDA
-    build without kernels for this GPU: "no kernel image is available for execution on the device")."""
+    """Raise ``UADError`` with a clear message when kernels cannot run on ``dev``; a CUDA build without
+    kernels for this GPU ("no kernel image is available for execution on the device") raises
+    ``NoKernelImage`` naming the GPU and the build's architectures (``torch.cuda.get_arch_list()``)."""
     try:
         (probe or _probe)(dev)
     except (RuntimeError, AssertionError) as e:
         text = " ".join(str(e).split())
-        import torch
-
-        if "no kernel image" in text.lower() or "not compatible" in text.lower():
-            arch = ""
-            try:
-                cap = torch.cuda.get_device_capability(dev)
-                arch = f" (compute capability {cap[0]}.{cap[1]}; this build supports " \
-                       f"{' '.join(torch.cuda.get_arch_list()) or 'none'})"
-            except Exception:
-                pass
-            raise UADError(f"this PyTorch build (torch {torch.__version__}) has no kernels for the GPU {dev}{arch}; "
-                           f"install a PyTorch build for this GPU, or use --device cpu") from None
+        if is_no_kernel_image(text):
+            raise _no_kernel_error(dev) from None
         raise UADError(f"device {dev} cannot run ({text[:200]})") from None
+
+
+def _device_log(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    if log is not None:
+        return log
+    import logging
+
+    return logging.getLogger("uad").warning
 
 
 def resolve_device(device: str | None = "auto", probe: Callable | None = None,
                    log: Callable[[str], None] | None = None):
     """``"auto"`` -> cuda, else mps, else cpu; an explicit device must be available (``UADError`` otherwise).
 
-    A CUDA device is first probed with a few kernels: with ``"auto"`` a device that cannot run them
-    ("no kernel image") is reported through ``log`` and the CPU is used; an explicit ``cuda``
-    request raises the clear ``UADError`` instead.
+    A CUDA device is first probed with a few kernels.  When the PyTorch build has no kernels for the GPU
+    ("no kernel image"), with ``"auto"`` and with an explicit ``cuda`` / ``cuda:N`` alike, the message
+    (the GPU, its compute capability, the architectures of the build) goes to ``log`` (default: the
+    ``uad`` logger, which the CLI turns into a JSON warning for the Slicer module) and the CPU is used:
+    the run still gives its result, and says where it ran.  Other failures of an explicit device raise.
     """
     import torch
 
@@ -93,8 +143,7 @@ def resolve_device(device: str | None = "auto", probe: Callable | None = None,
                 check_device_runs(dev, probe)
                 return dev
             except UADError as e:
-                if log is not None:
-                    log(f"warning: {e}; falling back to the CPU")
+                _device_log(log)(f"warning: {e}; falling back to the CPU")
                 return torch.device("cpu")
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
@@ -113,7 +162,11 @@ def resolve_device(device: str | None = "auto", probe: Callable | None = None,
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UADError(f"device {device!r} was requested but only {torch.cuda.device_count()} "
                            f"CUDA device(s) exist")
-        check_device_runs(dev, probe)
+        try:
+            check_device_runs(dev, probe)
+        except NoKernelImage as e:  # the GPU cannot be used by this build at all: say so, run on the CPU
+            _device_log(log)(f"warning: {e}; --device {name} was requested: falling back to the CPU")
+            return torch.device("cpu")
         return dev
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
@@ -452,7 +505,7 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
            bias_correction: bool | None = None, preprocessing: dict | None = None,
            contrast: str | None = None, forward: Callable | None = None,
            log: Callable[[str], None] | None = None, fpr: float | None = None,
-           precision: str = "fp32") -> DetectionResult:
+           precision: str = "fp32", mask: bool = True) -> DetectionResult:
     """Run anomaly detection on a 3-D volume.
 
     ``model``: a ``uad.zoo.Model``, a model id, or None for the method's default
@@ -465,8 +518,10 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     ``uad.calibration``), else -- with a warning -- the (1 - fpr) percentile of
     this volume's in-brain anomaly values (``info["threshold_source"]`` says
     which; ``info["warnings"]`` lists the warnings, ``info["perceptual_backend"]``
-    the backend of the map); ``threshold=float("inf")`` flags no voxel (for callers that only
-    want the map, e.g. calibration).  The input image is not modified.
+    the backend of the map).  ``mask=False``: no threshold is chosen and no binary mask computed
+    (``result.mask`` is None, ``info["threshold"]`` None): for callers that only want the map, e.g.
+    calibration and learning curves (``threshold=float("inf")``, the old way of saying it, is read
+    the same).  The input image is not modified.
 
     Preprocessing follows the model's ``preprocessing`` profile (``uad.preprocess.DEFAULT_PROFILE``;
     ``preprocessing`` overrides keys of it).  ``skull_stripped``: "auto" (detected), True or False:
@@ -486,7 +541,10 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
 
     t0 = time.perf_counter()
     validate(image)
-    if threshold is not None and threshold != float("inf"):  # +inf: no voxel flagged (callers that want the map)
+    want_mask = bool(mask)
+    if threshold is not None and threshold == float("inf"):  # the old spelling of mask=False
+        want_mask, threshold = False, None
+    if threshold is not None:
         threshold = check_threshold(threshold)
     if brain_mask is not None:
         validate_mask(brain_mask, image)
@@ -495,7 +553,13 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     batch_size = int(batch_size)
     name = method_key(method)
     method_class(name)
-    dev = resolve_device(device)
+    device_notes: list[str] = []
+
+    def device_log(msg: str) -> None:
+        device_notes.append(msg[len("warning: "):] if msg.startswith("warning: ") else msg)
+        _device_log(log)(msg)
+
+    dev = resolve_device(device, log=device_log)
     from .precision import normalise_precision, with_precision
 
     precision = normalise_precision(precision)
@@ -532,8 +596,11 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     restoration, anomaly = to_volumes(stack, rest, anom)
     brain = stack.brain_mask_array()
 
-    thr, source, notes = select_threshold(m, name, meth, threshold, fpr, anomaly, brain)
-    mask = threshold_mask(anomaly, thr, int(post.get("min_component_size") or 0))
+    if want_mask:
+        thr, source, notes = select_threshold(m, name, meth, threshold, fpr, anomaly, brain)
+        mask_img = threshold_mask(anomaly, thr, int(post.get("min_component_size") or 0))
+    else:
+        thr, source, notes, mask_img = None, "none: no mask computed (mask=False)", [], None
     brain_img = stack.brain_mask_image()
 
     params_used = dataclasses.asdict(meth.params) if dataclasses.is_dataclass(meth.params) else dict(params or {})
@@ -556,9 +623,9 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
         "threshold_source": source,
         "fpr": float(fpr if fpr is not None else _default_fpr()),
         "perceptual_backend": meth.perceptual_backend(),
-        "warnings": notes,
+        "warnings": device_notes + notes,
         "postprocess": post,
         "image_size": stack.image_size,
         "preprocess": dict(stack.info),
     }
-    return DetectionResult(restoration=restoration, anomaly=anomaly, mask=mask, info=info, brain_mask=brain_img)
+    return DetectionResult(restoration=restoration, anomaly=anomaly, mask=mask_img, info=info, brain_mask=brain_img)

@@ -8,7 +8,8 @@ import SimpleITK as sitk
 from .imageio import array_view
 from .preprocess import SliceStack, canonical_view, label, label_counts, paste_canonical_slices
 
-#: axial slices of the working volume mapped back at a time by the streamed way back
+#: axial slices of the working volume mapped back at a time by the streamed way back (at most; at most
+#: 1 % of the volume's slices, so that the chunk's temporaries stay a small part of the volume's memory)
 CHUNK_SLICES = 4
 
 
@@ -72,14 +73,18 @@ def _to_volumes_streamed(stack: SliceStack, rest: np.ndarray, anom: np.ndarray) 
     brain = canonical_view(stack.brain_mask_array(), stack.permute, stack.flip)
     valid = np.ones_like(anom)
     K = original.shape[0]
-    for k0 in range(0, K, CHUNK_SLICES):
-        ks = slice(k0, min(K, k0 + CHUNK_SLICES))
+    chunk = max(1, min(CHUNK_SLICES, K // 100))
+    for k0 in range(0, K, chunk):
+        ks = slice(k0, min(K, k0 + chunk))
         maps = stack.invert_slices({"restoration": rest, "anomaly": anom, "valid": valid}, ks)
-        use = brain[ks] & (maps["valid"] > 0.5)
-        r = np.where(use, maps["restoration"], np.asarray(original[ks], np.float32)).astype(np.float32)
-        a = np.where(use, np.maximum(maps["anomaly"], 0.0), 0.0).astype(np.float32)
+        use = brain[ks] & (maps.pop("valid") > 0.5)
+        r = np.where(use, maps.pop("restoration"), np.asarray(original[ks], np.float32)).astype(np.float32, copy=False)
         paste_canonical_slices(out_r, r, k0, stack.permute, stack.flip)
-        paste_canonical_slices(out_a, a, k0, stack.permute, stack.flip)
+        del r
+        a = maps.pop("anomaly")
+        np.maximum(a, 0.0, out=a)
+        a[~use] = 0.0
+        paste_canonical_slices(out_a, a.astype(np.float32, copy=False), k0, stack.permute, stack.flip)
     return out_r, out_a
 
 

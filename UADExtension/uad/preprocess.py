@@ -546,11 +546,9 @@ def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 
     f = sitk.N4BiasFieldCorrectionImageFilter()
     f.SetMaximumNumberOfIterations([int(i) for i in iterations])
     f.Execute(small, mask)
-    log_field = f.GetLogBiasFieldAsImage(img)
-    del img
-    field = sitk.GetArrayFromImage(sitk.Cast(log_field, sitk.sitkFloat32))
-    del log_field
-    return np.exp(field, out=field)
+    log_field = sitk.Cast(f.GetLogBiasFieldAsImage(img), sitk.sitkFloat32)
+    del img, small, mask
+    return np.exp(sitk.GetArrayViewFromImage(log_field))  # a new float32 array; the log field is then freed
 
 
 #: With a skull stripper's mask, anomalies closer than this to the mask's boundary are zeroed: the
@@ -801,7 +799,7 @@ class InPlane(Step):
     """Square field of view (crop to the brain box, or pad the whole slice) resampled to S x S pixels."""
 
     name = "in_plane"
-    chunk = 8  # slices resampled at a time
+    chunk = 8  # slices resampled at a time (at most; at most 2 % of the slices)
 
     def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True):
         self.size, self.square, self.margin, self.clip = int(size), square, float(margin), bool(clip)
@@ -828,8 +826,9 @@ class InPlane(Step):
         slices = np.empty((len(kk), self.size, self.size), np.float32)
         masks = np.empty((len(kk), self.size, self.size), bool)
         # a few slices at a time (every operation is in-plane, so the result is the same as at once)
-        for n0 in range(0, len(kk), self.chunk):
-            ks = kk[n0:n0 + self.chunk]
+        per = max(1, min(self.chunk, len(kk) // 50))
+        for n0 in range(0, len(kk), per):
+            ks = kk[n0:n0 + per]
             norm = w.read(ks)
             if max(sig) > 0:
                 norm = ndimage.gaussian_filter(norm, sigma=(0.0, sig[0], sig[1]), mode="constant", cval=w.cval)
@@ -854,6 +853,12 @@ class InPlane(Step):
             v = np.asarray(v, np.float32)
             if v.shape[0] == 0:
                 out[k] = np.zeros((0, J, I), np.float32)
+                continue
+            if k == "valid" and v.min() == 1.0 == v.max():  # the footprint, the same for every slice: once
+                if getattr(self, "_footprint", None) is None:
+                    self._footprint = self.inverse({"footprint": np.ones((1, self.size, self.size), np.float32)})[
+                        "footprint"]
+                out[k] = np.broadcast_to(self._footprint, (v.shape[0], J, I))
                 continue
             out[k] = ndimage.affine_transform(
                 v, np.array([1.0, 1.0 / dj, 1.0 / di]), offset=np.array([0.0, c - cj / dj, c - ci / di]),

@@ -850,7 +850,7 @@ def sample_ap(model: Model, method: str, preset: str, sample: dict, device) -> f
     modes = {role: net.training for role, net in model.networks.items()}
     try:
         res = detect(sample["image"], method=method, model=model, device=device, seed=0, preset=preset,
-                     brain_mask=sample["brain_mask"], threshold=float("inf"))
+                     brain_mask=sample["brain_mask"], mask=False)
     finally:
         for role, net in model.networks.items():
             net.train(modes[role])
@@ -1338,7 +1338,7 @@ def calibrate_threshold(model: Model, method: str, contrast: str = "T2", n_volum
     for i in range(n_volumes):
         ph = make_phantom(seed + i, contrast=contrast, lesion="none", spacing=spacing)
         res = detect(ph.image, method=method, model=model, device=device, seed=i, preset=preset,
-                     brain_mask=ph.brain_mask, threshold=float("inf"))
+                     brain_mask=ph.brain_mask, mask=False)
         a = sitk.GetArrayFromImage(res.anomaly)
         b = sitk.GetArrayFromImage(ph.brain_mask) > 0
         values.append(a[b])
