@@ -315,3 +315,30 @@ def test_detect_mask_false_computes_no_mask_and_inf_means_the_same(tiny_model, f
             uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, threshold=bad)
     with pytest.raises(uad.UADError, match="threshold must be a finite number"):
         uad.pipeline.check_threshold(float("inf"))  # what the CLI calls: --threshold inf stays refused
+
+
+def test_threshold_mask_slabs_and_component_box_equal_the_plain_formula():
+    from scipy import ndimage
+
+    from uad.postprocess import threshold_mask
+
+    def plain(a, t, n_min):
+        m = a > t
+        if n_min > 1 and m.any():
+            lab, n = ndimage.label(m, structure=np.ones((3,) * m.ndim, bool))
+            keep = np.bincount(lab.ravel()) >= n_min
+            keep[0] = False
+            m = keep[lab]
+        return m.astype(np.uint8)
+
+    rng = np.random.default_rng(0)
+    for shape, n_min in [((40, 24, 20), 0), ((40, 24, 20), 5), ((7, 30, 33), 20), ((30, 41), 3)]:
+        a = ndimage.gaussian_filter(rng.random(shape), 1.0).astype(np.float32)
+        t = float(np.quantile(a, 0.9))
+        assert np.array_equal(threshold_mask(a, t, n_min), plain(a, t, n_min))
+        if a.ndim == 3:
+            img = sitk.GetImageFromArray(a)
+            img.SetSpacing((1.5, 1.0, 2.0))
+            out = threshold_mask(img, t, n_min)
+            assert out.GetPixelID() == sitk.sitkUInt8 and out.GetSpacing() == img.GetSpacing()
+            assert np.array_equal(_arr(out), plain(a, t, n_min))

@@ -128,8 +128,6 @@ def threshold_mask(anomaly: sitk.Image | np.ndarray, threshold: float, min_compo
     Connected components (26-connected in 3-D) smaller than
     ``min_component_size`` voxels are removed.
     """
-    from scipy import ndimage
-
     is_img = isinstance(anomaly, sitk.Image)
     arr = sitk.GetArrayViewFromImage(anomaly) if is_img else np.asarray(anomaly)
     n_min = int(min_component_size or 0)
@@ -143,9 +141,11 @@ def threshold_mask(anomaly: sitk.Image | np.ndarray, threshold: float, min_compo
     m = np.greater(arr, float(threshold), out=np.empty(arr.shape, np.uint8), casting="unsafe")
     if n_min > 1 and m.any():
         # label only the bounding box of the flagged voxels (the same components, a fraction of the memory)
-        box = tuple(slice(int(np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != ax)))[0]),
-                          int(np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != ax)))[-1]) + 1)
-                    for ax in range(m.ndim))
+        box = []
+        for ax in range(m.ndim):
+            hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != ax)))
+            box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+        box = tuple(box)
         sub = m[box]
         lab, n = label(sub, structure=np.ones((3,) * m.ndim, bool))
         counts = label_counts(lab, n)

@@ -48,6 +48,12 @@ Conventions
   anti-aliasing before downsampling, linear interpolation); slices are never
   interpolated across z.
 
+Memory: the input is read through a read-only canonical view (no copy), voxel-wise steps are
+applied a few slices at a time when ``InPlane`` resamples them, and, when every step inverts slice by
+slice (no registration), ``postprocess.to_volumes`` fills the output images a few slices at a time
+(``SliceStack.invert_slices``, ``paste_canonical_slices``): beyond the input, the default chain
+holds little more than its results (``benchmarks/bench_memory.py``).
+
 ``normalisation`` (the model config's dict) may set ``lower``, ``upper``
 (percentiles), ``clip`` (bool), ``margin`` (fraction of the brain box added
 per side) and ``mask_threshold`` (fraction of the robust maximum used by the
