@@ -17,4 +17,4 @@ else
 --seed 100000 --steps 100000 --curve-every 500 --curve-method thor --curve-method anoddpm --curve-slices 24 \
 --time-limit $MIN --no-progress"
 fi
-exec nice -n 19 $PY -c "import sys, torch; torch.set_num_threads(1); from uad.cli import main; sys.exit(main(sys.argv[1:]))" train $ARGS
+exec nice -n ${NICE:-19} $PY -c "import sys, torch; torch.set_num_threads(1); from uad.cli import main; sys.exit(main(sys.argv[1:]))" train $ARGS
