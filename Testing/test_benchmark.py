@@ -250,3 +250,42 @@ def test_benchmark_cli_options(tmp_path, capsys):
     rc = main(["benchmark", "-o", str(tmp_path / "b"), "--max-volumes", "0"])
     assert rc == 1 and "--max-volumes must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything is written
+
+
+def test_heldout_table_merges_runs_each_against_its_own_floor():
+    """Two runs: the later one's rows replace the earlier one's for the same model/preset, and each row is
+    judged against the floor of its own run (quick and full sets have different floors)."""
+    from uad.heldout_table import block, merged_rows, update_cards
+
+    quick = _synthetic_report()
+    full = _synthetic_report()
+    full["command"] = "uad benchmark --methods disyre -o full"
+    full["results"][0]["by_lesion"]["tumour"]["ap"] = 0.40  # the full run's floor
+    full["results"] = [full["results"][0], full["results"][3]]  # floor + disyre only
+    full["results"][1]["by_lesion"]["tumour"]["ap"] = 0.60
+    rows = merged_rows([quick, full])
+    t = {(r["method"], r["preset"], r["lesion"]): r for r in rows}
+    assert len(rows) == 9
+    assert t[("disyre", "paper", "tumour")]["run"] == 2 and t[("disyre", "paper", "tumour")]["ap"] == 0.60
+    assert t[("disyre", "paper", "tumour")]["floor_ap"] == 0.40 and abs(t[("disyre", "paper", "tumour")]["ratio"] - 1.5) < 1e-12
+    assert t[("thor", "fast", "tumour")]["run"] == 1 and t[("thor", "fast", "tumour")]["floor_ap"] == 0.10
+    text = block([quick, full])
+    assert "Run 1: " in text and "Run 2: " in text and "uad benchmark --methods disyre -o full" in text
+    assert "| T2 | tumour | disyre | paper (default) | disyre-x | 2 | 2 / 2 | 0.600 | 0.400 |" in text
+    only = block([quick, full], {"disyre-x"})
+    assert "Run 1: " not in only and "Run 2: " in only  # the header lists only the runs the rows come from
+
+
+def test_update_cards_accepts_several_runs(tmp_path):
+    from uad.heldout_table import update_cards
+
+    models = tmp_path / "models"
+    (models / "disyre-x").mkdir(parents=True)
+    (models / "manifest.json").write_text(json.dumps({"models": [{"id": "disyre-x", "card": "disyre-x/README.md"}]}))
+    (models / "disyre-x/README.md").write_text("# disyre-x\n")
+    quick, full = _synthetic_report(), _synthetic_report()
+    full["command"] = "uad benchmark -o full"
+    log = update_cards([quick, full], models)
+    assert any("updated" in w for _, w in log)
+    card = (models / "disyre-x/README.md").read_text()
+    assert "Run 2: " in card and "uad benchmark -o full" in card and "| 2 | 2 / 2 |" in card

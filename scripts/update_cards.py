@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the held-out table of a ``uad benchmark`` run into the model cards and the README.
 
-    python scripts/update_cards.py BENCH_DIR [--models models/] [--readme README.md] [--print]
+    python scripts/update_cards.py BENCH_DIR [BENCH_DIR ...] [--models models/] [--readme README.md] [--print]
 
 BENCH_DIR is a ``uad benchmark -o BENCH_DIR`` folder (its ``benchmark.json``).  Every model of
 ``--models``'s manifest that the run measured gets its card's section between
@@ -26,7 +26,9 @@ from uad.heldout_table import block, load_report, update_cards, update_file  # n
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("bench_dir", help="a 'uad benchmark -o DIR' folder, or its benchmark.json")
+    p.add_argument("bench_dir", nargs="+",
+                   help="'uad benchmark -o DIR' folder(s), or their benchmark.json; with several, a model's rows "
+                        "come from the last run that measured it (each against its own run's floor)")
     p.add_argument("--models", default=None, metavar="DIR",
                    help="model folder with manifest.json whose cards are updated (e.g. models/)")
     p.add_argument("--readme", default=None, metavar="FILE", help="README whose marked section is replaced")
@@ -35,9 +37,11 @@ def main(argv=None) -> int:
     p.add_argument("--print", action="store_true", dest="show", help="print the README table")
     a = p.parse_args(argv)
     try:
-        rep = load_report(a.bench_dir)
-        if a.command and not rep.get("command"):
-            rep["command"] = a.command
+        reps = [load_report(d) for d in a.bench_dir]
+        for rep in reps:
+            if a.command and not rep.get("command"):
+                rep["command"] = a.command
+        rep = reps[0] if len(reps) == 1 else reps
         text = block(rep)
         if a.show or not (a.models or a.readme):
             print(text)

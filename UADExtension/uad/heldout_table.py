@@ -127,16 +127,33 @@ def header(report: dict) -> str:
             f"/ healthy volumes.")
 
 
+def merged_rows(reports: list[dict], model_ids=None) -> list[dict]:
+    """Rows of several runs (each against the floor of its own run), in run order; a (contrast, method,
+    preset, model) measured by a later run replaces that of an earlier one.  ``run`` = 1-based run index."""
+    order, by_key = [], {}
+    for i, rep in enumerate(reports, 1):
+        rows = table_rows(rep, model_ids)
+        keys = {(r["contrast"], r["method"], r["preset"], r["model"]) for r in rows}
+        for k in keys:
+            if k not in by_key:
+                order.append(k)
+            by_key[k] = [dict(r, run=i) for r in rows if (r["contrast"], r["method"], r["preset"], r["model"]) == k]
+    return [r for k in order for r in by_key[k]]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| contrast | lesion | method | preset | model | volumes | AP | floor AP | prevalence | AP / floor | "
+    runs = any(r.get("run") for r in rows)
+    lines = ["| contrast | lesion | method | preset | model | " + ("run | " if runs else "")
+             + "volumes | AP | floor AP | prevalence | AP / floor | "
              "best Dice | Dice@cal | healthy FP % | NFE/slice | s/volume | beats floor | >= 2x floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if runs else "")]
     for r in rows:
         preset = r["preset"] + (" (default)" if r.get("default") else "")
         vols = f"{r['n'] if r['n'] is not None else '?'} / {r['n_healthy'] if r['n_healthy'] is not None else '?'}"
         ratio = "-" if r["ratio"] is None else f"x{r['ratio']:.2f}"
         lines.append(
-            f"| {r['contrast']} | {r['lesion']} | {r['method']} | {preset} | {r['model']} | {vols} | "
+            f"| {r['contrast']} | {r['lesion']} | {r['method']} | {preset} | {r['model']} | "
+            + (f"{r['run']} | " if runs else "") + f"{vols} | "
             f"{_f(r['ap'])} | {_f(r['floor_ap'])} | {_f(r['prevalence'], 4)} | "
             f"{ratio} | "
             f"{_f(r['best_dice'])} | {_f(r['dice_calibrated'])} | {_f(r['healthy_fp_percent'], 2)} | "
@@ -179,13 +196,22 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
-def block(report: dict, model_ids=None) -> str:
-    """The text between the markers: header, table, verdicts (``model_ids``: rows of those models only)."""
-    rows = table_rows(report, model_ids)
+def block(report, model_ids=None) -> str:
+    """The text between the markers: header, table, verdicts (``model_ids``: rows of those models only).
+    ``report``: one report, or a list of them (``merged_rows``: a ``run`` column says which run a row is from,
+    and the header lists every run)."""
+    reports = list(report) if isinstance(report, (list, tuple)) else None
+    if reports is None:
+        rows = table_rows(report, model_ids)
+        head = header(report)
+    else:
+        rows = merged_rows(reports, model_ids)
+        used = sorted({r["run"] for r in rows}) or list(range(1, len(reports) + 1))
+        head = "\n\n".join(f"Run {i}: " + header(reports[i - 1]) for i in used)
     if not rows:
-        return "\n" + header(report) + "\n\nNo held-out measurement of this model in that run.\n"
+        return "\n" + head + "\n\nNo held-out measurement of this model in that run.\n"
     v = verdicts(rows)
-    text = "\n" + header(report) + "\n\n" + markdown_table(rows) + "\n"
+    text = "\n" + head + "\n\n" + markdown_table(rows) + "\n"
     if v:
         text += ("\nDefault presets against issue 7's target (beat the floor on tumour and stroke for T2 and "
                  "FLAIR; at least twice the floor on T2 tumour and T2 stroke):\n\n" + "\n".join(v) + "\n")
@@ -244,7 +270,7 @@ def update_file(path, content: str, heading: str | None = CARD_HEADING, require_
     return True
 
 
-def update_cards(report: dict, models_dir) -> list[tuple[str, str]]:
+def update_cards(report, models_dir) -> list[tuple[str, str]]:
     """Replace the held-out section of the card of every model of ``models_dir/manifest.json`` that the run
     measured; returns (model id, what happened) per model.  Every card is checked before any is written."""
     models_dir = Path(models_dir)
@@ -252,7 +278,8 @@ def update_cards(report: dict, models_dir) -> list[tuple[str, str]]:
     if not man.is_file():
         raise ValueError(f"{man} does not exist")
     entries = json.loads(man.read_text()).get("models") or []
-    measured = {r.get("model") for r in report["results"] if r.get("status") == "ok"}
+    reports = list(report) if isinstance(report, (list, tuple)) else [report]
+    measured = {r.get("model") for rep in reports for r in rep["results"] if r.get("status") == "ok"}
     plan, log = [], []
     for e in entries:
         mid, card = e.get("id"), e.get("card")
