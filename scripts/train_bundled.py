@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train, calibrate, evaluate and bundle one model of the model zoo (models/).
 
-    python scripts/train_bundled.py --id ddpm-t2-phantom --method anoddpm --steps 3000
-    python scripts/train_bundled.py --id ddpm-t2-phantom --method anoddpm --finalize-only
+    python scripts/train_bundled.py --id ddpm-t2-ema --method anoddpm --steps 3000
+    python scripts/train_bundled.py --id ddpm-t2-ema --method anoddpm --finalize-only
 
 Steps: ``uad.training.train`` on MNI-based phantoms -> export the weights into
 models/<id>/ with a manifest entry -> calibrate the default threshold on
