@@ -1,10 +1,12 @@
 #!/bin/sh
-# The run of this folder: continue the bundled T2 DDPM (ddpm-t2-phantom) with EMA 0.999,
+# The run of this folder: continued the formerly bundled T2 DDPM ddpm-t2-phantom (2,250 steps, sha256 5314fd32...;
+# since replaced in models/ by this run's step-2719 EMA weights, ddpm-t2-ema) with EMA 0.999,
 # training timesteps t < 400 (covers THOR 350, AnoDDPM 250, AutoDDPM 200/50), batch 32, lr 1e-4,
 # on fresh phantom seeds (100000, ...), learning curve every 500 steps (THOR-fast and
 # AnoDDPM-fast AP on 24 slices of the bundled sample). One CPU thread, lowest priority.
 # Usage (from the repository root):  sh checkpoints/ddpm-t2-ema/run.sh MINUTES
-#   first session: starts the run; later sessions: RESUME=1 sh checkpoints/ddpm-t2-ema/run.sh MINUTES
+#   continue: RESUME=1 sh checkpoints/ddpm-t2-ema/run.sh MINUTES   (NICE=n sets the priority, default 19)
+#   (a fresh start needs the old ddpm-t2-phantom weights, no longer bundled: git show 7835cb9:models/ddpm-t2-phantom/model.safetensors)
 set -e
 MIN=${1:-60}
 RUN=checkpoints/ddpm-t2-ema
