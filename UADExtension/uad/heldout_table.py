@@ -133,8 +133,8 @@ def merged_rows(reports: list[dict], model_ids=None) -> list[dict]:
     order, by_key = [], {}
     for i, rep in enumerate(reports, 1):
         rows = table_rows(rep, model_ids)
-        keys = {(r["contrast"], r["method"], r["preset"], r["model"]) for r in rows}
-        for k in keys:
+        keys = list(dict.fromkeys((r["contrast"], r["method"], r["preset"], r["model"]) for r in rows))
+        for k in keys:  # in the run's row order (deterministic)
             if k not in by_key:
                 order.append(k)
             by_key[k] = [dict(r, run=i) for r in rows if (r["contrast"], r["method"], r["preset"], r["model"]) == k]
