@@ -83,6 +83,15 @@ def tiny_model(tiny_zoo):
 
 
 @pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty private zoo: no bundled models, no $UAD_MODELS_DIR, the user cache in tmp_path (its models folder)."""
+    monkeypatch.setattr("uad.zoo.bundled_dirs", lambda: [])
+    monkeypatch.delenv("UAD_MODELS_DIR", raising=False)
+    monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "models"
+
+
+@pytest.fixture
 def fast_params() -> dict:
     return dict(FAST_PARAMS)
 

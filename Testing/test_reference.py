@@ -27,13 +27,6 @@ SMALL = {"num_channels": (32, 64, 64), "attention_levels": (False, True, True), 
          "num_head_channels": 64, "norm_num_groups": 32, "norm_eps": 1e-6}
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty private zoo: no bundled models, no $UAD_MODELS_DIR, the user cache in tmp_path."""
-    monkeypatch.setattr(zoo, "bundled_dirs", lambda: [])
-    monkeypatch.delenv("UAD_MODELS_DIR", raising=False)
-    monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "models"
 
 
 def _reference_unet(seed: int = 0, attention=None):

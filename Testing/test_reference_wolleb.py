@@ -28,12 +28,6 @@ CLASSIFIER = dict(image_size=64, in_channels=4, model_channels=32, out_channels=
                   use_scale_shift_norm=True, resblock_updown=True, pool="attention")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(zoo, "bundled_dirs", lambda: [])
-    monkeypatch.delenv("UAD_MODELS_DIR", raising=False)
-    monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "models"
 
 
 def _randomise(net, seed=0):

@@ -243,20 +243,26 @@ def _pump(w, timeout=300):
     assert not w._timer.isActive(), "the run did not finish"
 
 
-def test_widget_runs_in_the_background_then_thresholds_live_and_cancels(widget, mrml, volume_file):  # noqa: F811
-    from UADExtensionLib.logic import UADExtensionLogic
-
-    w, ui, calls = widget.w, widget.ui, widget.calls
-    assert ui.methodComboBox.currentData == "thor"  # the tiny zoo serves thor/anoddpm/autoddpm; no DISYRE model
-    assert {ui.modelsTableWidget.item(i, 0).text() for i in range(2)} == {"tiny-test", "tiny-test-thr"}
+def _choose_tiny_anoddpm_run(ui, mrml, volume_file, batch_size, background):
+    """Load the test volume and set the widget to AnoDDPM-fast with the tiny thresholded model on the CPU."""
     node = mrml.load(volume_file)
     ui.inputSelector.setCurrentNode(node)
     ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("anoddpm"))
     ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData("tiny-test-thr"))
     ui.deviceComboBox.setCurrentIndex(ui.deviceComboBox.findData("cpu"))
     ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findData("fast"))
-    ui.batchSizeSpinBox.value = 4
-    ui.backgroundCheckBox.checked = True
+    ui.batchSizeSpinBox.value = batch_size
+    ui.backgroundCheckBox.checked = background
+    return node
+
+
+def test_widget_runs_in_the_background_then_thresholds_live_and_cancels(widget, mrml, volume_file):  # noqa: F811
+    from UADExtensionLib.logic import UADExtensionLogic
+
+    w, ui, calls = widget.w, widget.ui, widget.calls
+    assert ui.methodComboBox.currentData == "thor"  # the tiny zoo serves thor/anoddpm/autoddpm; no DISYRE model
+    assert {ui.modelsTableWidget.item(i, 0).text() for i in range(2)} == {"tiny-test", "tiny-test-thr"}
+    node = _choose_tiny_anoddpm_run(ui, mrml, volume_file, batch_size=4, background=True)
     assert ui.applyButton.enabled
     w.onApplyButton()
     assert w._run is not None and ui.applyButton.text == "Cancel" and w._timer.isActive()
@@ -303,14 +309,7 @@ def test_widget_runs_in_the_background_then_thresholds_live_and_cancels(widget, 
 
 def test_widget_in_process_run_and_its_cancel(widget, mrml, volume_file, monkeypatch):  # noqa: F811
     w, ui = widget.w, widget.ui
-    node = mrml.load(volume_file)
-    ui.inputSelector.setCurrentNode(node)
-    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("anoddpm"))
-    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData("tiny-test-thr"))
-    ui.deviceComboBox.setCurrentIndex(ui.deviceComboBox.findData("cpu"))
-    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findData("fast"))
-    ui.batchSizeSpinBox.value = 2
-    ui.backgroundCheckBox.checked = False
+    node = _choose_tiny_anoddpm_run(ui, mrml, volume_file, batch_size=2, background=False)
     ids = [mrml.scene.GetNthNode(i).GetID() for i in range(mrml.scene.GetNumberOfNodes())]
     clicks = []
 
