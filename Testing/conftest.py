@@ -82,6 +82,15 @@ def tiny_model(tiny_zoo):
     return load_model(TINY_ID)
 
 
+def one_error_line(capsys, rc) -> str:
+    """A failed CLI call (exit 1) printed exactly one 'uad: error: ' line and no traceback; that line."""
+    out, err = capsys.readouterr()
+    assert rc == 1, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("uad: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     """An empty private zoo: no bundled models, no $UAD_MODELS_DIR, the user cache in tmp_path (its models folder)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_error_line as _one_error_line
 import torch
 
 import uad.zoo as zoo
@@ -66,12 +67,6 @@ def _save_checkpoint(net, path: Path, layout: str = "thor", extra: dict | None =
     return path
 
 
-def _one_error_line(capsys, rc) -> str:
-    out, err = capsys.readouterr()
-    assert rc == 1, (out, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("uad: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- parity

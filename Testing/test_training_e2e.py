@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_error_line as _one_error_line
 import SimpleITK as sitk
 import torch
 
@@ -45,12 +46,6 @@ def _log_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _one_error_line(capsys, rc) -> str:
-    out, err = capsys.readouterr()
-    assert rc == 1, (out, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("uad: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_train_resume_import_detect(private_zoo, tmp_path, capsys):
