@@ -289,3 +289,60 @@ def test_update_cards_accepts_several_runs(tmp_path):
     assert any("updated" in w for _, w in log)
     card = (models / "disyre-x/README.md").read_text()
     assert "Run 2: " in card and "uad benchmark -o full" in card and "| 2 | 2 / 2 |" in card
+
+
+def test_update_manifest_writes_the_heldout_measurements_that_selection_reads(tmp_path):
+    """update_cards.py --models writes each measured model's default-preset AP per lesion type (with the
+    floor, volume counts and run) into the manifest; best_method then picks from those numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    from uad.heldout_table import heldout_measurements, update_manifest
+    from uad.selection import best_method
+
+    models = tmp_path / "models"
+    models.mkdir()
+    entries = [{"id": "ddpm-x", "contrast": "T2", "methods": ["thor"], "sha256": "ab", "threshold": 0.1,
+                "evaluation": {"phantoms": {"n_per_type": 2, "results": {"thor": {"tumour": 0.99, "stroke": 0.99,
+                                                                                    "ms": 0.99}}}}},
+               {"id": "disyre-x", "contrast": "T2", "methods": ["disyre"]},
+               {"id": "other", "contrast": "T2", "methods": ["pddpm"], "evaluation": {"phantoms": {}}}]
+    (models / "manifest.json").write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    rep = _synthetic_report()
+    rec = heldout_measurements(rep, "ddpm-x")
+    thor = rec["results"]["thor"]
+    assert thor["preset"] == "fast"  # the default preset's row, not the paper row (0.15 / 0.20 / 0.003)
+    assert (thor["tumour"], thor["stroke"], thor["ms"]) == (0.25, 0.40, 0.001)
+    assert thor["mean_ap"] == pytest.approx((0.25 + 0.40 + 0.001) / 3, abs=1e-4)
+    assert thor["floor"] == {"tumour": 0.10, "stroke": 0.30, "ms": 0.002}
+    assert thor["n"] == {"tumour": 2, "stroke": 2, "ms": 1} and thor["n_per_type"] == 1 and thor["n_healthy"] == 2
+    assert thor["run"]["command"] == "uad benchmark --max-volumes 2 -o b" and heldout_measurements(rep, "nope") is None
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "benchmark.json").write_text(json.dumps(rep))
+    for d in ("ddpm-x", "disyre-x", "other"):
+        (models / d).mkdir()
+        (models / d / "README.md").write_text(f"# {d}\n")
+        entries[[e["id"] for e in entries].index(d)]["card"] = f"{d}/README.md"
+    (models / "manifest.json").write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(bench), "--models", str(models), "--no-manifest"]) == 0
+    assert json.loads((models / "manifest.json").read_text())["models"] == entries  # manifest left alone
+    assert mod.main([str(bench), "--models", str(models)]) == 0
+    man = json.loads((models / "manifest.json").read_text())["models"]
+    got = {e["id"]: e for e in man}
+    assert got["ddpm-x"]["evaluation"]["heldout"]["results"]["thor"]["mean_ap"] == thor["mean_ap"]
+    assert got["ddpm-x"]["evaluation"]["phantoms"] == entries[0]["evaluation"]["phantoms"]  # kept
+    assert got["ddpm-x"]["sha256"] == "ab" and got["ddpm-x"]["threshold"] == 0.1
+    assert got["disyre-x"]["evaluation"]["heldout"]["results"]["disyre"]["tumour"] == 0.80
+    assert got["other"] == entries[2]  # not measured: unchanged
+    text = (models / "manifest.json").read_text()
+    assert mod.main([str(bench), "--models", str(models)]) == 0 and (models / "manifest.json").read_text() == text
+    # selection reads the held-out record first (the phantom record of ddpm-x says 0.99 and loses now)
+    ch = best_method("T2", man)
+    assert (ch.method, ch.model, ch.preset) == ("disyre", "disyre-x", "paper")
+    assert "held-out set (1 per lesion type)" in ch.reason and "2026-12-01" in ch.reason
+    assert update_manifest(rep, models) and not list(models.glob(".manifest-*"))

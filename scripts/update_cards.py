@@ -9,6 +9,9 @@ BENCH_DIR is a ``uad benchmark -o BENCH_DIR`` folder (its ``benchmark.json``).  
 "## Held-out benchmark" when the card has none) with the rows of the methods it serves;
 text outside the markers is left as it is.  ``--readme`` replaces the same marked section of
 the README with the table of every measured model (the README must have the markers).
+``--models`` also writes each measured model's ``evaluation.heldout`` into the manifest (its default
+presets' AP per lesion type, the floor, the volume counts and the run), which ``uad detect`` reads to
+pick the best method per contrast (``uad.selection``); ``--no-manifest`` leaves the manifest alone.
 ``--print`` prints the README table.  See ``uad.heldout_table``.
 """
 
@@ -21,7 +24,8 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO / "UADExtension"))
 
-from uad.heldout_table import block, load_report, update_cards, update_file  # noqa: E402
+from uad import UADError  # noqa: E402
+from uad.heldout_table import block, load_report, update_cards, update_file, update_manifest  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,6 +35,8 @@ def main(argv=None) -> int:
                         "come from the last run that measured it (each against its own run's floor)")
     p.add_argument("--models", default=None, metavar="DIR",
                    help="model folder with manifest.json whose cards are updated (e.g. models/)")
+    p.add_argument("--no-manifest", action="store_true",
+                   help="with --models: do not write evaluation.heldout into the manifest")
     p.add_argument("--readme", default=None, metavar="FILE", help="README whose marked section is replaced")
     p.add_argument("--command", default=None,
                    help="the benchmark's command line, for reports written before benchmark.json recorded it")
@@ -48,10 +54,13 @@ def main(argv=None) -> int:
         if a.models:
             for mid, what in update_cards(rep, a.models):
                 print(f"{mid}: {what}")
+            if not a.no_manifest:
+                for mid, what in update_manifest(rep, a.models):
+                    print(f"{mid}: {what}")
         if a.readme:
             changed = update_file(a.readme, text, heading=None, require_markers=True)
             print(f"{a.readme}: {'updated' if changed else 'unchanged (same table)'}")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, UADError) as e:
         print(f"update_cards: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     return 0

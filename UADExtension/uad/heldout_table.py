@@ -300,3 +300,65 @@ def update_cards(report, models_dir) -> list[tuple[str, str]]:
         changed = update_file(path, content)
         log.append((mid, f"{path}: {'updated' if changed else 'unchanged (same table)'}"))
     return log
+
+
+def heldout_measurements(report, model_id: str) -> dict | None:
+    """The ``evaluation.heldout`` record of one model from a benchmark run (or several, merged as
+    ``merged_rows``): per method its default preset's AP per lesion type, their mean, the floor's AP, the
+    lesion and healthy volume counts and the run (date, command); ``None`` when the run did not measure
+    the model's default presets.  ``uad.selection.best_method`` reads it."""
+    reports = list(report) if isinstance(report, (list, tuple)) else [report]
+    rows = merged_rows(reports, {model_id})
+    results = {}
+    for r in rows:
+        if r.get("default") is False:
+            continue  # a non-default preset is not what 'uad detect' runs without --preset
+        rec = results.setdefault(r["method"], {"preset": r["preset"], "floor": {}, "n": {}, "run": r["run"]})
+        if rec["preset"] != r["preset"]:
+            continue
+        rec[r["lesion"]] = round(r["ap"], 4)
+        rec["floor"][r["lesion"]] = None if r["floor_ap"] is None else round(r["floor_ap"], 4)
+        rec["n"][r["lesion"]] = r["n"]
+        rec["n_healthy"] = r["n_healthy"]
+    if not results:
+        return None
+    for rec in results.values():
+        aps = [rec[lt] for lt in LESIONS if lt in rec]
+        rec["mean_ap"] = round(sum(aps) / len(aps), 4)
+        ns = [n for n in rec["n"].values() if n is not None]
+        rec["n_per_type"] = min(ns) if ns else None
+        rep = reports[rec.pop("run") - 1]
+        rec["run"] = {"date_utc": rep.get("date_utc"), "command": rep.get("command"),
+                                "subset": "quick" if rep.get("quick") else "held-out set",
+                                "device": rep.get("device")}
+    ns = [rec["n_per_type"] for rec in results.values() if rec["n_per_type"] is not None]
+    return {"source": "uad benchmark (scripts/update_cards.py)", "n_per_type": min(ns) if ns else None,
+            "results": results}
+
+
+def update_manifest(report, models_dir) -> list[tuple[str, str]]:
+    """Write ``evaluation.heldout`` (``heldout_measurements``) into every entry of
+    ``models_dir/manifest.json`` that the run measured; other fields and entries are kept as they are, the
+    file is replaced atomically under the zoo's manifest lock.  Returns (model id, what happened)."""
+    from .zoo import MANIFEST, _manifest_lock, _read_manifest, _write_manifest
+
+    path = Path(models_dir) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    log = []
+    with _manifest_lock(path):
+        data = _read_manifest(path)
+        before = json.dumps(data, sort_keys=True)
+        for e in data["models"]:
+            mid = e.get("id")
+            rec = heldout_measurements(report, mid)
+            if rec is None:
+                log.append((mid, "manifest: not measured in these runs, unchanged"))
+                continue
+            ev = e.setdefault("evaluation", {})
+            old = ev.get("heldout")
+            ev["heldout"] = rec
+            log.append((mid, "manifest: evaluation.heldout " + ("unchanged" if old == rec else "written")))
+        if json.dumps(data, sort_keys=True) != before:
+            _write_manifest(path, data)
+    return log

@@ -29,7 +29,8 @@
     measured the highest mean AP on the held-out set, read from the manifest's
     ``evaluation`` measurements (never hard-coded): each model entry's
     ``evaluation.heldout`` (per method: ``ap`` per lesion type or ``mean_ap``,
-    and ``preset``) if present, else its ``evaluation.phantoms.results``
+    ``preset``, ``n_per_type`` and the ``run``; written from ``uad benchmark``
+    reports by ``scripts/update_cards.py --models``) if present, else its ``evaluation.phantoms.results``
     (per-lesion-type AP of the default presets).  The intensity baseline rows
     are skipped.  Raises ``ModelError`` when no model of that contrast has
     measurements.
@@ -183,7 +184,11 @@ def _measurements(entry) -> list[tuple[str, str | None, float, str]]:
                 if not aps:
                     continue
                 ap = float(np.mean(aps))
-            out.append((m, r.get("preset"), ap, f"held-out set{f' ({n} per lesion type)' if n else ''}"))
+            k = r.get("n_per_type", n)
+            run = r.get("run") if isinstance(r.get("run"), dict) else {}
+            sub = "quick subset of the held-out set" if run.get("subset") == "quick" else "held-out set"
+            out.append((m, r.get("preset"), ap, f"{sub}{f' ({k} per lesion type)' if k else ''}"
+                        + (f", {run['date_utc']}" if run.get("date_utc") else "")))
         if out:
             return out
     ph = ev.get("phantoms")
