@@ -462,3 +462,30 @@ def test_training_slice_source_lesions_and_holdout():
     assert set(kinds) == {"none", "ms"} and 10 < kinds.count("ms") < 30
     healthy = TrainingSliceSource("T2", seed=0, lesion="tumour", lesion_fraction=0.0)
     assert {healthy.phantom_spec(k)[1] for k in range(10)} == {"none"}
+
+
+def test_paired_healthy_twins_remove_the_slice_position_shortcut():
+    """paired=True: each lesion phantom's healthy twin (same seed, no lesion) joins the pool with label 0, so
+    every lesion slice has a healthy slice of the same anatomy; they differ only around the lesion."""
+    kw = dict(image_size=32, seed=0, pool_size=1, lesion="ms", lesion_fraction=1.0, spacing=3.0, prefetch=False)
+    plain = TrainingSliceSource("T2", **kw).fill()
+    paired = TrainingSliceSource("T2", paired=True, **kw).fill()
+    e0, e = plain.pool[0], paired.pool[0]
+    n = len(e0.slices)
+    assert len(e.slices) > n and e.lesion == "ms" and int(e0.labels.sum()) > 0
+    np.testing.assert_array_equal(e.slices[:n], e0.slices)  # the lesion volume as before ...
+    np.testing.assert_array_equal(e.labels[:n], e0.labels)
+    twin_labels, twin_les = e.labels[n:], e.lesions[n:]
+    assert not twin_labels.any() and not twin_les.any()  # ... and its twin: all healthy
+    np.testing.assert_array_equal(e.labels, e.lesions.reshape(len(e.lesions), -1).any(1))
+    # same anatomy: where the twin has as many slices, each lesion slice differs from its twin mainly at the lesion
+    twin = e.slices[n:]
+    assert len(twin) == n  # MS lesions leave the brain mask, hence the slice range, as it is
+    from scipy import ndimage
+
+    for i in np.flatnonzero(e0.labels)[:4]:
+        near = ndimage.binary_dilation(e0.lesions[i], iterations=2)
+        diff = np.abs(e0.slices[i] - twin[i])
+        assert diff[near].mean() > 3 * diff[~near & e0.masks[i]].mean()
+    assert (e.labels == 0).sum() >= (e.labels == 1).sum() * 2  # >= one healthy slice per lesion slice, and more
+    assert "healthy twin" in __import__("uad.training", fromlist=["x"])._describe_source(paired)

@@ -1075,13 +1075,23 @@ class TrainingSliceSource:
     seed) carries the lesion ("any" draws tumour, stroke or ms per volume).
     A slice's label is 1 when its lesion map at model resolution (the lesion
     mask preprocessed on the same geometry) has a pixel >= 0.5 inside the brain.
+
+    ``paired=True`` (weakly supervised training): every lesion phantom comes with
+    its **healthy twin** -- the same seed without the lesion, i.e. the same
+    anatomy, contrast, bias field and noise -- whose slices join the pool with
+    label 0.  Then a lesion slice and a healthy slice exist at every position of
+    every anatomy, and only the lesion tells the classes apart: without twins
+    the image label is also predicted by where a slice lies (lesions sit in the
+    large central slices), a shortcut a classifier learns instead of the
+    lesion, so that its gradient (Wolleb's guidance) does not point at it.
     """
 
     def __init__(self, contrast: str = "T2", image_size: int = 64, seed: int = 0, pool_size: int = 8,
                  refresh_every: int = 50, lesion: str = "none", lesion_fraction: float = 0.0, holdout: bool = False,
                  spacing: float | None = None, normalisation: dict | None = None, min_brain_fraction: float = 0.2,
-                 flip_probability: float = 0.5, prefetch: bool = True):
+                 flip_probability: float = 0.5, prefetch: bool = True, paired: bool = False):
         self.contrast = _check_contrast(contrast)
+        self.paired = bool(paired)
         self.lesion = "any" if str(lesion).lower() == "any" else _check_lesion(lesion)
         if not 0.0 <= float(lesion_fraction) <= 1.0:
             raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
@@ -1121,9 +1131,20 @@ class TrainingSliceSource:
         return s, kind
 
     def _build(self, k: int) -> _PoolEntry:
+        s, kind = self.phantom_spec(k)
+        entry = self._build_one(s, kind)
+        if self.paired and kind != "none":
+            twin = self._build_one(s, "none")
+            entry = _PoolEntry(seed=s, lesion=kind,
+                               slices=np.concatenate([entry.slices, twin.slices]),
+                               masks=np.concatenate([entry.masks, twin.masks]),
+                               lesions=np.concatenate([entry.lesions, twin.lesions]),
+                               labels=np.concatenate([entry.labels, twin.labels]))
+        return entry
+
+    def _build_one(self, s: int, kind: str) -> _PoolEntry:
         from .preprocess import preprocess
 
-        s, kind = self.phantom_spec(k)
         ph = make_phantom(s, contrast=self.contrast, lesion=kind, spacing=self.spacing)
         stack = preprocess(ph.image, self.image_size, brain_mask=ph.brain_mask,
                            normalisation=self.normalisation or None)

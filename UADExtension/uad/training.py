@@ -112,6 +112,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     amp: bool = True  # bf16 autocast on CUDA
     lesion_fraction: float = 0.0  # fraction of lesion phantoms (weakly supervised methods)
+    paired_healthy: bool = False  # each lesion phantom with its healthy twin (same seed, no lesion; label 0)
     pool_size: int = 8
     noise: str | None = None  # override the model's noise kind (gaussian | simplex)
     model_overrides: dict = field(default_factory=dict)
@@ -161,6 +162,8 @@ class TrainConfig:
                 get_method_class(m)
             except ValueError as e:
                 raise UADError(f"curve method: {' '.join(str(e).split())}") from None
+        if not isinstance(self.paired_healthy, bool):
+            raise UADError(f"training option paired_healthy must be true or false, got {self.paired_healthy!r}")
         if not isinstance(self.model_overrides, dict):
             raise UADError("training option model_overrides must be a JSON object")
         if str(self.contrast).upper() not in ("T1", "T2", "FLAIR"):
@@ -173,6 +176,7 @@ def default_config(method: str, **overrides) -> TrainConfig:
     base = {"method": method}
     if cls.needs_labels:
         base["lesion_fraction"] = 0.5
+        base["paired_healthy"] = True
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(base)
 
@@ -637,6 +641,7 @@ def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | N
                                    pool_size=max(1, cfg.pool_size // (4 if holdout else 1)),
                                    lesion="any" if cfg.lesion_fraction > 0 else "none",
                                    lesion_fraction=cfg.lesion_fraction, holdout=holdout,
+                                   paired=cfg.paired_healthy,
                                    normalisation=normalisation, prefetch=not holdout)
     return VolumeFolderSource(cfg.data, cfg.image_size, holdout=holdout, normalisation=normalisation,
                               rank=rank, world_size=world_size, labels=get_method_class(cfg.method).needs_labels)
@@ -645,7 +650,8 @@ def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | N
 def _describe_source(source) -> str:
     if hasattr(source, "describe"):
         return source.describe()
-    return f"phantom seeds {source.base_seed}, {source.base_seed + 1}, ... (pool of {source.pool_size})"
+    twins = ", each lesion phantom with its healthy twin" if getattr(source, "paired", False) else ""
+    return f"phantom seeds {source.base_seed}, {source.base_seed + 1}, ... (pool of {source.pool_size}){twins}"
 
 
 # --------------------------------------------------------------------------- loop
