@@ -77,6 +77,7 @@ DEFAULT_NORMALISATION = {
     "lower": 1.0,  # brain percentile mapped to 0
     "upper": 99.0,  # brain percentile mapped to 1
     "clip": True,
+    "clip_max": 1.0,  # with clip: normalised intensities clipped to [0, clip_max] (> 1 keeps hyperintensities)
     "margin": 0.05,  # fraction of the brain bounding box added on each side
     "mask_threshold": 0.05,  # automatic brain mask: fraction of the robust maximum
 }
@@ -93,6 +94,8 @@ def normalisation_settings(normalisation: dict | None = None) -> dict:
                          f"got {s['lower']}, {s['upper']}")
     if s["margin"] < 0:
         raise ValueError("normalisation margin must be >= 0")
+    if not (np.isfinite(s["clip_max"]) and s["clip_max"] >= 1.0):
+        raise ValueError(f"normalisation clip_max must be a finite number >= 1, got {s['clip_max']}")
     return s
 
 
@@ -701,8 +704,9 @@ class Normalise(Step):
     name = "normalise"
 
     def __init__(self, lower: float, upper: float, clip: bool = True, reference: str = "brain-percentile",
-                 pad_value="min"):
+                 pad_value="min", clip_max: float = 1.0):
         self.lower_pct, self.upper_pct, self.clip = float(lower), float(upper), bool(clip)
+        self.clip_max = float(clip_max)
         self.reference = reference
         self.pad_value = pad_value
 
@@ -722,7 +726,7 @@ class Normalise(Step):
         pad = float(w.arr.min()) if self.pad_value == "min" else float(self.pad_value)
         w.cval = float((pad - lo) / (hi - lo))
         if self.clip:
-            w.cval = float(np.clip(w.cval, 0.0, 1.0))
+            w.cval = float(np.clip(w.cval, 0.0, self.clip_max))
         self.mask_input = bool(w.mask_input)
         if self.mask_input:
             w.cval = 0.0
@@ -733,7 +737,7 @@ class Normalise(Step):
         arr = np.subtract(arr, self.lo, out=arr if arr.flags.writeable else None)
         arr /= (self.hi - self.lo)
         if self.clip:
-            np.clip(arr, 0.0, 1.0, out=arr)
+            np.clip(arr, 0.0, self.clip_max, out=arr)
         if self.mask_input:
             arr[~brain] = 0.0
         return arr
@@ -747,6 +751,7 @@ class Normalise(Step):
 
     def record(self) -> dict:
         return {"step": self.name, "reference": self.reference, "percentiles": [self.lower_pct, self.upper_pct],
+                "clip_max": self.clip_max if self.clip else None,
                 "lower": self.lo, "upper": self.hi}
 
 
@@ -807,8 +812,10 @@ class InPlane(Step):
     name = "in_plane"
     chunk = 8  # slices resampled at a time (at most; at most 2 % of the slices)
 
-    def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True):
+    def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True,
+                 clip_max: float = 1.0):
         self.size, self.square, self.margin, self.clip = int(size), square, float(margin), bool(clip)
+        self.clip_max = float(clip_max)
 
     def forward(self, w: _Work) -> None:
         from scipy import ndimage
@@ -843,7 +850,7 @@ class InPlane(Step):
                                                        self.size) > 0.5
             del norm
         if self.clip:
-            np.clip(slices, 0.0, 1.0, out=slices)
+            np.clip(slices, 0.0, self.clip_max, out=slices)
         if w.mask_input:
             slices *= masks
         w.slices, w.masks = slices, masks
@@ -1040,9 +1047,9 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
         run(Register(prof["spacing_mm"], registration_options))
     full_brain = w.brain
     geom = w.grid.probe()
-    run(Normalise(s["lower"], s["upper"], s["clip"], prof["intensity"], prof["pad_value"]))
+    run(Normalise(s["lower"], s["upper"], s["clip"], prof["intensity"], prof["pad_value"], s["clip_max"]))
     run(SelectSlices(prof["slice_range"]))
-    run(InPlane(size, prof["square"], s["margin"], s["clip"]))
+    run(InPlane(size, prof["square"], s["margin"], s["clip"], s["clip_max"]))
     norm_step, sel_step, ip = steps[-3], steps[-2], steps[-1]
     info.update({"n_slices": int(len(sel_step.indices)), "fov_mm": ip.fov_mm, "pixel_mm": ip.pixel_mm,
                  "lower": norm_step.lo, "upper": norm_step.hi, "permute": list(w.permute), "flip": list(w.flip),
