@@ -19,7 +19,7 @@ brain-mask Dice, and the agreement in physical space with the phantom as generat
 true brain after resampling the acquisition's map onto the axial grid (linear).  A contrast without a bundled model for the method gets one
 ``missing`` row (and a failing case an ``error`` row) instead of stopping the run:
 
-    python benchmarks/bench_skullstrip.py --detect --contrasts T1,T2,FLAIR --base-mm 2
+    python benchmarks/bench_skullstrip.py --detect --contrasts T1,T2,FLAIR --base-mm 2 [--deoblique]
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-mm", type=float, default=None)
     ap.add_argument("--method", default="disyre", help="--detect: the method (its bundled model per contrast)")
     ap.add_argument("--preset", default="fast", help="--detect: the method's preset")
+    ap.add_argument("--deoblique", action="store_true",
+                    help="--detect: preprocessing profile deoblique (oblique inputs resampled onto the LPS axes)")
     a = ap.parse_args(argv)
     if a.detect:
         return detect_part(a)
@@ -148,7 +150,8 @@ def detect_part(a) -> int:
                     ph = resample_phantom(base, **kw)
                 t0 = time.perf_counter()
                 try:
-                    r = detect(ph.image, method=a.method, model=model, device="cpu", preset=a.preset, contrast=c)
+                    kw = {"preprocessing": {"deoblique": True}} if a.deoblique else {}
+                    r = detect(ph.image, method=a.method, model=model, device="cpu", preset=a.preset, contrast=c, **kw)
                 except Exception as e:  # noqa: BLE001 - reported as a row, the other cases go on
                     emit([seed, c, acq, model, "", "", "", "", "", round(time.perf_counter() - t0, 1),
                           "error: " + " ".join(str(e).split())[:160].replace(",", ";")])

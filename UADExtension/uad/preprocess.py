@@ -262,6 +262,7 @@ def _mask_on_grid(mask: sitk.Image, image: sitk.Image) -> np.ndarray:
 #: models trained on skull-stripped, unregistered phantoms).
 DEFAULT_PROFILE = {
     "registration": None,  # None | "mni152"
+    "deoblique": False,  # True: an oblique input is resampled onto the axis-aligned LPS grid (without registration)
     "spacing_mm": None,  # None | mm: resampling of the template space (with registration; None = 1 mm)
     "skull_strip": "auto",  # "auto" | True | False: mask the model input (auto: strip a head first)
     "bias_correction": "auto",  # "auto" | True | False: N4 (auto = on for inputs not skull-stripped)
@@ -305,6 +306,8 @@ def profile_settings(profile: dict | None = None) -> dict:
                              f"got {p['spacing_mm']!r}")
         p["spacing_mm"] = float(p["spacing_mm"])
     p["skull_strip"] = _tri(p["skull_strip"], "skull_strip")
+    if not isinstance(p["deoblique"], bool):
+        raise ValueError(f"preprocessing deoblique must be true or false, got {p['deoblique']!r}")
     p["bias_correction"] = _tri(p["bias_correction"], "bias_correction")
     if p["square"] not in ("crop", "pad"):
         raise ValueError(f"preprocessing square must be \"crop\" or \"pad\", got {p['square']!r}")
@@ -698,6 +701,60 @@ class Register(Step):
                 "translation": [round(v, 3) for v in t.GetTranslation()]}
 
 
+#: ``Deoblique`` acts when the canonical grid's axes are rotated by more than this from the LPS axes.
+DEOBLIQUE_MIN_DEG = 0.5
+
+
+def oblique_angle_deg(direction) -> float:
+    """Rotation angle (degrees) between a canonical grid's direction matrix and the LPS axes (identity)."""
+    d = np.asarray(direction, float).reshape(3, 3)
+    return float(np.degrees(np.arccos(np.clip((np.trace(d) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+class Deoblique(Step):
+    """An oblique volume resampled onto the axis-aligned LPS grid (same spacing, covering the same box).
+
+    The axial slices then lie in the patient's (scanner's) axial plane whatever the acquisition's
+    obliquity, as the model's training slices do; the inverse resamples the maps back onto the
+    canonical grid the step received (linear, zero outside).  Profile key ``deoblique`` (off by
+    default); skipped with registration (which resamples onto the template) and below
+    ``DEOBLIQUE_MIN_DEG``.
+    """
+
+    name = "deoblique"
+    slicewise = False  # a 3-D resampling
+
+    def forward(self, w: _Work) -> None:
+        self.angle_deg = oblique_angle_deg(w.grid.direction)
+        self.source = w.grid
+        d = np.asarray(w.grid.direction, float).reshape(3, 3)
+        size = np.asarray(w.grid.size, float)
+        sp = np.asarray(w.grid.spacing, float)
+        corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
+                            for k in (-0.5, size[2] - 0.5)])
+        phys = np.asarray(w.grid.origin) + (corners * sp) @ d.T
+        lo, hi = phys.min(0), phys.max(0)
+        n = np.maximum(np.ceil((hi - lo) / sp - 1e-6).astype(int), 1)
+        self.target = Grid(tuple(int(v) for v in n), tuple(float(v) for v in sp),
+                           tuple(float(v) for v in lo + sp / 2.0), tuple(float(v) for v in np.eye(3).ravel()))
+        src = w.current_image()
+        ident = sitk.Transform()
+        w.arr = self.target.resample(src, ident, default=float(w.arr.min()))
+        del src
+        w.brain = self.target.resample(w.grid.image(np.ascontiguousarray(w.brain, np.uint8)), ident) > 0.5
+        w.grid = self.target
+
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
+        if ks is not None:
+            raise ValueError("the deoblique step's inverse maps whole volumes (ks must be None)")
+        return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), sitk.Transform())
+                for k, v in maps.items()}
+
+    def record(self) -> dict:
+        return {"step": self.name, "angle_deg": round(self.angle_deg, 3), "spacing_mm": list(self.target.spacing),
+                "size": list(self.target.size)}
+
+
 class Normalise(Step):
     """Percentiles ``lower`` -> 0 and ``upper`` -> 1 (of the brain or of the whole volume), clipped."""
 
@@ -1045,6 +1102,8 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
     w.mask_input = prof["skull_strip"] is not False
     if prof["registration"] == "mni152":
         run(Register(prof["spacing_mm"], registration_options))
+    elif prof["deoblique"] and oblique_angle_deg(w.grid.direction) > DEOBLIQUE_MIN_DEG:
+        run(Deoblique())
     full_brain = w.brain
     geom = w.grid.probe()
     run(Normalise(s["lower"], s["upper"], s["clip"], prof["intensity"], prof["pad_value"], s["clip_max"]))
