@@ -6,7 +6,7 @@ working volume and records what it did; ``inverse(maps)`` maps per-slice results
 back through it.  ``SliceStack.invert`` replays the inverses in reverse order, so
 the way back onto the input's exact grid is written once::
 
-    Reorient -> [BiasCorrection] -> BrainMask -> [Register] -> Normalise -> SelectSlices -> InPlane
+    Reorient -> [BiasCorrection] -> BrainMask -> [Register | Deoblique] -> Normalise -> SelectSlices -> InPlane
 
 Conventions
 -----------
@@ -33,9 +33,12 @@ Conventions
 * Registration (``Register``, profile ``registration: "mni152"``): rigid + affine
   (Mattes mutual information) of the brain to nilearn's MNI152 2009 template;
   the working volume becomes the template grid (``spacing_mm``, default 1 mm).
+  Without it, profile ``deoblique: true`` (``Deoblique``) resamples an oblique volume onto
+  the axis-aligned LPS grid (same spacing) so that the slices are axial in physical space.
 * Intensities (``Normalise``): percentiles of the brain (``brain-percentile``) or
   of the whole volume (``image-percentile``), ``lower`` (1) -> 0 and ``upper``
-  (99) -> 1, clipped to [0, 1]; zero outside the brain when the model input is
+  (99) -> 1, clipped to [0, ``clip_max``] (default 1; above 1 keeps hyperintensities such as
+  FLAIR lesions, which lie above the brain's 99th percentile); zero outside the brain when the model input is
   skull-stripped.
 * Slices (``SelectSlices``): the axial slices that contain brain, optionally only
   the fraction ``slice_range`` = [lo, hi] of the brain's axial extent; others get
@@ -55,7 +58,7 @@ slice (no registration), ``postprocess.to_volumes`` fills the output images a fe
 holds little more than its results (``benchmarks/bench_memory.py``).
 
 ``normalisation`` (the model config's dict) may set ``lower``, ``upper``
-(percentiles), ``clip`` (bool), ``margin`` (fraction of the brain box added
+(percentiles), ``clip`` (bool), ``clip_max`` (upper end of the clipped range, >= 1), ``margin`` (fraction of the brain box added
 per side) and ``mask_threshold`` (fraction of the robust maximum used by the
 automatic brain mask).  Other keys are ignored.  ``profile`` (the manifest's
 ``preprocessing`` dict, see ``DEFAULT_PROFILE``) chooses the optional steps.
