@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from uad.metrics import average_precision
 from uad.phantoms import make_phantom, resample_phantom
 from uad.pipeline import detect
-from uad.zoo import load_model
+from uad.zoo import find_model
 
 MODEL = "disyre-flair-phantom"
 
@@ -39,7 +39,7 @@ def flair_heads():
 
 
 def test_flair_model_keeps_hyperintensities():
-    norm = load_model(MODEL).normalisation
+    norm = find_model(MODEL).data["normalisation"]  # the manifest entry (no weights loaded)
     assert norm["clip"] is True and norm["clip_max"] >= 1.5
 
 
