@@ -37,9 +37,12 @@ def test_detect_rows_missing_model_and_error(monkeypatch, tmp_path, capsys):
     rc = bench_skullstrip.main(["--detect", "--contrasts", "T9,T2", "--acq", "4mm_flipped", "--csv", str(out)])
     assert rc == 0
     rows = list(csv.DictReader(out.open()))
-    assert [r["contrast"] for r in rows] == ["T9", "T2"]
+    # the phantom as generated ("axial", the reference of the map agreement) comes first, then the acquisition
+    assert [(r["contrast"], r["acquisition"]) for r in rows] == [("T9", ""), ("T2", "axial"), ("T2", "4mm_flipped")]
     assert rows[0]["status"] == "missing: no bundled disyre model for T9"
-    assert rows[1]["status"].startswith("error: input image: is empty") and rows[1]["model"] == "disyre-t2-phantom"
-    assert calls == [{"method": "disyre", "model": "disyre-t2-phantom", "device": "cpu", "preset": "fast",
-                      "contrast": "T2"}]
+    for r in rows[1:]:
+        assert r["status"].startswith("error: input image: is empty") and r["model"] == "disyre-t2-phantom"
+        assert r["map_corr_vs_axial"] == ""
+    assert calls == 2 * [{"method": "disyre", "model": "disyre-t2-phantom", "device": "cpu", "preset": "fast",
+                          "contrast": "T2"}]
     assert "missing: no bundled disyre model for T9" in capsys.readouterr().out

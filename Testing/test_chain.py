@@ -27,8 +27,8 @@ def test_profile_defaults_and_validation(tiny_model):
     from uad.pipeline import preprocessing_profile
 
     assert profile_settings(None) == DEFAULT_PROFILE
-    assert DEFAULT_PROFILE == {"registration": None, "spacing_mm": None, "skull_strip": "auto",
-                               "bias_correction": "auto", "square": "crop", "pad_value": "min",
+    assert DEFAULT_PROFILE == {"registration": None, "deoblique": False, "spacing_mm": None,
+                               "skull_strip": "auto", "bias_correction": "auto", "square": "crop", "pad_value": "min",
                                "intensity": "brain-percentile", "slice_range": None}
     p = profile_settings({"registration": "mni152", "spacing_mm": 1, "skull_strip": False, "square": "pad",
                           "pad_value": 0.0, "intensity": "image-percentile", "slice_range": [0.35, 0.65]})

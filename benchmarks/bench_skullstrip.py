@@ -13,11 +13,13 @@ N4, skull stripping; ``--method`` (default ``disyre``) with the bundled model of
 each contrast in ``--contrasts``, preset ``--preset`` (default ``fast``)) on head
 phantoms with a tumour (``--base-mm`` grid, default 2 mm) in each acquisition:
 AP over the whole head, the intensity floor (AP of the image intensity within
-the true brain mask), the fraction of non-brain head voxels flagged, and the
-brain-mask Dice.  A contrast without a bundled model for the method gets one
+the true brain mask), the fraction of non-brain head voxels flagged, the
+brain-mask Dice, and the agreement in physical space with the phantom as generated
+(acquisition ``axial``, run first): the correlation of the anomaly maps within the
+true brain after resampling the acquisition's map onto the axial grid (linear).  A contrast without a bundled model for the method gets one
 ``missing`` row (and a failing case an ``error`` row) instead of stopping the run:
 
-    python benchmarks/bench_skullstrip.py --detect --contrasts T1,T2,FLAIR --base-mm 2
+    python benchmarks/bench_skullstrip.py --detect --contrasts T1,T2,FLAIR --base-mm 2 [--deoblique]
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-mm", type=float, default=None)
     ap.add_argument("--method", default="disyre", help="--detect: the method (its bundled model per contrast)")
     ap.add_argument("--preset", default="fast", help="--detect: the method's preset")
+    ap.add_argument("--deoblique", action="store_true",
+                    help="--detect: preprocessing profile deoblique (oblique inputs resampled onto the LPS axes)")
     a = ap.parse_args(argv)
     if a.detect:
         return detect_part(a)
@@ -104,6 +108,16 @@ def model_for(method: str, contrast: str):
     return None
 
 
+def map_agreement(anomaly: sitk.Image, brain: sitk.Image, ref: sitk.Image, ref_brain: sitk.Image,
+                  ref_map: np.ndarray) -> float:
+    """Correlation of ``anomaly`` (resampled onto ``ref``'s grid, linear) with ``ref_map`` within both true brains."""
+    on_ref = sitk.GetArrayFromImage(sitk.Resample(anomaly, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                  sitk.sitkFloat32))
+    both = sitk.GetArrayFromImage(ref_brain) > 0
+    both &= sitk.GetArrayFromImage(sitk.Resample(brain, ref_brain, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
+    return float(np.corrcoef(on_ref[both], ref_map[both])[0, 1])
+
+
 def detect_part(a) -> int:
     from uad.metrics import average_precision
     from uad.phantoms import make_phantom, resample_phantom
@@ -111,7 +125,7 @@ def detect_part(a) -> int:
 
     base_mm = a.base_mm or 2.0
     cols = ["seed", "contrast", "acquisition", "model", "ap_head", "intensity_floor", "non_brain_flagged",
-            "brain_dice", "seconds", "status"]
+            "brain_dice", "map_corr_vs_axial", "seconds", "status"]
     print(",".join(cols))
     rows = []
 
@@ -122,19 +136,24 @@ def detect_part(a) -> int:
     for c in [x.strip() for x in a.contrasts.split(",") if x.strip()]:
         model = model_for(a.method, c)
         if model is None:
-            emit(["", c, "", "", "", "", "", "", "", f"missing: no bundled {a.method} model for {c}"])
+            emit(["", c, "", "", "", "", "", "", "", "", f"missing: no bundled {a.method} model for {c}"])
             continue
         for seed in range(a.seeds):
             base = make_phantom(200 + seed, c, "tumour", spacing=base_mm, head=True)
-            for acq in a.acq.split(","):
-                kw = dict(ACQ[acq])
-                kw["spacing"] = tuple(max(base_mm, s) for s in kw["spacing"])
-                ph = resample_phantom(base, **kw)
+            axial_map = None  # the anomaly map of the phantom as generated (the first row)
+            for acq in ["axial"] + [x for x in a.acq.split(",") if x and x != "axial"]:
+                if acq == "axial":
+                    ph = base
+                else:
+                    kw = dict(ACQ[acq])
+                    kw["spacing"] = tuple(max(base_mm, s) for s in kw["spacing"])
+                    ph = resample_phantom(base, **kw)
                 t0 = time.perf_counter()
                 try:
-                    r = detect(ph.image, method=a.method, model=model, device="cpu", preset=a.preset, contrast=c)
+                    kw = {"preprocessing": {"deoblique": True}} if a.deoblique else {}
+                    r = detect(ph.image, method=a.method, model=model, device="cpu", preset=a.preset, contrast=c, **kw)
                 except Exception as e:  # noqa: BLE001 - reported as a row, the other cases go on
-                    emit([seed, c, acq, model, "", "", "", "", round(time.perf_counter() - t0, 1),
+                    emit([seed, c, acq, model, "", "", "", "", "", round(time.perf_counter() - t0, 1),
                           "error: " + " ".join(str(e).split())[:160].replace(",", ";")])
                     continue
                 sec = time.perf_counter() - t0
@@ -143,9 +162,14 @@ def detect_part(a) -> int:
                 an, img = sitk.GetArrayFromImage(r.anomaly), sitk.GetArrayFromImage(ph.image)
                 m = sitk.GetArrayFromImage(r.mask) > 0
                 bm = sitk.GetArrayFromImage(r.brain_mask) > 0
+                corr = ""
+                if acq == "axial":
+                    axial_map, corr = an, "1.0000"
+                elif axial_map is not None:
+                    corr = f"{map_agreement(r.anomaly, ph.brain_mask, base.image, base.brain_mask, axial_map):.4f}"
                 emit([seed, c, acq, model, f"{average_precision(an[h], les[h]):.4f}",
                       f"{average_precision(img[b], les[b]):.4f}", f"{m[h & ~b].mean():.4f}",
-                      f"{dice(bm, b):.4f}", f"{sec:.1f}", "ok"])
+                      f"{dice(bm, b):.4f}", corr, f"{sec:.1f}", "ok"])
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             cw = csv.writer(f)

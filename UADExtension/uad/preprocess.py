@@ -6,7 +6,7 @@ working volume and records what it did; ``inverse(maps)`` maps per-slice results
 back through it.  ``SliceStack.invert`` replays the inverses in reverse order, so
 the way back onto the input's exact grid is written once::
 
-    Reorient -> [BiasCorrection] -> BrainMask -> [Register] -> Normalise -> SelectSlices -> InPlane
+    Reorient -> [BiasCorrection] -> BrainMask -> [Register | Deoblique] -> Normalise -> SelectSlices -> InPlane
 
 Conventions
 -----------
@@ -33,9 +33,12 @@ Conventions
 * Registration (``Register``, profile ``registration: "mni152"``): rigid + affine
   (Mattes mutual information) of the brain to nilearn's MNI152 2009 template;
   the working volume becomes the template grid (``spacing_mm``, default 1 mm).
+  Without it, profile ``deoblique: true`` (``Deoblique``) resamples an oblique volume onto
+  the axis-aligned LPS grid (same spacing) so that the slices are axial in physical space.
 * Intensities (``Normalise``): percentiles of the brain (``brain-percentile``) or
   of the whole volume (``image-percentile``), ``lower`` (1) -> 0 and ``upper``
-  (99) -> 1, clipped to [0, 1]; zero outside the brain when the model input is
+  (99) -> 1, clipped to [0, ``clip_max``] (default 1; above 1 keeps hyperintensities such as
+  FLAIR lesions, which lie above the brain's 99th percentile); zero outside the brain when the model input is
   skull-stripped.
 * Slices (``SelectSlices``): the axial slices that contain brain, optionally only
   the fraction ``slice_range`` = [lo, hi] of the brain's axial extent; others get
@@ -55,7 +58,7 @@ slice (no registration), ``postprocess.to_volumes`` fills the output images a fe
 holds little more than its results (``benchmarks/bench_memory.py``).
 
 ``normalisation`` (the model config's dict) may set ``lower``, ``upper``
-(percentiles), ``clip`` (bool), ``margin`` (fraction of the brain box added
+(percentiles), ``clip`` (bool), ``clip_max`` (upper end of the clipped range, >= 1), ``margin`` (fraction of the brain box added
 per side) and ``mask_threshold`` (fraction of the robust maximum used by the
 automatic brain mask).  Other keys are ignored.  ``profile`` (the manifest's
 ``preprocessing`` dict, see ``DEFAULT_PROFILE``) chooses the optional steps.
@@ -77,6 +80,7 @@ DEFAULT_NORMALISATION = {
     "lower": 1.0,  # brain percentile mapped to 0
     "upper": 99.0,  # brain percentile mapped to 1
     "clip": True,
+    "clip_max": 1.0,  # with clip: normalised intensities clipped to [0, clip_max] (> 1 keeps hyperintensities)
     "margin": 0.05,  # fraction of the brain bounding box added on each side
     "mask_threshold": 0.05,  # automatic brain mask: fraction of the robust maximum
 }
@@ -93,6 +97,8 @@ def normalisation_settings(normalisation: dict | None = None) -> dict:
                          f"got {s['lower']}, {s['upper']}")
     if s["margin"] < 0:
         raise ValueError("normalisation margin must be >= 0")
+    if not (np.isfinite(s["clip_max"]) and s["clip_max"] >= 1.0):
+        raise ValueError(f"normalisation clip_max must be a finite number >= 1, got {s['clip_max']}")
     return s
 
 
@@ -259,6 +265,7 @@ def _mask_on_grid(mask: sitk.Image, image: sitk.Image) -> np.ndarray:
 #: models trained on skull-stripped, unregistered phantoms).
 DEFAULT_PROFILE = {
     "registration": None,  # None | "mni152"
+    "deoblique": False,  # True: an oblique input is resampled onto the axis-aligned LPS grid (without registration)
     "spacing_mm": None,  # None | mm: resampling of the template space (with registration; None = 1 mm)
     "skull_strip": "auto",  # "auto" | True | False: mask the model input (auto: strip a head first)
     "bias_correction": "auto",  # "auto" | True | False: N4 (auto = on for inputs not skull-stripped)
@@ -302,6 +309,8 @@ def profile_settings(profile: dict | None = None) -> dict:
                              f"got {p['spacing_mm']!r}")
         p["spacing_mm"] = float(p["spacing_mm"])
     p["skull_strip"] = _tri(p["skull_strip"], "skull_strip")
+    if not isinstance(p["deoblique"], bool):
+        raise ValueError(f"preprocessing deoblique must be true or false, got {p['deoblique']!r}")
     p["bias_correction"] = _tri(p["bias_correction"], "bias_correction")
     if p["square"] not in ("crop", "pad"):
         raise ValueError(f"preprocessing square must be \"crop\" or \"pad\", got {p['square']!r}")
@@ -695,14 +704,69 @@ class Register(Step):
                 "translation": [round(v, 3) for v in t.GetTranslation()]}
 
 
+#: ``Deoblique`` acts when the canonical grid's axes are rotated by more than this from the LPS axes.
+DEOBLIQUE_MIN_DEG = 0.5
+
+
+def oblique_angle_deg(direction) -> float:
+    """Rotation angle (degrees) between a canonical grid's direction matrix and the LPS axes (identity)."""
+    d = np.asarray(direction, float).reshape(3, 3)
+    return float(np.degrees(np.arccos(np.clip((np.trace(d) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+class Deoblique(Step):
+    """An oblique volume resampled onto the axis-aligned LPS grid (same spacing, covering the same box).
+
+    The axial slices then lie in the patient's (scanner's) axial plane whatever the acquisition's
+    obliquity, as the model's training slices do; the inverse resamples the maps back onto the
+    canonical grid the step received (linear, zero outside).  Profile key ``deoblique`` (off by
+    default); skipped with registration (which resamples onto the template) and below
+    ``DEOBLIQUE_MIN_DEG``.
+    """
+
+    name = "deoblique"
+    slicewise = False  # a 3-D resampling
+
+    def forward(self, w: _Work) -> None:
+        self.angle_deg = oblique_angle_deg(w.grid.direction)
+        self.source = w.grid
+        d = np.asarray(w.grid.direction, float).reshape(3, 3)
+        size = np.asarray(w.grid.size, float)
+        sp = np.asarray(w.grid.spacing, float)
+        corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
+                            for k in (-0.5, size[2] - 0.5)])
+        phys = np.asarray(w.grid.origin) + (corners * sp) @ d.T
+        lo, hi = phys.min(0), phys.max(0)
+        n = np.maximum(np.ceil((hi - lo) / sp - 1e-6).astype(int), 1)
+        self.target = Grid(tuple(int(v) for v in n), tuple(float(v) for v in sp),
+                           tuple(float(v) for v in lo + sp / 2.0), tuple(float(v) for v in np.eye(3).ravel()))
+        src = w.current_image()
+        ident = sitk.Transform()
+        w.arr = self.target.resample(src, ident, default=float(w.arr.min()))
+        del src
+        w.brain = self.target.resample(w.grid.image(np.ascontiguousarray(w.brain, np.uint8)), ident) > 0.5
+        w.grid = self.target
+
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
+        if ks is not None:
+            raise ValueError("the deoblique step's inverse maps whole volumes (ks must be None)")
+        return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), sitk.Transform())
+                for k, v in maps.items()}
+
+    def record(self) -> dict:
+        return {"step": self.name, "angle_deg": round(self.angle_deg, 3), "spacing_mm": list(self.target.spacing),
+                "size": list(self.target.size)}
+
+
 class Normalise(Step):
     """Percentiles ``lower`` -> 0 and ``upper`` -> 1 (of the brain or of the whole volume), clipped."""
 
     name = "normalise"
 
     def __init__(self, lower: float, upper: float, clip: bool = True, reference: str = "brain-percentile",
-                 pad_value="min"):
+                 pad_value="min", clip_max: float = 1.0):
         self.lower_pct, self.upper_pct, self.clip = float(lower), float(upper), bool(clip)
+        self.clip_max = float(clip_max)
         self.reference = reference
         self.pad_value = pad_value
 
@@ -722,7 +786,7 @@ class Normalise(Step):
         pad = float(w.arr.min()) if self.pad_value == "min" else float(self.pad_value)
         w.cval = float((pad - lo) / (hi - lo))
         if self.clip:
-            w.cval = float(np.clip(w.cval, 0.0, 1.0))
+            w.cval = float(np.clip(w.cval, 0.0, self.clip_max))
         self.mask_input = bool(w.mask_input)
         if self.mask_input:
             w.cval = 0.0
@@ -733,7 +797,7 @@ class Normalise(Step):
         arr = np.subtract(arr, self.lo, out=arr if arr.flags.writeable else None)
         arr /= (self.hi - self.lo)
         if self.clip:
-            np.clip(arr, 0.0, 1.0, out=arr)
+            np.clip(arr, 0.0, self.clip_max, out=arr)
         if self.mask_input:
             arr[~brain] = 0.0
         return arr
@@ -747,6 +811,7 @@ class Normalise(Step):
 
     def record(self) -> dict:
         return {"step": self.name, "reference": self.reference, "percentiles": [self.lower_pct, self.upper_pct],
+                "clip_max": self.clip_max if self.clip else None,
                 "lower": self.lo, "upper": self.hi}
 
 
@@ -807,8 +872,10 @@ class InPlane(Step):
     name = "in_plane"
     chunk = 8  # slices resampled at a time (at most; at most 2 % of the slices)
 
-    def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True):
+    def __init__(self, size: int, square: str = "crop", margin: float = 0.05, clip: bool = True,
+                 clip_max: float = 1.0):
         self.size, self.square, self.margin, self.clip = int(size), square, float(margin), bool(clip)
+        self.clip_max = float(clip_max)
 
     def forward(self, w: _Work) -> None:
         from scipy import ndimage
@@ -843,7 +910,7 @@ class InPlane(Step):
                                                        self.size) > 0.5
             del norm
         if self.clip:
-            np.clip(slices, 0.0, 1.0, out=slices)
+            np.clip(slices, 0.0, self.clip_max, out=slices)
         if w.mask_input:
             slices *= masks
         w.slices, w.masks = slices, masks
@@ -1038,11 +1105,13 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
     w.mask_input = prof["skull_strip"] is not False
     if prof["registration"] == "mni152":
         run(Register(prof["spacing_mm"], registration_options))
+    elif prof["deoblique"] and oblique_angle_deg(w.grid.direction) > DEOBLIQUE_MIN_DEG:
+        run(Deoblique())
     full_brain = w.brain
     geom = w.grid.probe()
-    run(Normalise(s["lower"], s["upper"], s["clip"], prof["intensity"], prof["pad_value"]))
+    run(Normalise(s["lower"], s["upper"], s["clip"], prof["intensity"], prof["pad_value"], s["clip_max"]))
     run(SelectSlices(prof["slice_range"]))
-    run(InPlane(size, prof["square"], s["margin"], s["clip"]))
+    run(InPlane(size, prof["square"], s["margin"], s["clip"], s["clip_max"]))
     norm_step, sel_step, ip = steps[-3], steps[-2], steps[-1]
     info.update({"n_slices": int(len(sel_step.indices)), "fov_mm": ip.fov_mm, "pixel_mm": ip.pixel_mm,
                  "lower": norm_step.lo, "upper": norm_step.hi, "permute": list(w.permute), "flip": list(w.flip),
