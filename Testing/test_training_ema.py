@@ -188,6 +188,46 @@ def test_init_errors(tmp_path):
         train(_cfg(init=str(tmp_path / "empty")), run, device="cpu", progress=False, log=None)
 
 
+def _tiny_wolleb(**kw) -> TrainConfig:
+    """A tiny Wolleb run (class-conditional UNet + noise-aware classifier) on 32 px phantoms."""
+    clf = {"type": "DiffusionModelEncoder", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+           "channels": [8, 16, 16], "attention_levels": [False, False, False], "num_res_blocks": 1,
+           "num_head_channels": 16, "norm_num_groups": 8, "input_shape": [32, 32]}
+    over = {"networks": {"denoiser": tiny_unet_config((8, 16, 16), num_class_embeds=2), "classifier": clf}}
+    base = dict(method="wolleb", lesion_fraction=0.5, model_overrides=over)
+    base.update(kw)
+    return _cfg(**base)
+
+
+def test_init_of_wolleb_starts_denoiser_and_classifier_and_trains_both(tmp_path):
+    """A Wolleb fine-tune (e.g. wolleb-flair-phantom from wolleb-t2-phantom) takes BOTH networks from the
+    init model, and training moves both (the classifier's parameters are in the optimizer)."""
+    first = tmp_path / "first"
+    train(_tiny_wolleb(steps=1), first, device="cpu", progress=False, log=None)
+    w_first = load_weights(first / "model.safetensors")
+    roles = {k.split(".", 1)[0] for k in w_first}
+    assert roles == {"denoiser", "classifier"}
+
+    # lr 0: every tensor of both networks is exactly the init model's
+    same = tmp_path / "same"
+    train(_tiny_wolleb(steps=1, lr=0.0, init=str(first), model_overrides={}, contrast="FLAIR", seed=7), same,
+          device="cpu", progress=False, log=None)
+    assert _same(load_weights(same / "model.safetensors"), w_first)
+    entry = json.loads((same / "model.json").read_text())
+    assert entry["contrast"] == "FLAIR" and entry["training"]["init"]["steps"] == 1
+    assert entry["networks"]["classifier"]["channels"] == [8, 16, 16]  # architecture from the init model
+
+    # lr > 0: both networks move away from the init weights
+    moved = tmp_path / "moved"
+    train(_tiny_wolleb(steps=2, init=str(first), model_overrides={}, contrast="FLAIR", seed=7), moved,
+          device="cpu", progress=False, log=None)
+    w_moved = load_weights(moved / "model.safetensors")
+    for role in ("denoiser", "classifier"):
+        keys = [k for k in w_first if k.startswith(role + ".") and w_first[k].is_floating_point()]
+        change = max(float((w_moved[k] - w_first[k]).abs().max()) for k in keys)
+        assert change > 1e-5, role
+
+
 # --------------------------------------------------------------------------- learning curve
 def test_learning_curve_csv_png_and_resume(tmp_path):
     run = tmp_path / "run"
