@@ -46,8 +46,9 @@ def calibrate_subset(a) -> int:
             print(f"{a.id}: {m}/{preset}/{backend}: {rec}")
             continue
         update_entry_in_place(a.id, lambda entry: store(entry, m, preset, backend, rec))
-        print(f"stored {a.id}: {m}/{preset}/{backend} ({rec.get('n_slices', '?')} slices, {rec['n_voxels']} voxels, "
-              f"{rec['cpu_seconds']:.0f} CPU s)", flush=True)
+        what = (f"tau only, {rec.get('tau_n_pixels')} stage-1 pixels" if a.tau_only else
+                f"{rec.get('n_slices')} slices, {rec['n_voxels']} voxels")
+        print(f"stored {a.id}: {m}/{preset}/{backend} ({what}, {rec['cpu_seconds']:.0f} CPU s)", flush=True)
     return 0
 
 
