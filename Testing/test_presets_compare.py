@@ -243,3 +243,28 @@ def test_preset_card_section_is_idempotent_and_local(tmp_path):
     with pytest.raises(ValueError, match="unbalanced"):
         update_preset_cards(rep, models, readme)
     assert (models / "a" / "README.md").read_text() == "# Card A\n"
+
+
+def test_stochastic_ddim_options_for_cheaper_presets(tiny_model):
+    """AnoDDPM's ``eta`` and AutoDDPM's ``recon_eta`` (DDIM stochasticity, the candidates tried against the
+    ancestral paper chains): 0 is the deterministic chain of before, 1 draws per-slice noise (reproducible)."""
+    import torch
+
+    import uad.pipeline
+    from uad import UADError
+    from uad.rng import BatchRNG
+
+    x = torch.rand(2, 1, 32, 32)
+    mk = torch.ones_like(x, dtype=torch.bool)
+    for method, key, base in (("anoddpm", "eta", {"level": 20, "steps": 3}),
+                              ("autoddpm", "recon_eta", {"level": 20, "recon_steps": 3, "inpaint_level": 8,
+                                                         "inpaint_steps": 3, "resample": 2, "threshold": 0.0})):
+        run = lambda extra, seed=1: uad.pipeline.build(method, tiny_model, "fast", {**base, **extra})(  # noqa: E731
+            x, mk, BatchRNG([seed, seed + 1])).anomaly
+        plain, zero, one, again, other = run({}), run({key: 0.0}), run({key: 1.0}), run({key: 1.0}), run({key: 1.0}, 7)
+        assert torch.equal(plain, zero), method
+        assert not torch.allclose(plain, one) and torch.equal(one, again) and not torch.equal(one, other), method
+        with pytest.raises(UADError, match=f"parameter {key} has no effect with preset 'paper'"):
+            uad.pipeline.build(method, tiny_model, "paper", {key: 1.0})
+        with pytest.raises(UADError, match=f"{key} must be in"):
+            uad.pipeline.build(method, tiny_model, "fast", {key: 1.5})

@@ -36,6 +36,7 @@ class AnoDDPMParams:
     noise: str | None = None  # gaussian | simplex; None = the model's training noise
     variance: str = "fixed_large"  # ddpm step variance: fixed_large (AnoDDPM) | fixed_small
     error: str = "squared"  # squared (paper, in model range) | abs (in [0, 1])
+    eta: float = 0.0  # ddim only: 0 deterministic; 1 draws fresh noise at every step, like the ancestral chain
 
 
 class AnoDDPM(Method):
@@ -56,6 +57,8 @@ class AnoDDPM(Method):
             raise ValueError(f"anoddpm: level must be in [1, {T}], got {p.level}")
         if p.sampler == "ddpm" and p.steps is not None and p.steps < p.level:
             raise ValueError("anoddpm: a strided chain (steps < level) needs sampler='ddim'")
+        if not 0 <= float(p.eta) <= 1:
+            raise ValueError(f"anoddpm: eta must be in [0, 1], got {p.eta}")
         if p.error not in ("squared", "abs"):
             raise ValueError(f"anoddpm: error must be 'squared' or 'abs', got {p.error!r}")
         self.diffusion = Diffusion(self.model.schedule)
@@ -65,7 +68,7 @@ class AnoDDPM(Method):
     def ignored_parameters(self) -> dict[str, str]:
         if self.params.sampler == "ddim":
             return {"variance": "only the ddpm sampler draws noise with a step variance"}
-        return {}
+        return {"eta": "only the ddim sampler has an eta"}
 
     def nfe_per_slice(self) -> int:
         return len(partial_timesteps(self.params.level - 1, self.params.steps))
@@ -79,7 +82,7 @@ class AnoDDPM(Method):
         x_t = self.diffusion.q_sample(x_m, t_start, eps)
         ts = partial_timesteps(t_start, p.steps)
         rec_m, _, nfe = reverse_chain(self.diffusion, net, x_t, ts, rng, sampler=p.sampler,
-                                      noise=self.noise_kind, variance=p.variance,
+                                      noise=self.noise_kind, variance=p.variance, eta=float(p.eta),
                                       noise_options=self.noise_options)
         lo, hi = self.model.intensity_range
         rec_m = rec_m.clamp(lo, hi)

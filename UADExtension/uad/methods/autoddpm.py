@@ -74,6 +74,7 @@ class AutoDDPMParams:
     level: int = 200  # L_recon: stage-1 start timestep (L+1 NFE on the DDPM chain)
     recon_steps: int | None = None  # None: full chain; k: k strided timesteps (needs recon_sampler='ddim')
     recon_sampler: str = "ddpm"  # ddpm | ddim
+    recon_eta: float = 0.0  # DDIM stochasticity of the stage-1 steps (recon_sampler='ddim' only; 1 ~ ancestral)
     inpaint_level: int = 50  # L_inpaint: stage-2 start timestep
     levels: str = "reference"  # reference: level and inpaint_level are the paper's, on [0, 1] images (see below) | model
     inpaint_steps: int | None = None  # None: every timestep; k: k strided timesteps from L_inpaint to 0 (ddim)
@@ -150,6 +151,8 @@ class AutoDDPM(Method):
             raise ValueError(f"autoddpm: dilation must be an odd number >= 1, got {p.dilation}")
         if not 0 <= float(p.eta) <= 1:
             raise ValueError(f"autoddpm: eta must be in [0, 1], got {p.eta}")
+        if not 0 <= float(p.recon_eta) <= 1:
+            raise ValueError(f"autoddpm: recon_eta must be in [0, 1], got {p.recon_eta}")
         if not callable(p.perceptual):
             from ..perceptual import _normalise
 
@@ -257,7 +260,8 @@ class AutoDDPM(Method):
         x_t = self.diffusion.q_sample(x_m, ts[0], eps)
         rec_m, _, nfe = reverse_chain(self.diffusion, self.model.net("denoiser"), x_t, ts, rng,
                                       sampler=p.recon_sampler, noise=self.noise_kind, variance="fixed_small",
-                                      eta=0.0, noise_options=self.noise_options)
+                                      eta=float(p.recon_eta) if p.recon_sampler == "ddim" else 0.0,
+                                      noise_options=self.noise_options)
         return rec_m.clamp(lo, hi), nfe
 
     def reconstruct(self, x: torch.Tensor, rng: BatchRNG) -> torch.Tensor:
@@ -266,9 +270,12 @@ class AutoDDPM(Method):
 
     # -- inference ------------------------------------------------------------
     def ignored_parameters(self) -> dict[str, str]:
+        out = {}
         if self.params.inpaint_sampler == "ddpm":
-            return {"eta": "only the ddim in-painting sampler uses it"}
-        return {}
+            out["eta"] = "only the ddim in-painting sampler uses it"
+        if self.params.recon_sampler == "ddpm":
+            out["recon_eta"] = "only the ddim stage-1 sampler uses it"
+        return out
 
     def run(self, x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG) -> MethodOutput:
         lo, hi = self.model.intensity_range
