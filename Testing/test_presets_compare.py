@@ -130,6 +130,12 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
     rep2 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
                              lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
     assert not calls and rep2["summary"] == rep["summary"]
+    # --volume-limits: fewer volumes for one method (or contrast)
+    rep3 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
+                             lesions=["tumour"], max_volumes=2, slab=3, limits={"T2/anoddpm": 1}, log=lambda s: None)
+    assert not calls and [c["case"] for c in rep3["cells"]] == ["ho_T2_tumour_0"] * 2
+    with pytest.raises(B.UADError, match="KEY=N"):
+        B._limits(["wolleb"])
 
 
 def test_compare_presets_bad_settings(tmp_path):

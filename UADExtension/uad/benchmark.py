@@ -866,11 +866,26 @@ def _cli_compare(args) -> int:
                           settings=args.compare_presets, heldout_dir=args.heldout, lesions=args.lesions,
                           max_volumes=args.max_volumes if args.max_volumes is not None else 2, slab=args.lesion_slab,
                           margin=args.slab_margin, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                          command=_command_line())
+                          limits=_limits(args.volume_limits), command=_command_line())
     print()
     print(presets_markdown(rep))
     print(f"wrote {args.output}/presets.md, presets.csv, presets.json ({rep['wall_seconds']:.0f} s)")
     return 0
+
+
+def _limits(items) -> dict:
+    out = {}
+    for item in items or []:
+        k, eq, v = str(item).partition("=")
+        try:
+            n = int(v)
+        except ValueError:
+            n = -1
+        if not eq or not k.strip() or n < 1:
+            raise UADError(f"--volume-limits expects KEY=N (KEY a method, a contrast or CONTRAST/METHOD; N >= 1), "
+                           f"got {item!r}")
+        out[k.strip()] = n
+    return out
 
 
 def _cli(args) -> int:
@@ -943,6 +958,9 @@ def add_cli(subparsers) -> None:
                         "the method's 3-D post-processing reads, 0 for most methods)")
     p.add_argument("--lesions", nargs="+", default=["tumour", "stroke"], choices=list(LESIONS),
                    help="--compare-presets: lesion types (default tumour stroke)")
+    p.add_argument("--volume-limits", nargs="+", default=None, metavar="KEY=N",
+                   help="--compare-presets: at most N volumes per lesion type for a method, a contrast or "
+                        "CONTRAST/METHOD (e.g. wolleb=1 FLAIR=1), below --max-volumes")
     p.set_defaults(func=_cli)
 
 
@@ -1169,14 +1187,15 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
                     settings=("paper", "default"), heldout_dir=None, lesions=("tumour", "stroke"),
                     max_volumes: int | None = 2, slab: int = 8, margin: int | None = None, seed: int = 0,
                     batch_size: int = 16, device: str = "cpu", command: str | None = None, resume: bool = True,
-                    log=print) -> dict:
+                    limits: dict | None = None, log=print) -> dict:
     """The paired preset comparison (see the section comment above): for every held-out lesion volume of
     ``lesions`` and ``contrasts`` (the first ``max_volumes`` of each type), every method with its bundled model
     for the contrast runs every setting on the same slab with the same seed.  The first setting is the
     reference (the paper preset); "default" is each method's default preset.  Writes ``presets.json``,
     ``presets.csv`` (one row per volume and setting) and ``presets.md`` into ``outdir`` after every cell, so an
     interrupted run keeps what it measured; ``resume`` reuses the cells of an earlier report in ``outdir`` that
-    have the same case, method, model, setting, seed and slab."""
+    have the same case, method, model, setting, seed and slab.  ``limits`` {key: n}: fewer volumes per lesion
+    type for some cells, key a method, a contrast or "CONTRAST/METHOD" (the smallest matching limit applies)."""
     from .heldout import load_heldout
     from .pipeline import method_class, resolve_device
 
@@ -1228,7 +1247,10 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         for contrast, method, entry, resolved in plan:
             for lt in lesions:
                 rs = [r for r in rows_all if r["contrast"] == contrast and r["lesion"] == lt]
-                if vi < len(rs):
+                keys = (method, contrast.upper(), f"{contrast.upper()}/{method}")
+                n_here = min([int(v) for k, v in (limits or {}).items() if str(k).upper() in
+                              {x.upper() for x in keys}] or [len(rs)])
+                if vi < min(len(rs), n_here):
                     for preset, params, label, role in resolved:
                         order.append((rs[vi], method, entry, preset, params, label, role))
     cells: list = []
@@ -1236,7 +1258,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
               "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "command": command, "heldout": str(heldout_dir), "methods": list(methods), "contrasts": list(contrasts),
               "lesions": list(lesions), "settings": list(settings), "max_volumes": max_volumes, "slab": int(slab),
-              "margin": margin, "seed": int(seed), "batch_size": int(batch_size), "rule": PRESET_RULE,
+              "margin": margin, "limits": dict(limits or {}), "seed": int(seed), "batch_size": int(batch_size), "rule": PRESET_RULE,
               "missing": missing, "planned_cells": len(order), "cells": cells, "summary": []}
     model_cache: dict = {}
     for i, (row, method, entry, preset, params, label, role) in enumerate(order, 1):
