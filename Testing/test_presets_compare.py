@@ -263,6 +263,7 @@ def test_stochastic_ddim_options_for_cheaper_presets(tiny_model):
     x = torch.rand(2, 1, 32, 32)
     mk = torch.ones_like(x, dtype=torch.bool)
     for method, key, base in (("anoddpm", "eta", {"level": 20, "steps": 3}),
+                              ("thor", "eta", {"level": 20, "steps": 3, "harmonization": [10], "vis_every": 0}),
                               ("autoddpm", "recon_eta", {"level": 20, "recon_steps": 3, "inpaint_level": 8,
                                                          "inpaint_steps": 3, "resample": 2, "threshold": 0.0})):
         run = lambda extra, seed=1: uad.pipeline.build(method, tiny_model, "fast", {**base, **extra})(  # noqa: E731
