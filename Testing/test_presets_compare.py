@@ -239,6 +239,7 @@ def test_preset_card_section_is_idempotent_and_local(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n\n" + PRESET_BEGIN) and text.endswith(PRESET_END + "\n\nafter\n")
     assert "old table" not in text and "| 0.275 | 0.92 | 0.85-0.95 | yes |" in text  # ratio 0.275 / 0.300
+    assert "| stroke |" not in text and "| stroke |" in card  # the README has the rows over all lesion types
     before = {p: p.read_text() for p in [readme, models / "a" / "README.md", models / "b" / "README.md"]}
     again = dict(update_preset_cards(rep, models, readme))
     assert all("unchanged" in v for v in again.values())

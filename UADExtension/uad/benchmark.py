@@ -1368,10 +1368,13 @@ PRESET_END = "<!-- preset-table:end -->"
 PRESET_HEADING = "## Paper preset against the default preset"
 
 
-def presets_block(report: dict, model_id: str | None = None) -> str:
+def presets_block(report: dict, model_id: str | None = None, lesion_rows: bool = True) -> str:
     """The text between the preset-table markers: header, table and verdicts (``model_id``: only the rows
-    measured with that model; its contrasts' rows, not the across-contrast ones)."""
+    measured with that model; its contrasts' rows, not the across-contrast ones; ``lesion_rows=False``: only
+    the rows over all lesion types, per contrast and across contrasts)."""
     rows = report["summary"] if model_id is None else [r for r in report["summary"] if r["model"] == model_id]
+    if not lesion_rows:
+        rows = [r for r in rows if r["lesion"] == "all"]
     head = presets_header(report)
     if not rows:
         return f"\n{head}\n\nNo paired preset measurement of this model in that run.\n"
@@ -1444,7 +1447,8 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
         text = rp.read_text()
         if not _marker_lines(text, PRESET_BEGIN):
             raise ValueError(f"{rp} has no {PRESET_BEGIN} ... {PRESET_END} section")
-        plan.append(("README", rp, text, replace_preset_section(text, presets_block(report), None)))
+        plan.append(("README", rp, text, replace_preset_section(text, presets_block(report, lesion_rows=False),
+                                                                None)))
     for mid, path, old, new in plan:
         if new != old:
             _write_atomic(path, new)
