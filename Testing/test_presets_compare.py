@@ -134,6 +134,12 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
     rep3 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
                              lesions=["tumour"], max_volumes=2, slab=3, limits={"T2/anoddpm": 1}, log=lambda s: None)
     assert not calls and [c["case"] for c in rep3["cells"]] == ["ho_T2_tumour_0"] * 2
+    # --reuse-only: a setting never measured is left out, nothing is computed, the report says partial
+    rep4 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP, "fast:level=20,steps=1"],
+                             heldout_dir=ho, lesions=["tumour"], max_volumes=2, slab=3, reuse_only=True,
+                             log=lambda s: None)
+    assert not calls and len(rep4["cells"]) == 4 and rep4["planned_cells"] == 6
+    assert "Partial: 4 of 6 cells" in (out / "presets.md").read_text()
     with pytest.raises(B.UADError, match="KEY=N"):
         B._limits(["wolleb"])
 

@@ -866,7 +866,7 @@ def _cli_compare(args) -> int:
                           settings=args.compare_presets, heldout_dir=args.heldout, lesions=args.lesions,
                           max_volumes=args.max_volumes if args.max_volumes is not None else 2, slab=args.lesion_slab,
                           margin=args.slab_margin, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                          limits=_limits(args.volume_limits), command=_command_line())
+                          limits=_limits(args.volume_limits), reuse_only=args.reuse_only, command=_command_line())
     print()
     print(presets_markdown(rep))
     print(f"wrote {args.output}/presets.md, presets.csv, presets.json ({rep['wall_seconds']:.0f} s)")
@@ -958,6 +958,8 @@ def add_cli(subparsers) -> None:
                         "the method's 3-D post-processing reads, 0 for most methods)")
     p.add_argument("--lesions", nargs="+", default=["tumour", "stroke"], choices=list(LESIONS),
                    help="--compare-presets: lesion types (default tumour stroke)")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="--compare-presets: only re-summarise the cells already in OUT/presets.json (no computing)")
     p.add_argument("--volume-limits", nargs="+", default=None, metavar="KEY=N",
                    help="--compare-presets: at most N volumes per lesion type for a method, a contrast or "
                         "CONTRAST/METHOD (e.g. wolleb=1 FLAIR=1), below --max-volumes")
@@ -1187,7 +1189,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
                     settings=("paper", "default"), heldout_dir=None, lesions=("tumour", "stroke"),
                     max_volumes: int | None = 2, slab: int = 8, margin: int | None = None, seed: int = 0,
                     batch_size: int = 16, device: str = "cpu", command: str | None = None, resume: bool = True,
-                    limits: dict | None = None, log=print) -> dict:
+                    limits: dict | None = None, reuse_only: bool = False, log=print) -> dict:
     """The paired preset comparison (see the section comment above): for every held-out lesion volume of
     ``lesions`` and ``contrasts`` (the first ``max_volumes`` of each type), every method with its bundled model
     for the contrast runs every setting on the same slab with the same seed.  The first setting is the
@@ -1195,7 +1197,9 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
     ``presets.csv`` (one row per volume and setting) and ``presets.md`` into ``outdir`` after every cell, so an
     interrupted run keeps what it measured; ``resume`` reuses the cells of an earlier report in ``outdir`` that
     have the same case, method, model, setting, seed and slab.  ``limits`` {key: n}: fewer volumes per lesion
-    type for some cells, key a method, a contrast or "CONTRAST/METHOD" (the smallest matching limit applies)."""
+    type for some cells, key a method, a contrast or "CONTRAST/METHOD" (the smallest matching limit applies).
+    ``reuse_only``: only the cells of the earlier report (re-summarised with this code's default presets); the
+    others are left out and the report says it is partial."""
     from .heldout import load_heldout
     from .pipeline import method_class, resolve_device
 
@@ -1267,6 +1271,9 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             model_cache[entry.id] = prepare_model(entry, dev)
         model = model_cache[entry.id]
         cached = old.get((row["case"], method, entry.id, label, int(seed), int(slab), margin))
+        if cached is None and reuse_only:
+            log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
+            continue
         if cached is not None:
             cell = dict(cached, role=role)
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: reused AP {cell['ap']:.4f}")
