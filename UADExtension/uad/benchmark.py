@@ -1218,7 +1218,8 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
     old = {}
     if resume and (out / "presets.json").is_file():
         try:
-            old = {_cell_key(c): c for c in json.loads((out / "presets.json").read_text()).get("cells", [])}
+            prev = json.loads((out / "presets.json").read_text())
+            old = {_cell_key(c): c for c in prev.get("cells", []) + prev.get("other_cells", [])}
         except (ValueError, KeyError, TypeError):
             old = {}
     plan, missing = [], []
@@ -1264,6 +1265,9 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
               "lesions": list(lesions), "settings": list(settings), "max_volumes": max_volumes, "slab": int(slab),
               "margin": margin, "limits": dict(limits or {}), "seed": int(seed), "batch_size": int(batch_size), "rule": PRESET_RULE,
               "missing": missing, "planned_cells": len(order), "cells": cells, "summary": []}
+    planned = {(r["case"], m, e.id, lab, int(seed), int(slab), margin) for r, m, e, _, _, lab, _ in order}
+    # cells of an earlier report that this run does not plan: kept (not summarised) so that no measurement is lost
+    report["other_cells"] = [c for k, c in old.items() if k not in planned]
     model_cache: dict = {}
     for i, (row, method, entry, preset, params, label, role) in enumerate(order, 1):
         if entry.id not in model_cache:
