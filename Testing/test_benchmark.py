@@ -73,7 +73,7 @@ def test_benchmark_quick_tables_and_missing(tiny_zoo, small_heldout, tmp_path):
     assert status[("T2", "anoddpm")] == "ok" and status[("T2", "intensity-floor")] == "ok"
     assert status[("FLAIR", "anoddpm")].startswith("missing")
     row = next(r for r in rep["results"] if r["method"] == "anoddpm" and r["status"] == "ok")
-    assert row["preset"] == "fast" and row["nfe_per_slice"] == 25 and 0 <= row["tumour"] <= 1
+    assert row["preset"] == "stochastic" and row["nfe_per_slice"] == 55 and 0 <= row["tumour"] <= 1
     assert row["overhead_in_run"] > 1.0 and row["network_seconds_per_volume"] > 0
     # the tiny model has no calibrated threshold: Dice@cal uses the held-out healthy volumes, said so, and their
     # false-positive volume (circular then) is not reported

@@ -326,10 +326,10 @@ def test_param_type_and_ignored_parameter_errors(tiny_zoo, make_volume, tmp_path
     assert _one_line(capsys, rc).endswith("parameter level of anoddpm expects an integer, got 'abc'")
     rc = main(["detect", str(inp), "-o", str(tmp_path / "out"), "--device", "cpu", "--param", "sampler=3"])
     assert "parameter sampler of anoddpm expects a string, got 3" in _one_line(capsys, rc)
-    # the fast preset samples with DDIM, which has no step variance: setting it did nothing silently
+    # the default preset (stochastic) samples with DDIM, which has no step variance: setting it did nothing silently
     rc = main(["detect", str(inp), "-o", str(tmp_path / "out"), "--device", "cpu", "--param",
                "variance=fixed_small"])
-    assert "parameter variance has no effect with preset 'fast'" in _one_line(capsys, rc)
+    assert "parameter variance has no effect with preset 'stochastic'" in _one_line(capsys, rc)
     rc = main(["detect", str(inp), "-o", str(tmp_path / "out"), "--device", "cpu", "--method", "thor",
                "--preset", "paper", "--param", "steps=400"])
     assert "parameter steps has no effect" in _one_line(capsys, rc)

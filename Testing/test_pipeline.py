@@ -234,7 +234,7 @@ def test_detect_outputs_on_input_grid(tiny_model, fast_params, make_volume, geom
     assert info["method"] == "anoddpm" and info["model"] == "tiny-test" and info["device"] == "cpu"
     assert info["nfe_per_slice"] == 3
     assert info["network_evaluations"] == 3 * info["slices"]
-    assert info["params"]["level"] == 20 and info["preset"] == "fast"
+    assert info["params"]["level"] == 20 and info["preset"] == "stochastic"  # anoddpm's default
     assert info["seconds"] > 0
 
 

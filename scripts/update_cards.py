@@ -13,6 +13,13 @@ the README with the table of every measured model (the README must have the mark
 presets' AP per lesion type, the floor, the volume counts and the run), which ``uad detect`` reads to
 pick the best method per contrast (``uad.selection``); ``--no-manifest`` leaves the manifest alone.
 ``--print`` prints the README table.  See ``uad.heldout_table``.
+
+    python scripts/update_cards.py --presets-report DIR [--models models/] [--readme README.md] [--print]
+
+writes the paired paper-against-default comparison of ``uad benchmark --compare-presets -o DIR`` (its
+``presets.json``) between ``<!-- preset-table:begin -->`` and ``<!-- preset-table:end -->``: into the card of
+every model serving a compared method (appended under "## Paper preset against the default preset" when the
+card has none) and into the README's marked section (``uad.benchmark.update_preset_cards``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from uad.heldout_table import block, load_report, update_cards, update_file, upd
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("bench_dir", nargs="+",
+    p.add_argument("bench_dir", nargs="*",
                    help="'uad benchmark -o DIR' folder(s), or their benchmark.json; with several, a model's rows "
                         "come from the last run that measured it (each against its own run's floor)")
     p.add_argument("--models", default=None, metavar="DIR",
@@ -41,7 +48,14 @@ def main(argv=None) -> int:
     p.add_argument("--command", default=None,
                    help="the benchmark's command line, for reports written before benchmark.json recorded it")
     p.add_argument("--print", action="store_true", dest="show", help="print the README table")
+    p.add_argument("--presets-report", default=None, metavar="DIR",
+                   help="'uad benchmark --compare-presets -o DIR' folder (or its presets.json): write the preset "
+                        "section instead of the held-out table")
     a = p.parse_args(argv)
+    if a.presets_report:
+        return _presets(a)
+    if not a.bench_dir:
+        p.error("give BENCH_DIR(s) or --presets-report DIR")
     try:
         reps = [load_report(d) for d in a.bench_dir]
         for rep in reps:
@@ -61,6 +75,24 @@ def main(argv=None) -> int:
             changed = update_file(a.readme, text, heading=None, require_markers=True)
             print(f"{a.readme}: {'updated' if changed else 'unchanged (same table)'}")
     except (ValueError, OSError, UADError) as e:
+        print(f"update_cards: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _presets(a) -> int:
+    from uad.benchmark import load_presets_report, presets_block, update_preset_cards
+
+    try:
+        rep = load_presets_report(a.presets_report)
+        if a.show or not (a.models or a.readme):
+            print(presets_block(rep))
+        if a.models or a.readme:
+            if not a.models:
+                raise ValueError("--presets-report with --readme needs --models too")
+            for mid, what in update_preset_cards(rep, a.models, a.readme):
+                print(f"{mid}: {what}")
+    except (ValueError, OSError) as e:
         print(f"update_cards: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     return 0

@@ -861,7 +861,36 @@ def _command_line() -> str | None:
     return "uad " + " ".join(shlex.quote(a) for a in argv) if argv[:1] == ["benchmark"] else None
 
 
+def _cli_compare(args) -> int:
+    rep = compare_presets(args.output, methods=args.methods or ITERATIVE, contrasts=args.contrasts or ("T2", "FLAIR"),
+                          settings=args.compare_presets, heldout_dir=args.heldout, lesions=args.lesions,
+                          max_volumes=args.max_volumes if args.max_volumes is not None else 2, slab=args.lesion_slab,
+                          margin=args.slab_margin, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                          limits=_limits(args.volume_limits), reuse_only=args.reuse_only, command=_command_line())
+    print()
+    print(presets_markdown(rep))
+    print(f"wrote {args.output}/presets.md, presets.csv, presets.json ({rep['wall_seconds']:.0f} s)")
+    return 0
+
+
+def _limits(items) -> dict:
+    out = {}
+    for item in items or []:
+        k, eq, v = str(item).partition("=")
+        try:
+            n = int(v)
+        except ValueError:
+            n = -1
+        if not eq or not k.strip() or n < 1:
+            raise UADError(f"--volume-limits expects KEY=N (KEY a method, a contrast or CONTRAST/METHOD; N >= 1), "
+                           f"got {item!r}")
+        out[k.strip()] = n
+    return out
+
+
 def _cli(args) -> int:
+    if args.compare_presets:
+        return _cli_compare(args)
     rep = run_benchmark(args.output, methods=args.methods, contrasts=args.contrasts,
                         presets=args.presets, device=args.device, quick=args.quick, heldout_dir=args.heldout,
                         n=args.n, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
@@ -917,4 +946,542 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-volumes", type=int, default=None, metavar="N",
                    help="use only the first N held-out volumes of each lesion type and N healthy volumes per "
                         "contrast (a CPU-sized subset; the table says how many each row used)")
+    p.add_argument("--compare-presets", nargs="+", default=None, metavar="SETTING",
+                   help="paired preset comparison on lesion slabs instead of the benchmark: settings PRESET or "
+                        "PRESET:KEY=VALUE,... ('default' = each method's default), the first is the reference, e.g. "
+                        "'paper default'; needs --heldout; methods default thor anoddpm autoddpm wolleb, contrasts "
+                        "T2 FLAIR, --max-volumes 2; writes presets.md/.csv/.json")
+    p.add_argument("--lesion-slab", type=int, default=8, metavar="K",
+                   help="--compare-presets: the K consecutive slices with the most lesion voxels (default 8)")
+    p.add_argument("--slab-margin", type=int, default=None, metavar="M",
+                   help="--compare-presets: slices computed on each side of the slab, not scored (default: what "
+                        "the method's 3-D post-processing reads, 0 for most methods)")
+    p.add_argument("--lesions", nargs="+", default=["tumour", "stroke"], choices=list(LESIONS),
+                   help="--compare-presets: lesion types (default tumour stroke)")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="--compare-presets: only re-summarise the cells already in OUT/presets.json (no computing)")
+    p.add_argument("--volume-limits", nargs="+", default=None, metavar="KEY=N",
+                   help="--compare-presets: at most N volumes per lesion type for a method, a contrast or "
+                        "CONTRAST/METHOD (e.g. wolleb=1 FLAIR=1), below --max-volumes")
     p.set_defaults(func=_cli)
+
+
+# ----------------------------------------------------------------------------- paired preset comparison
+# ``uad benchmark --compare-presets paper default --lesion-slab K``: issue 7, point 6 (the default preset of a
+# method keeps at least 90 % of its paper preset's AP).  A paper preset costs 250-1,500 network evaluations per
+# slice, so on a CPU both settings run on the same few slices of each lesion volume: the K consecutive slices
+# (in the method's slicing: the canonical axial slices of the preprocessing chain) with the most lesion voxels,
+# plus a margin for 3-D post-processing.  Preprocessing is that of the whole volume (the normalisation and the
+# field of view do not change); slices outside the slab are not computed; every slice has its own generator
+# (``uad.rng``), so a slab slice's map equals the one a whole-volume run computes.  AP is taken over the brain
+# voxels of exactly the K slab slices.
+
+PRESET_RULE = 0.9  # issue 7: a cheaper default must keep at least 90 % of the paper preset's AP
+
+
+def parse_setting(spec: str) -> tuple[str | None, str, dict]:
+    """``"paper"`` -> (None, "paper", {}); ``"fast:steps=40,sampler=ddim"`` -> (None, "fast", {"steps": 40, ...});
+    ``"anoddpm/fast:steps=55"`` -> ("anoddpm", "fast", {"steps": 55}): a setting of that method only.
+    ``default`` stays a name (each method's default preset, resolved per method)."""
+    from .cli import parse_value
+
+    head, _, rest = str(spec).partition(":")
+    only, slash, name = head.partition("/")
+    if not slash:
+        only, name = None, head
+    only = only.strip().lower() if only else None
+    name = name.strip()
+    if not name:
+        raise UADError(f"--compare-presets: empty preset in {spec!r} (use PRESET or PRESET:KEY=VALUE,...)")
+    params = {}
+    for item in [x for x in rest.split(",") if x.strip()]:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise UADError(f"--compare-presets: expected KEY=VALUE after {name}:, got {item!r}")
+        params[k.strip().replace("-", "_")] = parse_value(v.strip())
+    return only, name, params
+
+
+def setting_label(preset: str, params: dict) -> str:
+    return preset + ("" if not params else ":" + ",".join(f"{k}={v}" for k, v in params.items()))
+
+
+def densest_window(counts, k: int) -> tuple[int, int]:
+    """(lo, hi): the ``k`` consecutive positions of ``counts`` with the largest sum (the first such window);
+    the whole range when it has at most ``k`` positions."""
+    c = np.asarray(counts, dtype=np.int64)
+    n, k = len(c), int(k)
+    if k < 1:
+        raise UADError(f"--lesion-slab must be >= 1, got {k}")
+    if n <= k:
+        return 0, n
+    cs = np.concatenate([[0], np.cumsum(c)])
+    sums = cs[k:] - cs[:-k]
+    lo = int(np.argmax(sums))
+    return lo, lo + k
+
+
+def lesion_slab(image: sitk.Image, lesion: sitk.Image, brain: sitk.Image, k: int, margin: int = 0) -> dict:
+    """The slab of a lesion volume in the method's slicing: canonical (LPS) axial slices, as
+    ``uad.preprocess.Reorient`` orders them.  Returns the orientation, the lesion voxels per canonical slice
+    (within the brain), the K-slice window ``slab`` (lo, hi) with the most lesion voxels and the slices
+    ``run`` = slab +- margin that are computed."""
+    from .imageio import array_view
+    from .preprocess import canonical_view, orientation_of
+
+    permute, flip = orientation_of(image)
+    les = canonical_view(array_view(lesion), permute, flip) > 0
+    br = canonical_view(array_view(brain), permute, flip) > 0
+    counts = (les & br).sum(axis=(1, 2))
+    if not counts.any():
+        raise UADError("the lesion mask has no voxel inside the brain mask: no lesion slab")
+    lo, hi = densest_window(counts, k)
+    m = max(0, int(margin))
+    return {"permute": permute, "flip": flip, "counts": counts, "slab": (lo, hi),
+            "run": (max(0, lo - m), min(len(counts), hi + m)), "brain_slices": np.flatnonzero(br.any(axis=(1, 2)))}
+
+
+class _SlabForward:
+    """``detect(..., forward=)`` seam that runs the method only on the slices of a slab (the items of a batch
+    whose per-slice generator belongs to a slab slice); the others get restoration = input, anomaly 0.  Counts
+    the slices computed, their network evaluations and the CPU time (wall on CUDA) of the method calls."""
+
+    def __init__(self, seed: int, ks, device):
+        from .rng import slice_seed
+
+        self.by_seed = {slice_seed(int(seed), int(k)): int(k) for k in ks}
+        self.device = torch.device(device)
+        self.slices: list[int] = []
+        self.nfe_per_slice = 0
+        self.network_evaluations = 0
+        self.clock_seconds = 0.0
+        self.wall_seconds = 0.0
+
+    def __call__(self, meth, x, mk, rng):
+        from .methods.base import MethodOutput
+
+        sel = [i for i, s in enumerate(rng.seeds) if s in self.by_seed]
+        rest = x.clone()
+        anom = torch.zeros_like(x)
+        if not sel:
+            return MethodOutput(restoration=rest, anomaly=anom, nfe=0)
+        idx = torch.tensor(sel, device=x.device)
+        _sync(self.device)
+        c0, w0 = _clock(self.device), time.perf_counter()
+        out = meth(x[idx], mk[idx], rng.subset(sel))
+        _sync(self.device)
+        self.clock_seconds += _clock(self.device) - c0
+        self.wall_seconds += time.perf_counter() - w0
+        rest[idx] = out.restoration.to(rest.dtype)
+        anom[idx] = out.anomaly.to(anom.dtype)
+        self.slices += [self.by_seed[rng.seeds[i]] for i in sel]
+        self.nfe_per_slice = max(self.nfe_per_slice, int(out.nfe))
+        self.network_evaluations += int(out.nfe) * len(sel)
+        return MethodOutput(restoration=rest, anomaly=anom, nfe=int(out.nfe))
+
+
+def _postprocess_margin(meth) -> int:
+    """Slices on each side of the slab that a method's 3-D post-processing reads (its median filter)."""
+    med = int((getattr(meth, "postprocess", None) or {}).get("median_size") or 0)
+    return med // 2 if med > 1 else 0
+
+
+def run_slab_case(row: dict, method: str, model, preset: str, params: dict | None, device, k: int,
+                  margin: int | None = None, seed: int = 0, batch_size: int = 16) -> dict:
+    """Both ends of one comparison cell: ``method`` with ``preset`` (+ ``params``) on the lesion slab of one
+    held-out volume.  Returns AP over the brain voxels of the K slab slices, the slab, NFE, seconds per slice."""
+    from .metrics import pr_stats
+    from .pipeline import build, detect, preprocessing_profile
+    from .preprocess import canonical_view
+
+    dev = torch.device(device)
+    image, brain, lesion = _read_case(row)
+    if preprocessing_profile(model).get("registration"):
+        raise UADError(f"model {model.id}: the lesion-slab comparison needs a chain without registration "
+                       f"(slices of the input, not of a template)")
+    meth = build(method, model, preset, params)
+    m = _postprocess_margin(meth) if margin is None else int(margin)
+    slab = lesion_slab(image, lesion, brain, k, m)
+    brain_k = set(int(x) for x in slab["brain_slices"])
+    ks = [int(x) for x in range(*slab["run"]) if int(x) in brain_k]  # the stack holds the slices with brain
+    fwd = _SlabForward(seed, ks, dev)
+    t0 = time.perf_counter()
+    res = detect(image, method=method, model=model, device=dev, seed=seed, batch_size=batch_size, preset=preset,
+                 params=params, brain_mask=brain, mask=False, forward=fwd)
+    wall = time.perf_counter() - t0
+    lo, hi = slab["slab"]
+    perm, flip = slab["permute"], slab["flip"]
+    from .imageio import array_view
+
+    score = np.asarray(canonical_view(array_view(res.anomaly), perm, flip)[lo:hi], dtype=np.float64)
+    br = canonical_view(array_view(brain), perm, flip)[lo:hi] > 0
+    les = (canonical_view(array_view(lesion), perm, flip)[lo:hi] > 0) & br
+    computed = sorted(set(fwd.slices))
+    st = pr_stats(score, les, br)
+    n = max(len(computed), 1)
+    return {"case": row["case"], "contrast": row["contrast"], "lesion": row["lesion"], "method": method,
+            "preset": meth.preset, "params": dict(params or {}), "setting": setting_label(meth.preset, params or {}),
+            "model": model.id, "seed": int(seed), "slab": [int(lo), int(hi)], "run_slices": [int(x) for x in slab["run"]],
+            "slices_computed": len(computed), "slab_slices": int(hi - lo),
+            "slab_lesion_voxels": int(les.sum()), "lesion_voxels": int(slab["counts"].sum()),
+            "slab_brain_voxels": int(br.sum()), "prevalence": float(les.sum() / max(int(br.sum()), 1)),
+            "ap": float(st["ap"]), "auroc": st.get("auroc"), "best_dice": st.get("best_dice"),
+            "nfe_per_slice": int(fwd.nfe_per_slice), "network_evaluations": int(fwd.network_evaluations),
+            "clock": "wall" if dev.type == "cuda" else "process CPU time",
+            "seconds_per_slice": fwd.clock_seconds / n, "wall_seconds_per_slice": fwd.wall_seconds / n,
+            "detect_wall_seconds": wall, "perceptual_backend": res.info.get("perceptual_backend"),
+            "slices_match": computed == ks}
+
+
+def _cell_key(c: dict) -> tuple:
+    """What makes an earlier cell reusable: the volume, method, model, setting, seed, K and margin asked for."""
+    return (c["case"], c["method"], c["model"], c["setting"], int(c["seed"]), c.get("k"), c.get("margin_arg"))
+
+
+def summarise_presets(cells: list[dict], rule: float = PRESET_RULE) -> list[dict]:
+    """Per (method, contrast, lesion type) and per (method, contrast, "all") and per (method, "all", "all"):
+    mean AP of every setting over the volumes measured with *every* setting (paired), the ratio to the
+    reference setting (role "reference": the paper preset), NFE and seconds per slice, and the verdict against ``rule``."""
+    out = []
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    for method in methods:
+        mc = [c for c in cells if c["method"] == method]
+        ref_label = next((c["setting"] for c in mc if c["role"] == "reference"), None)
+        settings = list(dict.fromkeys(c["setting"] for c in mc))
+        groups = []
+        for contrast in dict.fromkeys(c["contrast"] for c in mc):
+            for lt in dict.fromkeys(c["lesion"] for c in mc if c["contrast"] == contrast):
+                groups.append((contrast, lt))
+            groups.append((contrast, "all"))
+        if len({c["contrast"] for c in mc}) > 1:
+            groups.append(("all", "all"))
+        for contrast, lt in groups:
+            g = [c for c in mc if contrast in ("all", c["contrast"]) and lt in ("all", c["lesion"])]
+            by_case: dict = {}
+            for c in g:
+                by_case.setdefault(c["case"], {})[c["setting"]] = c
+            paired = [cs for cs in by_case.values() if all(s in cs for s in settings)]
+            if not paired or ref_label is None:
+                continue
+            row = {"method": method, "contrast": contrast, "lesion": lt, "n": len(paired),
+                   "model": ", ".join(sorted({c["model"] for cs in paired for c in cs.values()})),
+                   "reference": ref_label, "settings": {}}
+            ref_ap = float(np.mean([cs[ref_label]["ap"] for cs in paired]))
+            for s in settings:
+                aps = [cs[s]["ap"] for cs in paired]
+                ap = float(np.mean(aps))
+                per_ratio = [cs[s]["ap"] / cs[ref_label]["ap"] for cs in paired if cs[ref_label]["ap"] > 0]
+                any_c = paired[0][s]
+                row["settings"][s] = {
+                    "preset": any_c["preset"], "params": any_c["params"], "role": any_c["role"],
+                    "ap": ap, "ratio": ap / ref_ap if ref_ap > 0 else None,
+                    "per_volume_ratio_min": min(per_ratio) if per_ratio else None,
+                    "per_volume_ratio_max": max(per_ratio) if per_ratio else None,
+                    "nfe_per_slice": max(cs[s]["nfe_per_slice"] for cs in paired),
+                    "seconds_per_slice": float(np.mean([cs[s]["seconds_per_slice"] for cs in paired])),
+                    "prevalence": float(np.mean([cs[s]["prevalence"] for cs in paired])),
+                    "keeps": None if ref_ap <= 0 or s == ref_label else bool(ap >= rule * ref_ap)}
+            out.append(row)
+    return out
+
+
+def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), contrasts=("T2", "FLAIR"),
+                    settings=("paper", "default"), heldout_dir=None, lesions=("tumour", "stroke"),
+                    max_volumes: int | None = 2, slab: int = 8, margin: int | None = None, seed: int = 0,
+                    batch_size: int = 16, device: str = "cpu", command: str | None = None, resume: bool = True,
+                    limits: dict | None = None, reuse_only: bool = False, log=print) -> dict:
+    """The paired preset comparison (see the section comment above): for every held-out lesion volume of
+    ``lesions`` and ``contrasts`` (the first ``max_volumes`` of each type), every method with its bundled model
+    for the contrast runs every setting on the same slab with the same seed.  The first setting is the
+    reference (the paper preset); "default" is each method's default preset.  Writes ``presets.json``,
+    ``presets.csv`` (one row per volume and setting) and ``presets.md`` into ``outdir`` after every cell, so an
+    interrupted run keeps what it measured; ``resume`` reuses the cells of an earlier report in ``outdir`` that
+    have the same case, method, model, setting, seed and slab.  ``limits`` {key: n}: fewer volumes per lesion
+    type for some cells, key a method, a contrast or "CONTRAST/METHOD" (the smallest matching limit applies).
+    ``reuse_only``: only the cells of the earlier report (re-summarised with this code's default presets); the
+    others are left out and the report says it is partial."""
+    from .heldout import load_heldout
+    from .pipeline import method_class, resolve_device
+
+    if heldout_dir is None or not (Path(heldout_dir) / "heldout.json").is_file():
+        raise UADError("--compare-presets needs --heldout DIR (a 'uad heldout' folder with heldout.json)")
+    if len(settings) < 2 or parse_setting(settings[0])[0] is not None:
+        raise UADError("--compare-presets needs at least two settings, the first (the reference, for every "
+                       "method) without a METHOD/ prefix, e.g. paper default anoddpm/fast:steps=55")
+    specs = [parse_setting(s) for s in settings]
+    dev = resolve_device(device)
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    rows_all = select_rows(load_heldout(Path(heldout_dir), list(contrasts)), max_volumes)
+    rows_all = [r for r in rows_all if r["lesion"] in lesions]
+    old = {}
+    if resume and (out / "presets.json").is_file():
+        try:
+            prev = json.loads((out / "presets.json").read_text())
+            old = {_cell_key(c): c for c in prev.get("cells", []) + prev.get("other_cells", [])}
+        except (ValueError, KeyError, TypeError):
+            old = {}
+    plan, missing = [], []
+    for contrast in contrasts:
+        for method in methods:
+            entry = model_for(method, contrast)
+            if entry is None:
+                missing.append({"contrast": contrast, "method": method})
+                log(f"{contrast:5s} {method:10s} MISSING: no bundled {contrast} model")
+                continue
+            cls = method_class(method)
+            resolved = []
+            for i, (only, name, params) in enumerate(specs):
+                if only is not None and only != method:
+                    continue
+                preset = resolve_presets(method, [name])
+                if not preset:
+                    raise UADError(f"{method} has no preset {name!r} (presets: {', '.join(cls.presets)})")
+                label = setting_label(preset[0], params)
+                if label not in [x[2] for x in resolved]:
+                    resolved.append((preset[0], params, label, "reference" if i == 0 else
+                                     ("default" if name == "default" else "candidate")))
+            plan.append((contrast, method, entry, resolved))
+    # volume-major order: every method and setting on the first volume of each type before the second, so an
+    # interrupted run has complete pairs
+    order = []
+    n_max = max([sum(r["contrast"] == c and r["lesion"] == lt for r in rows_all) for c in contrasts
+                 for lt in lesions] or [0])
+    for vi in range(n_max):
+        for contrast, method, entry, resolved in plan:
+            for lt in lesions:
+                rs = [r for r in rows_all if r["contrast"] == contrast and r["lesion"] == lt]
+                keys = (method, contrast.upper(), f"{contrast.upper()}/{method}")
+                n_here = min([int(v) for k, v in (limits or {}).items() if str(k).upper() in
+                              {x.upper() for x in keys}] or [len(rs)])
+                if vi < min(len(rs), n_here):
+                    for preset, params, label, role in resolved:
+                        order.append((rs[vi], method, entry, preset, params, label, role))
+    cells: list = []
+    report = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)), "hardware": _hardware(dev),
+              "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "command": command, "heldout": str(heldout_dir), "methods": list(methods), "contrasts": list(contrasts),
+              "lesions": list(lesions), "settings": list(settings), "max_volumes": max_volumes, "slab": int(slab),
+              "margin": margin, "limits": dict(limits or {}), "seed": int(seed), "batch_size": int(batch_size), "rule": PRESET_RULE,
+              "missing": missing, "planned_cells": len(order), "cells": cells, "summary": []}
+    planned = {(r["case"], m, e.id, lab, int(seed), int(slab), margin) for r, m, e, _, _, lab, _ in order}
+    # cells of an earlier report that this run does not plan: kept (not summarised) so that no measurement is lost
+    report["other_cells"] = [c for k, c in old.items() if k not in planned]
+    model_cache: dict = {}
+    for i, (row, method, entry, preset, params, label, role) in enumerate(order, 1):
+        if entry.id not in model_cache:
+            model_cache.clear()
+            model_cache[entry.id] = prepare_model(entry, dev)
+        model = model_cache[entry.id]
+        cached = old.get((row["case"], method, entry.id, label, int(seed), int(slab), margin))
+        if cached is None and reuse_only:
+            log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
+            continue
+        if cached is not None:
+            cell = dict(cached, role=role)
+            log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: reused AP {cell['ap']:.4f}")
+        else:
+            cell = run_slab_case(row, method, model, preset, params, dev, slab, margin, seed, batch_size)
+            cell.update({"role": role, "k": int(slab), "margin_arg": margin,
+                         "load_average": _load_average()})
+            log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: AP {cell['ap']:.4f} on slices "
+                f"{cell['slab'][0]}-{cell['slab'][1] - 1} (prevalence {cell['prevalence']:.3f}), "
+                f"{cell['nfe_per_slice']} NFE/slice, {cell['seconds_per_slice']:.2f} s/slice")
+        cells.append(cell)
+        report["summary"] = summarise_presets(cells)
+        report["wall_seconds"] = time.time() - t_start
+        report["load_average"] = _load_average()
+        write_presets_report(report, out)
+    model_cache.clear()
+    return report
+
+
+_PRESET_COLS = ["case", "contrast", "lesion", "method", "model", "setting", "role", "preset", "seed", "slab",
+                "slab_slices", "slices_computed", "slab_lesion_voxels", "lesion_voxels", "slab_brain_voxels",
+                "prevalence", "ap", "auroc", "best_dice", "nfe_per_slice", "seconds_per_slice",
+                "wall_seconds_per_slice", "perceptual_backend", "load_average"]
+
+
+def write_presets_report(report: dict, out: Path) -> None:
+    out = Path(out)
+    _write_text(out / "presets.json", json.dumps(report, indent=1, default=_json_default))
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_PRESET_COLS, extrasaction="ignore")
+    w.writeheader()
+    for c in report["cells"]:
+        w.writerow({k: c.get(k) for k in _PRESET_COLS})
+    _write_text(out / "presets.csv", buf.getvalue())
+    _write_text(out / "presets.md", presets_markdown(report))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def presets_header(report: dict) -> str:
+    clk = "wall" if str(report.get("device", "cpu")).startswith("cuda") else "process CPU"
+    cmd = report.get("command") or "command not recorded"
+    la = report.get("load_average")
+    return (f"Paired preset comparison, {report.get('date_utc', '?')}, {report.get('hardware', '?')}, device "
+            f"{report.get('device', '?')}, batch {report.get('batch_size', '?')}, seed {report.get('seed', 0)}, with "
+            f"`{cmd}`" + (f" (load average at the end {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f})" if la else "")
+            + f". Every setting runs on the same slices of each held-out lesion volume: the "
+            f"{report.get('slab')} consecutive canonical axial slices (the method's slicing) with the most lesion "
+            f"voxels; AP = average precision over the brain voxels of exactly those slices, averaged over the "
+            f"volumes (n) measured with every setting; ratio = AP / AP of the reference "
+            f"({report['settings'][0]}); s/slice = {clk} seconds of the method call per slice; keeps >= 90 % = "
+            f"ratio >= {report.get('rule', PRESET_RULE):g} (issue 7, point 6).")
+
+
+def presets_table(summary: list[dict]) -> str:
+    """Markdown table of ``summarise_presets`` rows."""
+    lines = ["| method | contrast | lesion | n | setting | NFE/slice | s/slice | AP | ratio | per-volume ratio | "
+             "keeps >= 90 % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        for s, d in r["settings"].items():
+            tag = {"reference": " (reference)", "default": " (default)"}.get(d["role"], "")
+            pv = "-" if d["per_volume_ratio_min"] is None or d["role"] == "reference" else \
+                f"{d['per_volume_ratio_min']:.2f}-{d['per_volume_ratio_max']:.2f}"
+            keeps = "-" if d["keeps"] is None else ("yes" if d["keeps"] else "**no**")
+            lines.append(f"| {r['method']} | {r['contrast']} | {r['lesion']} | {r['n']} | {s}{tag} | "
+                         f"{d['nfe_per_slice']} | {d['seconds_per_slice']:.2f} | {d['ap']:.3f} | "
+                         f"{_f(d['ratio'], 2)} | {pv} | {keeps} |")
+    return "\n".join(lines)
+
+
+def preset_verdicts(summary: list[dict]) -> list[str]:
+    """One sentence per (method, contrast) over all its lesion types (and per method over every contrast)."""
+    out = []
+    for top in [r for r in summary if r["lesion"] == "all"]:
+        ref = top["settings"][top["reference"]]
+        parts = []
+        for s, d in top["settings"].items():
+            if d["role"] == "reference" or d["ratio"] is None:
+                continue
+            tag = " (the default)" if d["role"] == "default" else ""
+            parts.append(f"{s}{tag}, {d['nfe_per_slice']} NFE/slice, keeps {100 * d['ratio']:.0f} % of the paper AP "
+                         f"({d['ap']:.3f} vs {ref['ap']:.3f}): "
+                         + ("within the 10 % rule" if d["keeps"] else "loses more than 10 %"))
+        where = "T2 and FLAIR" if top["contrast"] == "all" else top["contrast"]
+        out.append(f"- **{top['method']}** ({where}, {top['n']} lesion volume(s); {top['reference']} "
+                   f"{ref['nfe_per_slice']} NFE/slice, {ref['seconds_per_slice']:.2f} s/slice): " + "; ".join(parts)
+                   + ".")
+    return out
+
+
+PRESET_BEGIN = "<!-- preset-table:begin -->"
+PRESET_END = "<!-- preset-table:end -->"
+PRESET_HEADING = "## Paper preset against the default preset"
+
+
+def presets_block(report: dict, model_id: str | None = None, lesion_rows: bool = True) -> str:
+    """The text between the preset-table markers: header, table and verdicts (``model_id``: only the rows
+    measured with that model; its contrasts' rows, not the across-contrast ones; ``lesion_rows=False``: only
+    the rows over all lesion types, per contrast and across contrasts)."""
+    rows = report["summary"] if model_id is None else [r for r in report["summary"] if r["model"] == model_id]
+    if not lesion_rows:
+        rows = [r for r in rows if r["lesion"] == "all"]
+    head = presets_header(report)
+    if not rows:
+        return f"\n{head}\n\nNo paired preset measurement of this model in that run.\n"
+    text = f"\n{head}\n\n{presets_table(rows)}\n"
+    v = preset_verdicts(rows)
+    if v:
+        text += "\nAgainst the 10 % rule (issue 7, point 6):\n\n" + "\n".join(v) + "\n"
+    if report.get("planned_cells") and len(report["cells"]) < report["planned_cells"]:
+        text += f"\nPartial run: {len(report['cells'])} of {report['planned_cells']} cells measured.\n"
+    return text
+
+
+def replace_preset_section(text: str, content: str, heading: str | None = PRESET_HEADING) -> str:
+    """``text`` with the part between the preset-table marker lines replaced by ``content`` (appended with
+    ``heading`` when the file has no markers; unbalanced or repeated markers: ``ValueError``)."""
+    from .heldout_table import _marker_lines
+
+    nb, ne = _marker_lines(text, PRESET_BEGIN), _marker_lines(text, PRESET_END)
+    if not nb and not ne:
+        sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        return text + sep + (f"{heading}\n\n" if heading else "") + PRESET_BEGIN + content + PRESET_END + "\n"
+    if len(nb) != 1 or len(ne) != 1 or nb[0] > ne[0]:
+        raise ValueError(f"the marker lines {PRESET_BEGIN} ... {PRESET_END} are unbalanced or repeated "
+                         f"({len(nb)} begin, {len(ne)} end)")
+    a = text.index(PRESET_BEGIN, nb[0]) + len(PRESET_BEGIN)
+    return text[:a] + content + text[text.index(PRESET_END, ne[0]):]
+
+
+def load_presets_report(path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "presets.json"
+    if not p.is_file():
+        raise ValueError(f"{p} does not exist (give a 'uad benchmark --compare-presets -o DIR' folder or its "
+                         f"presets.json)")
+    try:
+        rep = json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("summary"), list) or not rep.get("settings"):
+        raise ValueError(f"{p} is not a preset-comparison report (no 'summary' / 'settings')")
+    return rep
+
+
+def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str, str]]:
+    """Write the preset section into the card of every model of ``models_dir/manifest.json`` that serves a
+    compared method (measured or not: an unmeasured one says so) and, with ``readme``, the README's marked
+    section (which must exist).  Every file is checked before any is written; atomic, idempotent."""
+    from .heldout_table import _marker_lines, _write_atomic
+
+    models_dir = Path(models_dir)
+    man = models_dir / "manifest.json"
+    if not man.is_file():
+        raise ValueError(f"{man} does not exist")
+    entries = json.loads(man.read_text()).get("models") or []
+    methods = set(report.get("methods") or [r["method"] for r in report["summary"]])
+    plan, log = [], []
+    for e in entries:
+        mid, card = e.get("id"), e.get("card")
+        if not methods & set(e.get("methods") or []):
+            continue
+        path = (models_dir / card).resolve() if card else None
+        if path is None or models_dir.resolve() not in path.parents or not path.is_file():
+            log.append((mid, "no card inside the models folder: skipped"))
+            continue
+        text = path.read_text()
+        plan.append((mid, path, text, replace_preset_section(text, presets_block(report, mid))))
+    if readme is not None:
+        rp = Path(readme)
+        text = rp.read_text()
+        if not _marker_lines(text, PRESET_BEGIN):
+            raise ValueError(f"{rp} has no {PRESET_BEGIN} ... {PRESET_END} section")
+        plan.append(("README", rp, text, replace_preset_section(text, presets_block(report, lesion_rows=False),
+                                                                None)))
+    for mid, path, old, new in plan:
+        if new != old:
+            _write_atomic(path, new)
+        log.append((mid, f"{path}: {'updated' if new != old else 'unchanged (same table)'}"))
+    return log
+
+
+def presets_markdown(report: dict) -> str:
+    lines = [presets_header(report), "", presets_table(report["summary"]), ""]
+    v = preset_verdicts(report["summary"])
+    if v:
+        lines += ["Verdicts:", ""] + v + [""]
+    if report.get("missing"):
+        lines += ["Missing (no bundled model): " + ", ".join(f"{m['method']} {m['contrast']}"
+                                                           for m in report["missing"]) + ".", ""]
+    done = len(report["cells"])
+    if done < report.get("planned_cells", done):
+        lines += [f"Partial: {done} of {report['planned_cells']} cells measured.", ""]
+    lines += ["| case | method | setting | slab | lesion voxels in slab / volume | prevalence | AP | NFE/slice | "
+              "s/slice |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cells"]:
+        lines.append(f"| {c['case']} | {c['method']} | {c['setting']} | {c['slab'][0]}-{c['slab'][1] - 1} | "
+                     f"{c['slab_lesion_voxels']} / {c['lesion_voxels']} | {c['prevalence']:.3f} | {c['ap']:.4f} | "
+                     f"{c['nfe_per_slice']} | {c['seconds_per_slice']:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -262,9 +262,20 @@ def healthy_volumes(contrast: str, n_volumes: int, seed: int, spacing: float):
         yield ph.image, ph.brain_mask
 
 
+def subset_positions(n: int, max_slices: int | None) -> np.ndarray:
+    """Positions of ``max_slices`` slices spread evenly over a stack of ``n`` (all of them when None or >= n)."""
+    if max_slices is None or int(max_slices) >= n:
+        return np.arange(n)
+    if int(max_slices) < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    return np.unique(np.round(np.linspace(0, n - 1, int(max_slices) + 2)[1:-1]).astype(int))
+
+
 def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int = 0,
-                           batch_size: int = 16, params: dict | None = None) -> np.ndarray:
-    """AutoDDPM's stage-1 combined mask M over the brain pixels of healthy volumes (pooled)."""
+                           batch_size: int = 16, params: dict | None = None,
+                           max_slices: int | None = None) -> np.ndarray:
+    """AutoDDPM's stage-1 combined mask M over the brain pixels of healthy volumes (pooled); ``max_slices``:
+    only that many slices per volume, spread evenly over its brain slices (``subset_positions``)."""
     import torch
 
     from .methods import build_method
@@ -276,12 +287,13 @@ def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int =
     vals = []
     for i, (img, brain) in enumerate(images):
         stack = preprocess(img, model.image_size, brain_mask=brain, normalisation=model.normalisation)
+        pos = subset_positions(len(stack), max_slices)
         with torch.inference_mode():
-            for b0 in range(0, len(stack), batch_size):
-                b1 = min(len(stack), b0 + batch_size)
-                x = torch.from_numpy(stack.slices[b0:b1, None]).to(device)
-                mk = torch.from_numpy(stack.masks[b0:b1, None]).to(device)
-                rng = BatchRNG.for_slices(int(seed) + i, stack.indices[b0:b1].tolist(), device)
+            for b0 in range(0, len(pos), batch_size):
+                sel = pos[b0:b0 + batch_size]
+                x = torch.from_numpy(stack.slices[sel][:, None]).to(device)
+                mk = torch.from_numpy(stack.masks[sel][:, None]).to(device)
+                rng = BatchRNG.for_slices(int(seed) + i, stack.indices[sel].tolist(), device)
                 rec = meth.reconstruct(x, rng)
                 st = meth.masks(x, rec, mk, perceptual)
                 vals.append(st["combined"][mk].float().cpu().numpy())
@@ -290,13 +302,19 @@ def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int =
 
 def calibrate(model, method: str, preset: str | None = None, contrast: str | None = None, n_volumes: int = 2,
               spacing: float = 2.0, fprs: Iterable[float] = FPR_GRID, seed: int = 2_000_000, device="cpu",
-              tau_fpr: float = TAU_FPR, volumes=None, log=print, params: dict | None = None) -> tuple[str, str, dict]:
+              tau_fpr: float = TAU_FPR, volumes=None, log=print, params: dict | None = None,
+              max_slices: int | None = None, tau_only: bool = False) -> tuple[str, str, dict]:
     """Calibrate ``method`` with ``preset`` (default: its default preset) on healthy volumes.
 
     ``volumes``: an iterable of (image, brain mask) pairs; default ``n_volumes``
     healthy phantoms of the model's contrast at ``spacing`` mm, seeds from
     ``seed`` (far from the training seeds).  Returns (preset, backend, record)
     for ``store``.  ``params`` override the preset (the record then says so: ``params``).
+
+    ``max_slices``: only that many slices per volume, spread evenly over its brain slices (for presets that
+    cost seconds per slice); the thresholds are then quantiles over the brain voxels of those slices, and the
+    record says how many slices and voxels it used (``n_slices``, ``n_voxels``, ``max_slices``).
+    ``tau_only`` (AutoDDPM): only the stage-1 tau (no final-map thresholds: ``thresholds`` is empty).
     """
     import SimpleITK as sitk
 
@@ -311,20 +329,36 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     backend = meth.perceptual_backend()
     vols = list(volumes) if volumes is not None else list(healthy_volumes(contrast, n_volumes, seed, spacing))
     if method == "autoddpm" and params.get("threshold") is None:
-        m_vals = autoddpm_stage1_values(model, preset, vols, device=device, params=params)
+        m_vals = autoddpm_stage1_values(model, preset, vols, device=device, params=params, max_slices=max_slices)
         tau = float(np.quantile(m_vals, 1.0 - float(tau_fpr)))
         params["threshold"] = tau
-        record.update({"tau": tau, "tau_fpr": float(tau_fpr)})
+        record.update({"tau": tau, "tau_fpr": float(tau_fpr), "tau_n_pixels": int(m_vals.size)})
         log(f"  autoddpm/{preset}/{backend}: tau {tau:.4g} ({100 * tau_fpr:g}% of healthy stage-1 pixels)")
-    anomalies, brains = [], []
-    for i, (img, brain) in enumerate(vols):
-        res = detect(img, method=method, model=model, device=device, seed=i, preset=preset, params=params,
-                     brain_mask=brain, mask=False)
-        anomalies.append(sitk.GetArrayFromImage(res.anomaly))
-        brains.append(sitk.GetArrayFromImage(brain) > 0)
-        post = res.info.get("postprocess") or {}
-        nfe = res.info.get("nfe_per_slice")
-    thr = thresholds_at(anomalies, brains, fprs, int(post.get("min_component_size") or 0))
+    anomalies, brains, n_slices = [], [], 0
+    post, nfe = dict(getattr(meth, "postprocess", {}) or {}), int(meth.nfe_per_slice())
+    for i, (img, brain) in enumerate([] if tau_only else vols):
+        if max_slices is None:
+            res = detect(img, method=method, model=model, device=device, seed=i, preset=preset, params=params,
+                         brain_mask=brain, mask=False)
+            anomalies.append(sitk.GetArrayFromImage(res.anomaly))
+            brains.append(sitk.GetArrayFromImage(brain) > 0)
+            n_slices += int(res.info.get("slices") or 0)
+        else:
+            a, b, k = _subset_maps(img, brain, method, model, preset, params, device, i, max_slices)
+            anomalies.append(a)
+            brains.append(b)
+            n_slices += k
+            res = None
+        if res is not None:
+            post = res.info.get("postprocess") or {}
+            nfe = res.info.get("nfe_per_slice")
+    thr = thresholds_at(anomalies, brains, fprs, int(post.get("min_component_size") or 0)) if anomalies else {}
+    if max_slices is not None:
+        record.update({"max_slices": int(max_slices), "n_slices": n_slices})
+        if tau_only:
+            record["n_slices"] = None  # no final map computed; tau_n_pixels says what tau used
+    elif not tau_only:
+        record["n_slices"] = n_slices
     record.update({
         "thresholds": thr, "n_volumes": len(vols), "n_voxels": int(sum(b.sum() for b in brains)),
         "contrast": contrast, "spacing_mm": float(spacing) if volumes is None else None,
@@ -332,9 +366,32 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
         "nfe_per_slice": nfe, "postprocess": post, "sha256": model.config.get("sha256"),
         "method_version": method_version(method), "date": datetime.date.today().isoformat(),
     })
-    log(f"  {method}/{preset}/{backend}: threshold {thr[fpr_key(DEFAULT_FPR)]:.4g} at 1% healthy FPR, "
-        f"{thr[fpr_key(0.05)] if fpr_key(0.05) in thr else float('nan'):.4g} at 5% ({len(vols)} volume(s))")
+    if thr:
+        log(f"  {method}/{preset}/{backend}: threshold {thr[fpr_key(DEFAULT_FPR)]:.4g} at 1% healthy FPR, "
+            f"{thr[fpr_key(0.05)] if fpr_key(0.05) in thr else float('nan'):.4g} at 5% ({len(vols)} volume(s)"
+            + (f", {n_slices} slices" if max_slices is not None else "") + ")")
     return preset, backend, record
+
+
+def _subset_maps(img, brain, method, model, preset, params, device, seed, max_slices):
+    """The anomaly map of ``max_slices`` evenly spread brain slices of one healthy volume (the other slices are
+    not computed) as (values' volume, brain mask restricted to those slices, slices computed); canonical order."""
+    from .benchmark import _SlabForward
+    from .imageio import array_view
+    from .pipeline import detect
+    from .preprocess import canonical_view, orientation_of
+
+    perm, flip = orientation_of(img)
+    br = np.asarray(canonical_view(array_view(brain), perm, flip) > 0)
+    kk = np.flatnonzero(br.any(axis=(1, 2)))
+    ks = kk[subset_positions(len(kk), max_slices)]
+    fwd = _SlabForward(seed, ks.tolist(), device)
+    res = detect(img, method=method, model=model, device=device, seed=seed, preset=preset, params=params,
+                 brain_mask=brain, mask=False, forward=fwd)
+    a = np.asarray(canonical_view(array_view(res.anomaly), perm, flip), dtype=np.float32)
+    keep = np.zeros(br.shape[0], bool)
+    keep[sorted(set(fwd.slices))] = True
+    return a, br & keep[:, None, None], len(set(fwd.slices))
 
 
 def warn(message: str) -> None:

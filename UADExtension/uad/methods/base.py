@@ -54,6 +54,10 @@ class Method:
     # raised when a change of the method changes its maps: calibrations of older versions are stale
     calibration_version: ClassVar[int] = 1
     default_preset = _DefaultPreset()  # the NFE rule below (a str on the class and on instances)
+    # the cheaper preset that the paired held-out comparison (``uad benchmark --compare-presets``,
+    # docs/benchmark/presets) showed to keep at least 90 % of the paper preset's AP: the default when the paper
+    # preset costs more than MAX_DEFAULT_NFE and this one fits (issue 7, point 6)
+    measured_default: ClassVar[str | None] = None
     # Volume-level post-processing the method's paper applies to the anomaly map, applied by the
     # pipeline after the slices are stacked (keys: erode_mask_iterations, median_size, min_component_size).
     postprocess: ClassVar[dict] = {}
@@ -106,8 +110,9 @@ class Method:
 
     @classmethod
     def default_preset_for(cls, model: Model | None = None) -> str:
-        """The rule: ``paper`` if it costs at most ``MAX_DEFAULT_NFE`` evaluations per slice; else the
-        most expensive preset within that budget (the closest to the paper); else the cheapest."""
+        """The rule: ``paper`` if it costs at most ``MAX_DEFAULT_NFE`` evaluations per slice; else
+        ``measured_default`` when it fits that budget; else the most expensive preset within it (the closest
+        to the paper); else the cheapest."""
         if model is None and "_nominal_default" in cls.__dict__:
             return cls.__dict__["_nominal_default"]
         try:
@@ -118,7 +123,9 @@ class Method:
             choice = "paper"
         else:
             within = {k: v for k, v in costs.items() if v <= MAX_DEFAULT_NFE}
-            if within:
+            if cls.measured_default in within:
+                choice = cls.measured_default
+            elif within:
                 choice = max(within, key=lambda k: (within[k], k == "fast"))
             else:
                 choice = min(costs, key=lambda k: costs[k])
