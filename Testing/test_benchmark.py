@@ -199,7 +199,7 @@ def test_update_cards_replaces_only_the_marked_section(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
-    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme)]) == 0
+    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme), "--as-recorded"]) == 0
     ddpm = (models / "ddpm-x/README.md").read_text()
     assert ddpm.startswith("# ddpm-x\n\nuser text before\n\n## Held-out\n" + BEGIN)
     assert ddpm.endswith(END + "\n\nuser text after\n") and "old table" not in ddpm
@@ -213,7 +213,7 @@ def test_update_cards_replaces_only_the_marked_section(tmp_path):
     assert r.endswith(END + "\noutro\n") and "ddpm-x" in r and "disyre-x" in r
     # idempotent: the same report changes nothing
     before = {p: p.read_text() for p in models.rglob("*.md")}
-    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme)]) == 0
+    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme), "--as-recorded"]) == 0
     assert {p: p.read_text() for p in models.rglob("*.md")} == before and readme.read_text() == r
     # unbalanced markers: refused, no card written (also not the good ones)
     (models / "disyre-x/README.md").write_text(dis + BEGIN + "\n")
@@ -329,9 +329,9 @@ def test_update_manifest_writes_the_heldout_measurements_that_selection_reads(tm
     spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main([str(bench), "--models", str(models), "--no-manifest"]) == 0
+    assert mod.main([str(bench), "--models", str(models), "--no-manifest", "--as-recorded"]) == 0
     assert json.loads((models / "manifest.json").read_text())["models"] == entries  # manifest left alone
-    assert mod.main([str(bench), "--models", str(models)]) == 0
+    assert mod.main([str(bench), "--models", str(models), "--as-recorded"]) == 0
     man = json.loads((models / "manifest.json").read_text())["models"]
     got = {e["id"]: e for e in man}
     assert got["ddpm-x"]["evaluation"]["heldout"]["results"]["thor"]["mean_ap"] == thor["mean_ap"]
@@ -340,9 +340,49 @@ def test_update_manifest_writes_the_heldout_measurements_that_selection_reads(tm
     assert got["disyre-x"]["evaluation"]["heldout"]["results"]["disyre"]["tumour"] == 0.80
     assert got["other"] == entries[2]  # not measured: unchanged
     text = (models / "manifest.json").read_text()
-    assert mod.main([str(bench), "--models", str(models)]) == 0 and (models / "manifest.json").read_text() == text
+    assert mod.main([str(bench), "--models", str(models), "--as-recorded"]) == 0 and (models / "manifest.json").read_text() == text
     # selection reads the held-out record first (the phantom record of ddpm-x says 0.99 and loses now)
     ch = best_method("T2", man)
     assert (ch.method, ch.model, ch.preset) == ("disyre", "disyre-x", "paper")
     assert "held-out set (1 per lesion type)" in ch.reason and "2026-12-01" in ch.reason
     assert update_manifest(rep, models) and not list(models.glob(".manifest-*"))
+
+
+def test_update_cards_judges_todays_default_presets_and_lists_bundled_models(tmp_path):
+    """Rows of a preset that was the default when a run was made, but no longer is, are not judged as the
+    default; the README table lists only models in the manifest."""
+    import importlib.util
+    from pathlib import Path
+
+    from uad.heldout_table import restamp_defaults, table_rows
+    from uad.methods import get_method_class
+
+    rep = _synthetic_report()  # thor 'fast' recorded as the default
+    now = get_method_class("thor").default_preset_for(None)
+    restamp_defaults(rep)
+    rows = {(r["method"], r["preset"], r["lesion"]): r for r in table_rows(rep)}
+    assert rows[("thor", "fast", "tumour")]["default"] is (now == "fast")
+    assert rows[("disyre", "paper", "tumour")]["default"] is (get_method_class("disyre").default_preset_for(None)
+                                                             == "paper")
+    thor_row = next(r for r in rep["results"] if r["method"] == "thor" and r["preset"] == "fast")
+    if now != "fast":
+        assert thor_row["default_preset_recorded"] == "fast" and thor_row["default_preset"] == now
+    models = tmp_path / "models"
+    (models / "disyre-x").mkdir(parents=True)
+    (models / "manifest.json").write_text(json.dumps({"models": [{"id": "disyre-x", "card": "disyre-x/README.md"}]}))
+    (models / "disyre-x/README.md").write_text("# disyre-x\n")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "benchmark.json").write_text(json.dumps(_synthetic_report()))
+    readme = tmp_path / "README.md"
+    from uad.heldout_table import BEGIN, END
+
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "disyre-x" in text and "ddpm-x" not in text  # ddpm-x is not bundled (any more)
+    if now != "fast":
+        assert "- **thor**" not in text

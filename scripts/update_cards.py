@@ -32,7 +32,8 @@ _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO / "UADExtension"))
 
 from uad import UADError  # noqa: E402
-from uad.heldout_table import block, load_report, update_cards, update_file, update_manifest  # noqa: E402
+from uad.heldout_table import (block, load_report, restamp_defaults, update_cards, update_file,  # noqa: E402
+                               update_manifest)
 
 
 def main(argv=None) -> int:
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--command", default=None,
                    help="the benchmark's command line, for reports written before benchmark.json recorded it")
     p.add_argument("--print", action="store_true", dest="show", help="print the README table")
+    p.add_argument("--as-recorded", action="store_true",
+                   help="mark default presets as the runs recorded them (default: the methods' default presets "
+                        "today, so rows of a former default are not judged as the default)")
     p.add_argument("--presets-report", default=None, metavar="DIR",
                    help="'uad benchmark --compare-presets -o DIR' folder (or its presets.json): write the preset "
                         "section instead of the held-out table")
@@ -61,8 +65,15 @@ def main(argv=None) -> int:
         for rep in reps:
             if a.command and not rep.get("command"):
                 rep["command"] = a.command
+            if not a.as_recorded:
+                restamp_defaults(rep)
         rep = reps[0] if len(reps) == 1 else reps
-        text = block(rep)
+        ids = None
+        if a.models:  # the README lists the models that are bundled now, not those a run measured then
+            import json
+
+            ids = {e.get("id") for e in json.loads((Path(a.models) / "manifest.json").read_text())["models"]}
+        text = block(rep, ids)
         if a.show or not (a.models or a.readme):
             print(text)
         if a.models:

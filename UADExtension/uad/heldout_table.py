@@ -362,3 +362,23 @@ def update_manifest(report, models_dir) -> list[tuple[str, str]]:
         if json.dumps(data, sort_keys=True) != before:
             _write_manifest(path, data)
     return log
+
+
+def restamp_defaults(report: dict) -> dict:
+    """Mark each result row with the method's default preset **today** (``Method.default_preset_for``)
+    instead of the one recorded when the run was made, so that an older run's rows of a preset that is no
+    longer the default are shown as such and not judged as the default (the recorded value is kept in
+    ``default_preset_recorded``).  Changes ``report`` in place and returns it."""
+    from .methods import get_method_class
+
+    for r in report.get("results") or []:
+        if r.get("status") != "ok" or r.get("method") in (None, "intensity-floor"):
+            continue
+        try:
+            now = get_method_class(r["method"]).default_preset_for(None)
+        except (ValueError, KeyError):
+            continue
+        if now != r.get("default_preset"):
+            r.setdefault("default_preset_recorded", r.get("default_preset"))
+            r["default_preset"] = now
+    return report
