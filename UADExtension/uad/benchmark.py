@@ -1401,17 +1401,9 @@ def presets_block(report: dict, model_id: str | None = None, lesion_rows: bool =
 def replace_preset_section(text: str, content: str, heading: str | None = PRESET_HEADING) -> str:
     """``text`` with the part between the preset-table marker lines replaced by ``content`` (appended with
     ``heading`` when the file has no markers; unbalanced or repeated markers: ``ValueError``)."""
-    from .heldout_table import _marker_lines
+    from .heldout_table import replace_marked
 
-    nb, ne = _marker_lines(text, PRESET_BEGIN), _marker_lines(text, PRESET_END)
-    if not nb and not ne:
-        sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
-        return text + sep + (f"{heading}\n\n" if heading else "") + PRESET_BEGIN + content + PRESET_END + "\n"
-    if len(nb) != 1 or len(ne) != 1 or nb[0] > ne[0]:
-        raise ValueError(f"the marker lines {PRESET_BEGIN} ... {PRESET_END} are unbalanced or repeated "
-                         f"({len(nb)} begin, {len(ne)} end)")
-    a = text.index(PRESET_BEGIN, nb[0]) + len(PRESET_BEGIN)
-    return text[:a] + content + text[text.index(PRESET_END, ne[0]):]
+    return replace_marked(text, content, heading, begin=PRESET_BEGIN, end=PRESET_END)
 
 
 def load_presets_report(path) -> dict:

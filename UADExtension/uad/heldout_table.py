@@ -225,19 +225,20 @@ def _marker_lines(text: str, marker: str) -> list[int]:
     return [m.start() for m in re.finditer(r"(?m)^[ \t]*" + re.escape(marker) + r"[ \t]*$", text)]
 
 
-def replace_marked(text: str, content: str, heading: str | None = CARD_HEADING) -> str:
-    """``text`` with the part between the marker lines replaced by ``content`` (markers kept); without
-    markers the section (``heading``, markers, content) is appended.  Unbalanced or repeated marker lines:
-    ``ValueError``."""
-    nb, ne = _marker_lines(text, BEGIN), _marker_lines(text, END)
+def replace_marked(text: str, content: str, heading: str | None = CARD_HEADING, begin: str = BEGIN,
+                   end: str = END) -> str:
+    """``text`` with the part between the marker lines (``begin`` / ``end``, the held-out table's by default)
+    replaced by ``content`` (markers kept); without markers the section (``heading``, markers, content) is
+    appended.  Unbalanced or repeated marker lines: ``ValueError``."""
+    nb, ne = _marker_lines(text, begin), _marker_lines(text, end)
     if not nb and not ne:
         sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
-        return text + sep + (f"{heading}\n\n" if heading else "") + BEGIN + content + END + "\n"
+        return text + sep + (f"{heading}\n\n" if heading else "") + begin + content + end + "\n"
     if len(nb) != 1 or len(ne) != 1 or nb[0] > ne[0]:
-        raise ValueError(f"the marker lines {BEGIN} ... {END} are unbalanced or repeated "
+        raise ValueError(f"the marker lines {begin} ... {end} are unbalanced or repeated "
                          f"({len(nb)} begin, {len(ne)} end)")
-    a = text.index(BEGIN, nb[0]) + len(BEGIN)
-    b = text.index(END, ne[0])
+    a = text.index(begin, nb[0]) + len(begin)
+    b = text.index(end, ne[0])
     return text[:a] + content + text[b:]
 
 
