@@ -62,6 +62,7 @@ from . import UADError
 # reduced precision lives in uad.precision (shared with uad detect); re-exported here
 from .precision import (PRECISION_CHOICES, PRECISIONS, AutocastNetwork, autocast, autocast_model,  # noqa: F401
                         copy_model, normalise_precision, with_precision)
+from .slab import SlabForward as _SlabForward, _clock, _sync  # noqa: F401 (re-exported)
 
 LESIONS = ("tumour", "stroke", "ms")
 #: methods whose batched speed-up over the per-slice loop is the GPU goal (iterative samplers)
@@ -70,11 +71,6 @@ OVERHEAD_LIMIT = 1.3
 
 
 # ----------------------------------------------------------------------------- measurement helpers
-def _clock(dev) -> float:
-    """CPU: this process's CPU time (robust to other processes sharing the cores); CUDA: wall time."""
-    return time.perf_counter() if isinstance(dev, torch.device) and dev.type == "cuda" else time.process_time()
-
-
 class NetworkTimer:
     """Counts and times every call of a model's networks with forward hooks.
 
@@ -161,11 +157,6 @@ class NetworkTimer:
             parts.append({"network": role, "input": str(shapes[0]) if shapes else "", "autograd": grad,
                           "calls": n, "seconds_per_call": t})
         return total, parts
-
-
-def _sync(dev):
-    if isinstance(dev, torch.device) and dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _rss_bytes() -> int:
@@ -1039,45 +1030,6 @@ def lesion_slab(image: sitk.Image, lesion: sitk.Image, brain: sitk.Image, k: int
     m = max(0, int(margin))
     return {"permute": permute, "flip": flip, "counts": counts, "slab": (lo, hi),
             "run": (max(0, lo - m), min(len(counts), hi + m)), "brain_slices": np.flatnonzero(br.any(axis=(1, 2)))}
-
-
-class _SlabForward:
-    """``detect(..., forward=)`` seam that runs the method only on the slices of a slab (the items of a batch
-    whose per-slice generator belongs to a slab slice); the others get restoration = input, anomaly 0.  Counts
-    the slices computed, their network evaluations and the CPU time (wall on CUDA) of the method calls."""
-
-    def __init__(self, seed: int, ks, device):
-        from .rng import slice_seed
-
-        self.by_seed = {slice_seed(int(seed), int(k)): int(k) for k in ks}
-        self.device = torch.device(device)
-        self.slices: list[int] = []
-        self.nfe_per_slice = 0
-        self.network_evaluations = 0
-        self.clock_seconds = 0.0
-        self.wall_seconds = 0.0
-
-    def __call__(self, meth, x, mk, rng):
-        from .methods.base import MethodOutput
-
-        sel = [i for i, s in enumerate(rng.seeds) if s in self.by_seed]
-        rest = x.clone()
-        anom = torch.zeros_like(x)
-        if not sel:
-            return MethodOutput(restoration=rest, anomaly=anom, nfe=0)
-        idx = torch.tensor(sel, device=x.device)
-        _sync(self.device)
-        c0, w0 = _clock(self.device), time.perf_counter()
-        out = meth(x[idx], mk[idx], rng.subset(sel))
-        _sync(self.device)
-        self.clock_seconds += _clock(self.device) - c0
-        self.wall_seconds += time.perf_counter() - w0
-        rest[idx] = out.restoration.to(rest.dtype)
-        anom[idx] = out.anomaly.to(anom.dtype)
-        self.slices += [self.by_seed[rng.seeds[i]] for i in sel]
-        self.nfe_per_slice = max(self.nfe_per_slice, int(out.nfe))
-        self.network_evaluations += int(out.nfe) * len(sel)
-        return MethodOutput(restoration=rest, anomaly=anom, nfe=int(out.nfe))
 
 
 def _postprocess_margin(meth) -> int:

@@ -376,7 +376,7 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
 def _subset_maps(img, brain, method, model, preset, params, device, seed, max_slices):
     """The anomaly map of ``max_slices`` evenly spread brain slices of one healthy volume (the other slices are
     not computed) as (values' volume, brain mask restricted to those slices, slices computed); canonical order."""
-    from .benchmark import _SlabForward
+    from .slab import SlabForward
     from .imageio import array_view
     from .pipeline import detect
     from .preprocess import canonical_view, orientation_of
@@ -385,7 +385,7 @@ def _subset_maps(img, brain, method, model, preset, params, device, seed, max_sl
     br = np.asarray(canonical_view(array_view(brain), perm, flip) > 0)
     kk = np.flatnonzero(br.any(axis=(1, 2)))
     ks = kk[subset_positions(len(kk), max_slices)]
-    fwd = _SlabForward(seed, ks.tolist(), device)
+    fwd = SlabForward(seed, ks.tolist(), device)
     res = detect(img, method=method, model=model, device=device, seed=seed, preset=preset, params=params,
                  brain_mask=brain, mask=False, forward=fwd)
     a = np.asarray(canonical_view(array_view(res.anomaly), perm, flip), dtype=np.float32)
