@@ -267,7 +267,7 @@ class AutoDDPM(Method):
         x_t = self.diffusion.q_sample(x_m, ts[0], eps)
         rec_m, _, nfe = reverse_chain(self.diffusion, self.model.net("denoiser"), x_t, ts, rng,
                                       sampler=p.recon_sampler, noise=self.noise_kind, variance="fixed_small",
-                                      eta=float(p.recon_eta) if p.recon_sampler == "ddim" else 0.0,
+                                      eta=float(p.recon_eta),
                                       noise_options=self.noise_options)
         return rec_m.clamp(lo, hi), nfe
 

@@ -234,7 +234,7 @@ class THOR(Method):
         x_t = self.diffusion.q_sample(x_m, ts[0], eps0)
         rec_m, _, nfe = reverse_chain(self.diffusion, net, x_t, ts, rng, sampler=p.sampler,
                                       noise=self.noise_kind, variance="fixed_small",
-                                      eta=float(p.eta) if p.sampler == "ddim" else 0.0, hook=hook,
+                                      eta=float(p.eta), hook=hook,
                                       noise_options=self.noise_options)
         rec = self.from_model(rec_m.clamp(lo, hi))
         stacked = torch.stack(maps)  # (n, B, 1, H, W)
