@@ -32,8 +32,8 @@ _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO / "UADExtension"))
 
 from uad import UADError  # noqa: E402
-from uad.heldout_table import (block, load_report, restamp_defaults, update_cards, update_file,  # noqa: E402
-                               update_manifest)
+from uad.heldout_table import (block, load_report, manifest_entries, restamp_defaults, update_cards,  # noqa: E402
+                               update_file, update_manifest)
 
 
 def main(argv=None) -> int:
@@ -68,11 +68,8 @@ def main(argv=None) -> int:
             if not a.as_recorded:
                 restamp_defaults(rep)
         rep = reps[0] if len(reps) == 1 else reps
-        ids = None
-        if a.models:  # the README lists the models that are bundled now, not those a run measured then
-            import json
-
-            ids = {e.get("id") for e in json.loads((Path(a.models) / "manifest.json").read_text())["models"]}
+        # the README lists the models that are bundled now, not those a run measured then
+        ids = {e.get("id") for e in manifest_entries(a.models)} if a.models else None
         text = block(rep, ids)
         if a.show or not (a.models or a.readme):
             print(text)

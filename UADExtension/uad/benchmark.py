@@ -1085,9 +1085,14 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
             "slices_match": computed == ks}
 
 
-def _cell_key(c: dict) -> tuple:
+def _cell_id(case: str, method: str, model: str, setting: str, seed: int, k, margin) -> tuple:
     """What makes an earlier cell reusable: the volume, method, model, setting, seed, K and margin asked for."""
-    return (c["case"], c["method"], c["model"], c["setting"], int(c["seed"]), c.get("k"), c.get("margin_arg"))
+    return (case, method, model, setting, int(seed), k, margin)
+
+
+def _cell_key(c: dict) -> tuple:
+    """``_cell_id`` of a measured cell."""
+    return _cell_id(c["case"], c["method"], c["model"], c["setting"], c["seed"], c.get("k"), c.get("margin_arg"))
 
 
 def summarise_presets(cells: list[dict], rule: float = PRESET_RULE) -> list[dict]:
@@ -1217,7 +1222,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
               "lesions": list(lesions), "settings": list(settings), "max_volumes": max_volumes, "slab": int(slab),
               "margin": margin, "limits": dict(limits or {}), "seed": int(seed), "batch_size": int(batch_size), "rule": PRESET_RULE,
               "missing": missing, "planned_cells": len(order), "cells": cells, "summary": []}
-    planned = {(r["case"], m, e.id, lab, int(seed), int(slab), margin) for r, m, e, _, _, lab, _ in order}
+    planned = {_cell_id(r["case"], m, e.id, lab, seed, int(slab), margin) for r, m, e, _, _, lab, _ in order}
     # cells of an earlier report that this run does not plan: kept (not summarised) so that no measurement is lost
     report["other_cells"] = [c for k, c in old.items() if k not in planned]
     model_cache: dict = {}
@@ -1226,7 +1231,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             model_cache.clear()
             model_cache[entry.id] = prepare_model(entry, dev)
         model = model_cache[entry.id]
-        cached = old.get((row["case"], method, entry.id, label, int(seed), int(slab), margin))
+        cached = old.get(_cell_id(row["case"], method, entry.id, label, seed, int(slab), margin))
         if cached is None and reuse_only:
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
             continue
@@ -1378,21 +1383,17 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
     """Write the preset section into the card of every model of ``models_dir/manifest.json`` that serves a
     compared method (measured or not: an unmeasured one says so) and, with ``readme``, the README's marked
     section (which must exist).  Every file is checked before any is written; atomic, idempotent."""
-    from .heldout_table import _marker_lines, _write_atomic
+    from .heldout_table import _marker_lines, _write_atomic, card_path, manifest_entries
 
-    models_dir = Path(models_dir)
-    man = models_dir / "manifest.json"
-    if not man.is_file():
-        raise ValueError(f"{man} does not exist")
-    entries = json.loads(man.read_text()).get("models") or []
+    entries = manifest_entries(models_dir)
     methods = set(report.get("methods") or [r["method"] for r in report["summary"]])
     plan, log = [], []
     for e in entries:
-        mid, card = e.get("id"), e.get("card")
+        mid = e.get("id")
         if not methods & set(e.get("methods") or []):
             continue
-        path = (models_dir / card).resolve() if card else None
-        if path is None or models_dir.resolve() not in path.parents or not path.is_file():
+        path = card_path(models_dir, e)
+        if path is None:
             log.append((mid, "no card inside the models folder: skipped"))
             continue
         text = path.read_text()

@@ -343,22 +343,18 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
             anomalies.append(sitk.GetArrayFromImage(res.anomaly))
             brains.append(sitk.GetArrayFromImage(brain) > 0)
             n_slices += int(res.info.get("slices") or 0)
+            post = res.info.get("postprocess") or {}
+            nfe = res.info.get("nfe_per_slice")
         else:
             a, b, k = _subset_maps(img, brain, method, model, preset, params, device, i, max_slices)
             anomalies.append(a)
             brains.append(b)
             n_slices += k
-            res = None
-        if res is not None:
-            post = res.info.get("postprocess") or {}
-            nfe = res.info.get("nfe_per_slice")
     thr = thresholds_at(anomalies, brains, fprs, int(post.get("min_component_size") or 0)) if anomalies else {}
     if max_slices is not None:
-        record.update({"max_slices": int(max_slices), "n_slices": n_slices})
-        if tau_only:
-            record["n_slices"] = None  # no final map computed; tau_n_pixels says what tau used
-    elif not tau_only:
-        record["n_slices"] = n_slices
+        record["max_slices"] = int(max_slices)
+    if max_slices is not None or not tau_only:
+        record["n_slices"] = None if tau_only else n_slices  # tau only: no final map; tau_n_pixels says what tau used
     record.update({
         "thresholds": thr, "n_volumes": len(vols), "n_voxels": int(sum(b.sum() for b in brains)),
         "contrast": contrast, "spacing_mm": float(spacing) if volumes is None else None,

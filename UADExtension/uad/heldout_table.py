@@ -49,6 +49,28 @@ def load_report(path) -> dict:
     return rep
 
 
+def _as_reports(report) -> list[dict]:
+    """One report or a list of them, as a list."""
+    return list(report) if isinstance(report, (list, tuple)) else [report]
+
+
+def manifest_entries(models_dir) -> list[dict]:
+    """The entries of ``models_dir/manifest.json`` (``ValueError`` when it does not exist)."""
+    man = Path(models_dir) / "manifest.json"
+    if not man.is_file():
+        raise ValueError(f"{man} does not exist")
+    return json.loads(man.read_text()).get("models") or []
+
+
+def card_path(models_dir, entry: dict) -> Path | None:
+    """The entry's model card when it names one that exists inside ``models_dir`` (else None)."""
+    card = entry.get("card")
+    if not card:
+        return None
+    path = (Path(models_dir) / card).resolve()
+    return path if Path(models_dir).resolve() in path.parents and path.is_file() else None
+
+
 def _num(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
@@ -274,22 +296,17 @@ def update_file(path, content: str, heading: str | None = CARD_HEADING, require_
 def update_cards(report, models_dir) -> list[tuple[str, str]]:
     """Replace the held-out section of the card of every model of ``models_dir/manifest.json`` that the run
     measured; returns (model id, what happened) per model.  Every card is checked before any is written."""
-    models_dir = Path(models_dir)
-    man = models_dir / "manifest.json"
-    if not man.is_file():
-        raise ValueError(f"{man} does not exist")
-    entries = json.loads(man.read_text()).get("models") or []
-    reports = list(report) if isinstance(report, (list, tuple)) else [report]
-    measured = {r.get("model") for rep in reports for r in rep["results"] if r.get("status") == "ok"}
+    entries = manifest_entries(models_dir)
+    measured = {r.get("model") for rep in _as_reports(report) for r in rep["results"] if r.get("status") == "ok"}
     plan, log = [], []
     for e in entries:
         mid, card = e.get("id"), e.get("card")
         if not card:
             log.append((mid, "no card in the manifest: skipped"))
             continue
-        path = (models_dir / card).resolve()
-        if models_dir.resolve() not in path.parents or not path.is_file():
-            log.append((mid, f"card {card} not found inside {models_dir}: skipped"))
+        path = card_path(models_dir, e)
+        if path is None:
+            log.append((mid, f"card {card} not found inside {Path(models_dir)}: skipped"))
             continue
         if mid not in measured:
             log.append((mid, "not measured in this benchmark: card unchanged"))
@@ -308,7 +325,7 @@ def heldout_measurements(report, model_id: str) -> dict | None:
     ``merged_rows``): per method its default preset's AP per lesion type, their mean, the floor's AP, the
     lesion and healthy volume counts and the run (date, command); ``None`` when the run did not measure
     the model's default presets.  ``uad.selection.best_method`` reads it."""
-    reports = list(report) if isinstance(report, (list, tuple)) else [report]
+    reports = _as_reports(report)
     rows = merged_rows(reports, {model_id})
     results = {}
     for r in rows:
@@ -330,8 +347,7 @@ def heldout_measurements(report, model_id: str) -> dict | None:
         rec["n_per_type"] = min(ns) if ns else None
         rep = reports[rec.pop("run") - 1]
         rec["run"] = {"date_utc": rep.get("date_utc"), "command": rep.get("command"),
-                                "subset": "quick" if rep.get("quick") else "held-out set",
-                                "device": rep.get("device")}
+                      "subset": "quick" if rep.get("quick") else "held-out set", "device": rep.get("device")}
     ns = [rec["n_per_type"] for rec in results.values() if rec["n_per_type"] is not None]
     return {"source": "uad benchmark (scripts/update_cards.py)", "n_per_type": min(ns) if ns else None,
             "results": results}
