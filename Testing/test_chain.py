@@ -27,7 +27,7 @@ def test_profile_defaults_and_validation(tiny_model):
     from uad.pipeline import preprocessing_profile
 
     assert profile_settings(None) == DEFAULT_PROFILE
-    assert DEFAULT_PROFILE == {"registration": None, "deoblique": False, "spacing_mm": None,
+    assert DEFAULT_PROFILE == {"registration": "auto", "deoblique": False, "spacing_mm": None,
                                "skull_strip": "auto", "bias_correction": "auto", "square": "crop", "pad_value": "min",
                                "intensity": "brain-percentile", "slice_range": None}
     p = profile_settings({"registration": "mni152", "spacing_mm": 1, "skull_strip": False, "square": "pad",
@@ -160,9 +160,11 @@ def test_registration_round_trip_onto_the_input_grid():
                     registration_options=FAST_REG)
     assert [s.name for s in st.steps] == ["reorient", "brain_mask", "register", "normalise", "select_slices",
                                           "in_plane"]
+    from uad.preprocess import canonical_view, orientation_of
+
     t1, tb = mni152(3.0)
-    assert st.brain.shape == _arr(t1).shape  # the working volume is the template grid
-    tbm = _arr(tb) > 0
+    assert st.brain.shape == _arr(t1).shape  # the working volume is the template grid (canonical voxel order)
+    tbm = np.asarray(canonical_view(_arr(tb) > 0, *orientation_of(tb)))
     dice = 2 * (st.brain & tbm).sum() / (st.brain.sum() + tbm.sum())
     assert dice > 0.85  # the brain landed on the template's brain
     rest, anom = to_volumes(st, st.slices, st.slices)

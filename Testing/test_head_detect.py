@@ -118,3 +118,54 @@ def test_registered_inference_agrees_across_orientations_and_spacings(t2_head, f
     b = _a(t2_head.brain_mask) > 0
     b &= _a(sitk.Resample(oblique.brain_mask, t2_head.brain_mask, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
     assert np.corrcoef(maps[0][b], maps[1][b])[0, 1] >= 0.9
+
+
+def test_registration_auto_registers_heads_only(t2_head, fast_registration):
+    """Profile ``registration: "auto"``: a head (not skull-stripped) is registered to MNI152, a
+    skull-stripped brain is not; ``info["registration"]`` says which and why."""
+    from uad.preprocess import preprocess
+
+    stripped = make_phantom(5, "T2", "tumour", spacing=3.0)
+    head = preprocess(t2_head.image, 64, profile={"registration": "auto"}, contrast="T2")
+    brain = preprocess(stripped.image, 64, profile={"registration": "auto"}, contrast="T2")
+    assert "register" in [s.name for s in head.steps]
+    assert head.info["registration"]["value"] == "mni152" and "not skull-stripped" in head.info["registration"]["reason"]
+    assert "register" not in [s.name for s in brain.steps]
+    assert brain.info["registration"] == {"value": None, "profile": "auto", "reason": "the input is skull-stripped"}
+    # the skull-stripped input's slices are those of the unregistered chain
+    plain = preprocess(stripped.image, 64, contrast="T2")
+    assert np.array_equal(plain.slices, brain.slices)
+
+
+def test_registration_profile_values_and_cli_switch():
+    from uad.cli import _registration_override
+    from uad.preprocess import profile_settings
+
+    assert profile_settings({"registration": "AUTO"})["registration"] == "auto"
+    assert profile_settings({"registration": "mni152"})["registration"] == "mni152"
+    assert profile_settings({"registration": None})["registration"] is None
+    for bad in ("rigid", 1, True):
+        with pytest.raises(ValueError, match="registration"):
+            profile_settings({"registration": bad})
+    assert _registration_override("profile") is None
+    assert _registration_override("yes") == {"registration": "mni152"}
+    assert _registration_override("no") == {"registration": None}
+    assert _registration_override("auto") == {"registration": "auto"}
+
+
+def test_registered_slices_keep_the_canonical_orientation(fast_registration):
+    """The template's own voxel order is RAS-like; registered slices must still be canonical LPS slices
+    (as the models were trained on), not mirrored left-right and front-back.  Before the fix the best
+    match of an unregistered slice among the registered ones was its double mirror image."""
+    from uad.preprocess import preprocess
+
+    ph = make_phantom(200, "T2", "none", spacing=3.0)
+    plain = preprocess(ph.image, 64, brain_mask=ph.brain_mask, contrast="T2")
+    reg = preprocess(ph.image, 64, brain_mask=ph.brain_mask, profile={"registration": "mni152"}, contrast="T2")
+    a = plain.slices[len(plain) // 2].ravel()
+    best = {}
+    for name, f in (("same", lambda s: s), ("mirror_lr", lambda s: s[:, ::-1]), ("mirror_ap", lambda s: s[::-1, :]),
+                    ("both", lambda s: s[::-1, ::-1])):
+        best[name] = max(float(np.corrcoef(a, f(s).ravel())[0, 1]) for s in reg.slices if s.std() > 0)
+    assert best["same"] >= 0.8
+    assert best["same"] > max(best["mirror_ap"], best["both"]) + 0.05

@@ -20,6 +20,7 @@ true brain after resampling the acquisition's map onto the axial grid (linear). 
 ``missing`` row (and a failing case an ``error`` row) instead of stopping the run:
 
     python benchmarks/bench_skullstrip.py --detect --contrasts T1,T2,FLAIR --base-mm 2 [--deoblique]
+        [--registration profile|none|auto|mni152]
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="fast", help="--detect: the method's preset")
     ap.add_argument("--deoblique", action="store_true",
                     help="--detect: preprocessing profile deoblique (oblique inputs resampled onto the LPS axes)")
+    ap.add_argument("--registration", choices=("profile", "none", "auto", "mni152"), default="profile",
+                    help="--detect: preprocessing profile registration (profile: the model's own; auto: MNI152 "
+                         "registration for inputs that are not skull-stripped)")
     a = ap.parse_args(argv)
     if a.detect:
         return detect_part(a)
@@ -150,7 +154,10 @@ def detect_part(a) -> int:
                     ph = resample_phantom(base, **kw)
                 t0 = time.perf_counter()
                 try:
-                    kw = {"preprocessing": {"deoblique": True}} if a.deoblique else {}
+                    prep = {"deoblique": True} if a.deoblique else {}
+                    if a.registration != "profile":
+                        prep["registration"] = None if a.registration == "none" else a.registration
+                    kw = {"preprocessing": prep} if prep else {}
                     r = detect(ph.image, method=a.method, model=model, device="cpu", preset=a.preset, contrast=c, **kw)
                 except Exception as e:  # noqa: BLE001 - reported as a row, the other cases go on
                     emit([seed, c, acq, model, "", "", "", "", "", round(time.perf_counter() - t0, 1),

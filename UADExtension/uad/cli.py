@@ -328,7 +328,8 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                                     fpr=args.fpr, precision=getattr(args, "precision", "fp32"), contrast=scan_contrast if scan_contrast in CONTRASTS else None,
                                     skull_stripped=args.skull_stripped,
                                     bias_correction=(None if args.bias_correction == "auto"
-                                                     else args.bias_correction == "yes"))
+                                                     else args.bias_correction == "yes"),
+                                    preprocessing=_registration_override(getattr(args, "register", "profile")))
                 finally:
                     bar.close()
                 info = result.info
@@ -639,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
                    help="N4 bias-field correction: auto (default: the model's profile; on for inputs that are "
                         "not skull-stripped), yes or no")
+    d.add_argument("--register", choices=("profile", "auto", "yes", "no"), default="profile",
+                   help="rigid + affine registration to the MNI152 template (inference in template space, results "
+                        "back on the input grid): profile (default: the model's preprocessing profile), auto (for "
+                        "inputs that are not skull-stripped), yes or no")
     d.add_argument("--sample", action="store_true",
                    help="run on the bundled sample and score the anomaly map against its lesion mask")
     d.add_argument("--overwrite", action="store_true",
@@ -704,6 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
             if callable(add):
                 add(sub)
     return p
+
+
+def _registration_override(choice: str):
+    """``--register`` as a ``preprocessing`` override of the model's profile (None: the profile's own)."""
+    return None if choice == "profile" else {"registration": {"auto": "auto", "yes": "mni152", "no": None}[choice]}
 
 
 def main(argv=None) -> int:

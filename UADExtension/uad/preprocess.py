@@ -30,9 +30,11 @@ Conventions
   foreground (threshold at ``mask_threshold`` x a robust maximum above the
   background level, largest 3-D connected component, holes filled per axial
   slice); or, for a head, the skull stripper of ``uad.skullstrip``.
-* Registration (``Register``, profile ``registration: "mni152"``): rigid + affine
+* Registration (``Register``, profile ``registration: "mni152"``, or ``"auto"``: only for an
+  input that is not skull-stripped, i.e. a head scan in its own space and orientation): rigid + affine
   (Mattes mutual information) of the brain to nilearn's MNI152 2009 template;
-  the working volume becomes the template grid (``spacing_mm``, default 1 mm).
+  the working volume becomes the template grid (``spacing_mm``, default 1 mm).  ``info["registration"]``
+  says whether it ran and why.
   Without it, profile ``deoblique: true`` (``Deoblique``) resamples an oblique volume onto
   the axis-aligned LPS grid (same spacing) so that the slices are axial in physical space.
 * Intensities (``Normalise``): percentiles of the brain (``brain-percentile``) or
@@ -261,10 +263,11 @@ def _mask_on_grid(mask: sitk.Image, image: sitk.Image) -> np.ndarray:
 
 
 # -- the preprocessing profile --------------------------------------------------------------------
-#: A model's ``preprocessing`` manifest entry; absent keys take these values (today's behaviour for
-#: models trained on skull-stripped, unregistered phantoms).
+#: A model's ``preprocessing`` manifest entry; absent keys take these values (the bundled models: trained
+#: on skull-stripped phantoms in MNI152 space; a head scan, i.e. an input that is not skull-stripped, is
+#: registered to that space, a skull-stripped input is taken as it is).
 DEFAULT_PROFILE = {
-    "registration": None,  # None | "mni152"
+    "registration": "auto",  # None | "mni152" | "auto" (mni152 for an input that is not skull-stripped)
     "deoblique": False,  # True: an oblique input is resampled onto the axis-aligned LPS grid (without registration)
     "spacing_mm": None,  # None | mm: resampling of the template space (with registration; None = 1 mm)
     "skull_strip": "auto",  # "auto" | True | False: mask the model input (auto: strip a head first)
@@ -299,9 +302,10 @@ def profile_settings(profile: dict | None = None) -> dict:
         raise ValueError(f"unknown preprocessing key(s): {', '.join(unknown)} "
                          f"(known: {', '.join(DEFAULT_PROFILE)})")
     p.update(profile)
-    if p["registration"] is not None and str(p["registration"]).lower() != "mni152":
-        raise ValueError(f"preprocessing registration must be null or \"mni152\", got {p['registration']!r}")
-    p["registration"] = None if p["registration"] is None else "mni152"
+    reg = p["registration"]
+    if reg is not None and (not isinstance(reg, str) or reg.lower() not in ("mni152", "auto")):
+        raise ValueError(f"preprocessing registration must be null, \"mni152\" or \"auto\", got {reg!r}")
+    p["registration"] = None if reg is None else reg.lower()
     if p["spacing_mm"] is not None:
         if isinstance(p["spacing_mm"], bool) or not isinstance(p["spacing_mm"], (int, float)) \
                 or not 0.1 <= float(p["spacing_mm"]) <= 10.0:
@@ -663,7 +667,7 @@ class BrainMask(Step):
 class Register(Step):
     """Rigid + affine registration (mutual information) of the brain to the MNI152 2009 template.
 
-    The working volume becomes the template grid; the inverse resamples maps back
+    The working volume becomes the template's grid in the canonical (LPS) voxel order; the inverse resamples maps back
     onto the grid the step received (linear interpolation, zero outside).
     """
 
@@ -681,7 +685,9 @@ class Register(Step):
         moving = w.grid.image(np.where(w.brain, w.arr, 0.0).astype(np.float32))
         self.transform, self.metric = registration.register_affine(fixed, moving, **self.options)
         self.source = w.grid
-        self.target = Grid.of(fixed)
+        # the template's grid in the canonical orientation (its own voxel order is RAS-like, i.e. mirrored
+        # left-right and front-back against the canonical LPS slices the models were trained on)
+        self.target = oriented_grid(fixed, *orientation_of(fixed))
         src = w.current_image()
         w.arr = self.target.resample(src, self.transform, default=float(w.arr.min()))
         bimg = w.grid.image(w.brain.astype(np.float32))
@@ -1103,7 +1109,12 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
         info["warnings"].append(f"the automatic brain mask covers {100 * steps[-1].fraction:.0f}% of the volume; "
                                 f"is the input skull-stripped? Pass a brain mask otherwise")
     w.mask_input = prof["skull_strip"] is not False
-    if prof["registration"] == "mni152":
+    register = prof["registration"] == "mni152" or (prof["registration"] == "auto" and not stripped)
+    info["registration"] = {"value": "mni152" if register else None, "profile": prof["registration"]}
+    if prof["registration"] == "auto":
+        info["registration"]["reason"] = ("the input is not skull-stripped (a head scan)" if register
+                                          else "the input is skull-stripped")
+    if register:
         run(Register(prof["spacing_mm"], registration_options))
     elif prof["deoblique"] and oblique_angle_deg(w.grid.direction) > DEOBLIQUE_MIN_DEG:
         run(Deoblique())
