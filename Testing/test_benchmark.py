@@ -386,3 +386,28 @@ def test_update_cards_judges_todays_default_presets_and_lists_bundled_models(tmp
     assert "disyre-x" in text and "ddpm-x" not in text  # ddpm-x is not bundled (any more)
     if now != "fast":
         assert "- **thor**" not in text
+
+
+def test_interrupted_benchmark_keeps_the_units_it_measured(tiny_zoo, small_heldout, tmp_path, monkeypatch):
+    """A long held-out run stopped part-way (here the second of two units fails, as a kill would stop it)
+    leaves a report of the units already measured, marked partial, which the card writer can read."""
+    import uad.benchmark as bm
+
+    real, calls = bm.run_unit, []
+
+    def flaky(unit):
+        calls.append(unit["kind"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(unit)
+
+    monkeypatch.setattr(bm, "run_unit", flaky)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(out, jobs=1, methods=["anoddpm"], contrasts=["T2"], quick=True, heldout_dir=small_heldout,
+                      speed_slices=3, n_reference=1, log=lambda *a: None)
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert saved["partial"] == {"units_done": 1, "units": 2} and calls == ["accuracy", "speed"]
+    row = next(r for r in saved["results"] if r["method"] == "anoddpm")
+    assert row["status"] == "ok" and 0 <= row["tumour"] <= 1 and saved["speed"] == []
+    assert "PARTIAL: 1 of 2 units" in (out / "benchmark.md").read_text()

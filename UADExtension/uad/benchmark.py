@@ -516,11 +516,12 @@ def default_jobs(device="cpu") -> int:
     return min(2, available_cores()) if torch.device(device).type == "cpu" else 1
 
 
-def run_units(units: list[dict], jobs: int = 1, log=print) -> list[dict]:
+def run_units(units: list[dict], jobs: int = 1, log=print, on_done=None) -> list[dict]:
     """The results of ``units`` in their order.  ``jobs`` > 1: that many worker processes (spawned, one torch
     thread each), the costliest units (NFE per slice x volumes) first so that the last one to finish is a
     cheap one.  Every unit is seeded, so the results are those of ``jobs=1``; its CPU-second columns are
-    its own process's CPU time."""
+    its own process's CPU time.  ``on_done(i, result)`` is called as each unit finishes (e.g. to write a
+    partial report, so that an interrupted run keeps what it measured)."""
     out: list = [None] * len(units)
     if jobs <= 1 or len(units) <= 1:
         try:
@@ -528,6 +529,8 @@ def run_units(units: list[dict], jobs: int = 1, log=print) -> list[dict]:
                 out[i] = run_unit(u)
                 for line in out[i]["log"]:
                     log(line)
+                if on_done is not None:
+                    on_done(i, out[i])
         finally:
             _MODEL_CACHE.clear()  # no model kept alive in this process after the run
         return out
@@ -545,6 +548,8 @@ def run_units(units: list[dict], jobs: int = 1, log=print) -> list[dict]:
             log(f"  [{k}/{len(units)}] {u['contrast']} {u['method']} {u['preset']} ({u['kind']})")
             for line in out[i]["log"]:
                 log(line)
+            if on_done is not None:
+                on_done(i, out[i])
     return out
 
 
@@ -654,22 +659,37 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
                     slots.append(("speed", len(speed) - 1))
     if units:
         log(f"{len(units)} unit(s) of work in {jobs} process(es)")
-    for (where, i), res in zip(slots, run_units(units, jobs, log)):
-        (results if where == "results" else speed)[i] = res["row"]
 
-    report = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
-              "hardware": _hardware(dev), "device": str(dev), "torch": torch.__version__,
-              "threads": torch.get_num_threads() if jobs <= 1 else 1, "jobs": jobs, "quick": bool(quick),
-              "heldout": str(ho), "max_volumes": max_volumes, "command": command,
-              "batch_size": batch_size, "precision": precision, "channels_last": channels_last,
-              "compile": compile_, "fpr": fpr, "results": results, "speed": speed, "missing": missing,
-              "speed_presets": list(speed_presets), "speed_slices": speed_slices, "speed_only": bool(speed_only),
-              "wall_seconds": time.time() - t_start, "load_average": _load_average()}
-    report["over_limit"] = [
-        f"{r['method']}/{r['preset']} ({r['contrast']}, {'slab' if 'pooled_ap' not in r else 'held-out set'}): "
-        f"{_f(r.get('overhead'), 2)} isolated / {_f(r.get('overhead_in_run'), 2)} in-run"
-        for r in results + speed
-        if max(r.get("overhead") or 0, r.get("overhead_in_run") or 0) > OVERHEAD_LIMIT]
+    def make_report(done: int) -> dict:
+        res, spd = [r for r in results if r is not None], [r for r in speed if r is not None]
+        report = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
+                  "hardware": _hardware(dev), "device": str(dev), "torch": torch.__version__,
+                  "threads": torch.get_num_threads() if jobs <= 1 else 1, "jobs": jobs, "quick": bool(quick),
+                  "heldout": str(ho), "max_volumes": max_volumes, "command": command,
+                  "batch_size": batch_size, "precision": precision, "channels_last": channels_last,
+                  "compile": compile_, "fpr": fpr, "results": res, "speed": spd, "missing": missing,
+                  "speed_presets": list(speed_presets), "speed_slices": speed_slices, "speed_only": bool(speed_only),
+                  "wall_seconds": time.time() - t_start, "load_average": _load_average()}
+        if done < len(units):  # an interrupted run's report: the units measured so far
+            report["partial"] = {"units_done": int(done), "units": len(units)}
+        report["over_limit"] = [
+            f"{r['method']}/{r['preset']} ({r['contrast']}, {'slab' if 'pooled_ap' not in r else 'held-out set'}): "
+            f"{_f(r.get('overhead'), 2)} isolated / {_f(r.get('overhead_in_run'), 2)} in-run"
+            for r in res + spd
+            if max(r.get("overhead") or 0, r.get("overhead_in_run") or 0) > OVERHEAD_LIMIT]
+        return report
+
+    finished = [0]
+
+    def unit_done(k: int, res: dict) -> None:
+        where, i = slots[k]
+        (results if where == "results" else speed)[i] = res["row"]
+        finished[0] += 1
+        if finished[0] < len(units):
+            write_report(make_report(finished[0]), out)
+
+    run_units(units, jobs, log, on_done=unit_done)
+    report = make_report(len(units))
     write_report(report, out)
     return report
 
@@ -742,6 +762,9 @@ def markdown(report: dict) -> str:
     subset = "quick subset" if report["quick"] else "full set"
     if report.get("speed_only"):
         subset += ", speed pass only"
+    if report.get("partial"):
+        subset += (f", PARTIAL: {report['partial']['units_done']} of {report['partial']['units']} units "
+                   f"measured so far")
     lines = [f"Held-out phantoms ({subset}), {report['date_utc']}, "
              f"{report['hardware']}, device {report['device']}, batch {report['batch_size']}, "
              f"{report['precision']}; AP = mean per-volume average precision over brain voxels; "

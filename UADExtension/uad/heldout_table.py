@@ -136,6 +136,9 @@ def header(report: dict) -> str:
     subset = "quick subset" if report.get("quick") else "held-out set"
     if report.get("max_volumes"):
         subset += f", at most {report['max_volumes']} volume(s) per lesion type and {report['max_volumes']} healthy"
+    if report.get("partial"):
+        subset += (f", interrupted after {report['partial']['units_done']} of {report['partial']['units']} "
+                   f"units (the rows here are those measured)")
     cmd = report.get("command") or "command not recorded in benchmark.json"
     jobs = report.get("jobs") or 1
     return (f"Measured {report.get('date_utc', '?')} on {report.get('hardware', '?')} (device "
