@@ -1071,9 +1071,10 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
 
     dev = torch.device(device)
     image, brain, lesion = _read_case(row)
-    if preprocessing_profile(model).get("registration"):
+    if preprocessing_profile(model).get("registration") == "mni152":
         raise UADError(f"model {model.id}: the lesion-slab comparison needs a chain without registration "
                        f"(slices of the input, not of a template)")
+    # held-out volumes are skull-stripped: said so, a profile with registration "auto" does not register them
     meth = build(method, model, preset, params)
     m = _postprocess_margin(meth) if margin is None else int(margin)
     slab = lesion_slab(image, lesion, brain, k, m)
@@ -1082,7 +1083,7 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
     fwd = _SlabForward(seed, ks, dev)
     t0 = time.perf_counter()
     res = detect(image, method=method, model=model, device=dev, seed=seed, batch_size=batch_size, preset=preset,
-                 params=params, brain_mask=brain, mask=False, forward=fwd)
+                 params=params, brain_mask=brain, mask=False, forward=fwd, skull_stripped=True)
     wall = time.perf_counter() - t0
     lo, hi = slab["slab"]
     perm, flip = slab["permute"], slab["flip"]
