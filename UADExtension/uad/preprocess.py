@@ -664,7 +664,31 @@ class BrainMask(Step):
         return r
 
 
-class Register(Step):
+class _Resampling(Step):
+    """A step that resamples the whole working volume (and the brain) onto another grid, linearly:
+    ``transform`` maps points of the new grid to the grid the step received; the inverse resamples maps back
+    with the inverse transform (linear, zero outside).  ``Register`` and ``Deoblique``."""
+
+    slicewise = False  # a 3-D resampling
+    what = "resampling step"  # in the inverse's error message
+
+    def _resample_onto(self, w: _Work, target: Grid, transform: sitk.Transform) -> None:
+        self.source, self.target = w.grid, target
+        self.inv = transform.GetInverse()
+        src = w.current_image()
+        w.arr = target.resample(src, transform, default=float(w.arr.min()))
+        del src
+        w.brain = target.resample(w.grid.image(np.ascontiguousarray(w.brain, np.uint8)), transform) > 0.5
+        w.grid = target
+
+    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
+        if ks is not None:
+            raise ValueError(f"the {self.what}'s inverse maps whole volumes (ks must be None)")
+        return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), self.inv)
+                for k, v in maps.items()}
+
+
+class Register(_Resampling):
     """Rigid + affine registration (mutual information) of the brain to the MNI152 2009 template.
 
     The working volume becomes the template's grid in the canonical (LPS) voxel order; the inverse resamples maps back
@@ -672,7 +696,7 @@ class Register(Step):
     """
 
     name = "register"
-    slicewise = False  # a 3-D resampling
+    what = "registration"
 
     def __init__(self, spacing_mm: float | None = None, options: dict | None = None):
         self.spacing_mm = spacing_mm
@@ -684,24 +708,11 @@ class Register(Step):
         fixed, fixed_brain = registration.mni152(self.spacing_mm)
         moving = w.grid.image(np.where(w.brain, w.arr, 0.0).astype(np.float32))
         self.transform, self.metric = registration.register_affine(fixed, moving, **self.options)
-        self.source = w.grid
         # the template's grid in the canonical orientation (its own voxel order is RAS-like, i.e. mirrored
         # left-right and front-back against the canonical LPS slices the models were trained on)
-        self.target = oriented_grid(fixed, *orientation_of(fixed))
-        src = w.current_image()
-        w.arr = self.target.resample(src, self.transform, default=float(w.arr.min()))
-        bimg = w.grid.image(w.brain.astype(np.float32))
-        w.brain = self.target.resample(bimg, self.transform) > 0.5
+        self._resample_onto(w, oriented_grid(fixed, *orientation_of(fixed)), self.transform)
         if not w.brain.any():
             raise InputError("registration to MNI152 moved the brain out of the template's field of view")
-        w.grid = self.target
-        self.inv = self.transform.GetInverse()
-
-    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
-        if ks is not None:
-            raise ValueError("the registration's inverse maps whole volumes (ks must be None)")
-        return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), self.inv)
-                for k, v in maps.items()}
 
     def record(self) -> dict:
         t = self.transform
@@ -720,7 +731,7 @@ def oblique_angle_deg(direction) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(d) - 1.0) / 2.0, -1.0, 1.0))))
 
 
-class Deoblique(Step):
+class Deoblique(_Resampling):
     """An oblique volume resampled onto the axis-aligned LPS grid (same spacing, covering the same box).
 
     The axial slices then lie in the patient's (scanner's) axial plane whatever the acquisition's
@@ -731,11 +742,10 @@ class Deoblique(Step):
     """
 
     name = "deoblique"
-    slicewise = False  # a 3-D resampling
+    what = "deoblique step"
 
     def forward(self, w: _Work) -> None:
         self.angle_deg = oblique_angle_deg(w.grid.direction)
-        self.source = w.grid
         d = np.asarray(w.grid.direction, float).reshape(3, 3)
         size = np.asarray(w.grid.size, float)
         sp = np.asarray(w.grid.spacing, float)
@@ -744,20 +754,9 @@ class Deoblique(Step):
         phys = np.asarray(w.grid.origin) + (corners * sp) @ d.T
         lo, hi = phys.min(0), phys.max(0)
         n = np.maximum(np.ceil((hi - lo) / sp - 1e-6).astype(int), 1)
-        self.target = Grid(tuple(int(v) for v in n), tuple(float(v) for v in sp),
-                           tuple(float(v) for v in lo + sp / 2.0), tuple(float(v) for v in np.eye(3).ravel()))
-        src = w.current_image()
-        ident = sitk.Transform()
-        w.arr = self.target.resample(src, ident, default=float(w.arr.min()))
-        del src
-        w.brain = self.target.resample(w.grid.image(np.ascontiguousarray(w.brain, np.uint8)), ident) > 0.5
-        w.grid = self.target
-
-    def inverse(self, maps: dict, ks: slice | None = None) -> dict:
-        if ks is not None:
-            raise ValueError("the deoblique step's inverse maps whole volumes (ks must be None)")
-        return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), sitk.Transform())
-                for k, v in maps.items()}
+        target = Grid(tuple(int(v) for v in n), tuple(float(v) for v in sp),
+                      tuple(float(v) for v in lo + sp / 2.0), tuple(float(v) for v in np.eye(3).ravel()))
+        self._resample_onto(w, target, sitk.Transform())  # same physical space: the identity
 
     def record(self) -> dict:
         return {"step": self.name, "angle_deg": round(self.angle_deg, 3), "spacing_mm": list(self.target.spacing),
