@@ -679,14 +679,15 @@ def run_benchmark(outdir, methods=None, contrasts=None, presets=("default", "pap
             if max(r.get("overhead") or 0, r.get("overhead_in_run") or 0) > OVERHEAD_LIMIT]
         return report
 
-    finished = [0]
+    finished = 0
 
     def unit_done(k: int, res: dict) -> None:
+        nonlocal finished
         where, i = slots[k]
         (results if where == "results" else speed)[i] = res["row"]
-        finished[0] += 1
-        if finished[0] < len(units):
-            write_report(make_report(finished[0]), out)
+        finished += 1
+        if finished < len(units):
+            write_report(make_report(finished), out)
 
     run_units(units, jobs, log, on_done=unit_done)
     report = make_report(len(units))
