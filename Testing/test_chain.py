@@ -134,9 +134,13 @@ def test_n4_removes_a_bias_field_and_its_inverse_puts_it_back(make_volume):
         return np.polyfit(i[b], v[b], 1)[0]
 
     assert abs(trend(corrected)) < 0.35 * abs(trend(x * field))
+    # fitted to the brain alone, it flattens the brain at least as well
+    est_brain = n4_bias_field(biased, voxel_mm=4.0, mask=b)
+    assert abs(trend((x * field) / est_brain)) < 0.35 * abs(trend(x * field))
     st = preprocess(biased, S, bias_correction=True)
-    assert [s.name for s in st.steps][1] == "bias_correction"
-    n4 = st.steps[1]
+    names = [s.name for s in st.steps]
+    assert names.index("bias_correction") == names.index("brain_mask") + 1  # after the mask it is fitted to
+    n4 = st.steps[names.index("bias_correction")]
     assert isinstance(n4, BiasCorrection) and n4.field.shape == x.shape
     # the restoration comes back in the input's (biased) units: the inverse multiplies the field back
     rest, _ = to_volumes(st, st.slices, st.slices)
@@ -168,7 +172,9 @@ def test_registration_round_trip_onto_the_input_grid():
     dice = 2 * (st.brain & tbm).sum() / (st.brain.sum() + tbm.sum())
     assert dice > 0.85  # the brain landed on the template's brain
     rest, anom = to_volumes(st, st.slices, st.slices)
-    assert not st.streamable  # a 3-D step: the whole-volume way back, one map at a time
+    # one 3-D step: the way back streams (template grid whole, then onto the input a slab at a time) and gives the
+    # whole-volume inverse's result
+    assert st.streamable
     ref_r, ref_a = _compose_whole(st, st.slices, st.slices)
     assert np.array_equal(_arr(rest), ref_r.astype(np.float32)) and np.array_equal(_arr(anom), ref_a.astype(np.float32))
     for out in (rest, anom):
@@ -195,7 +201,8 @@ def test_skull_stripped_and_bias_overrides(tiny_model, fast_params, make_volume,
                             brain_mask=brain)
     pre = r.info["preprocess"]
     assert pre["skull_stripped"] == {"value": False, "source": "told"}
-    assert [s["step"] for s in pre["steps"]][1:3] == ["bias_correction", "brain_mask"]  # N4 auto: on
+    # N4 auto: on; a head (told) is registered ("auto"), and N4 runs on the template's grid after it
+    assert [s["step"] for s in pre["steps"]][1:4] == ["brain_mask", "register", "bias_correction"]
     assert pre["brain_mask"] == "given"  # a given mask is never replaced by the stripper
     assert np.array_equal(_arr(r.brain_mask), _arr(brain))
     r2 = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, skull_stripped=False,
@@ -223,7 +230,7 @@ def _compose_whole(st, rest, anom):
     return np.where(use, maps["restoration"], x), np.where(use, np.maximum(maps["anomaly"], 0.0), 0.0)
 
 
-@pytest.mark.parametrize("case", ["axial", "permuted", "oblique", "slice_range", "int16"])
+@pytest.mark.parametrize("case", ["axial", "permuted", "oblique", "slice_range", "int16", "deoblique"])
 def test_streamed_way_back_equals_the_whole_volume_inverse(make_volume, case):
     from scipy.spatial.transform import Rotation
 
@@ -231,8 +238,10 @@ def test_streamed_way_back_equals_the_whole_volume_inverse(make_volume, case):
     direction = None
     if case == "permuted":  # sagittal-like storage: canonical k is the input's x axis, reversed
         direction = np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float)
-    if case == "oblique":
+    if case in ("oblique", "deoblique"):
         direction = Rotation.from_euler("xyz", [14, 0, 9], degrees=True).as_matrix()
+    if case == "deoblique":  # a 3-D resampling step: streamed through its inverse a slab at a time
+        kw["profile"] = {"deoblique": True}
     if case == "slice_range":
         kw["profile"] = {"slice_range": [0.3, 0.7], "square": "pad"}
     img, _, _ = make_volume((18, 40, 34), (1.2, 1.0, 3.0), direction=direction,
@@ -240,6 +249,7 @@ def test_streamed_way_back_equals_the_whole_volume_inverse(make_volume, case):
     before = _arr(img).copy()
     st = preprocess(img, S, **kw)
     assert st.streamable
+    assert ("deoblique" in [x.name for x in st.steps]) == (case == "deoblique")
     rng = np.random.default_rng(0)
     rest = rng.random(st.slices.shape, dtype=np.float32)
     anom = rng.random(st.slices.shape, dtype=np.float32) - 0.1
@@ -344,3 +354,52 @@ def test_threshold_mask_slabs_and_component_box_equal_the_plain_formula():
             out = threshold_mask(img, t, n_min)
             assert out.GetPixelID() == sitk.sitkUInt8 and out.GetSpacing() == img.GetSpacing()
             assert np.array_equal(_arr(out), plain(a, t, n_min))
+
+
+def test_strip_margin_core_a_slab_at_a_time_equals_the_whole():
+    """The brain deeper than the stripper's margin, asked slab after slab on the way back (never held whole),
+    is the whole-volume answer."""
+    from scipy import ndimage
+
+    from uad.preprocess import STRIP_MARGIN_MM, BrainMask, Reorient, _Work
+
+    rng = np.random.default_rng(3)
+    blob = ndimage.gaussian_filter(rng.random((70, 40, 36)), 4) > 0.5
+    img = sitk.GetImageFromArray(blob.astype(np.float32))
+    img.SetSpacing((1.0, 1.2, 0.8))
+    w = _Work(image=img)
+    Reorient().forward(w)
+    bm = BrainMask(given=sitk.Cast(img, sitk.sitkUInt8))
+    bm.forward(w)
+    bm.source, bm.margin = "skull strip (test)", True  # a stripper's mask: the margin applies
+    whole = bm.core()
+    ref = ndimage.distance_transform_edt(w.brain, sampling=bm.sampling) > STRIP_MARGIN_MM
+    assert np.array_equal(whole, ref) and 0 < whole.sum() < w.brain.sum()
+    for chunk in (1, 5, 32, 70):
+        got = np.concatenate([bm.core(slice(k, min(70, k + chunk))) for k in range(0, 70, chunk)])
+        assert np.array_equal(got, ref), chunk
+
+
+def test_stripper_cleanup_on_the_box_and_axial_slices_of_any_voxel_order():
+    """``skullstrip._cleanup`` (bounding box, 16-bit labels) equals the whole-volume reference, and fills the
+    holes of the patient's axial slices whatever the voxel order."""
+    from scipy import ndimage
+
+    from uad.preprocess import fill_holes_per_slice
+    from uad.skullstrip import _axial_axis, _cleanup
+
+    rng = np.random.default_rng(5)
+    m = np.zeros((40, 50, 44), bool)
+    m[8:30, 10:40, 12:36] = ndimage.gaussian_filter(rng.random((22, 30, 24)), 2) > 0.45
+    m[2:4, 2:4, 2:4] = True  # a smaller component
+    lab, _ = ndimage.label(m)
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    big = ndimage.binary_fill_holes(lab == np.argmax(counts))
+    for axis in range(3):
+        ref = np.moveaxis(fill_holes_per_slice(np.moveaxis(big, axis, 0)), 0, axis)
+        assert np.array_equal(_cleanup(m, axis), ref), axis
+    img = sitk.Image(8, 9, 10, sitk.sitkUInt8)
+    assert _axial_axis(img) == 0  # identity direction: array axis 0 is z
+    img.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))  # index axis j points to z: array axis 1 (k, j, i)
+    assert _axial_axis(img) == 1

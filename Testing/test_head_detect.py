@@ -56,8 +56,9 @@ def test_head_is_detected_corrected_and_stripped(head_run):
     pre = res.info["preprocess"]
     assert pre["skull_stripped"]["value"] is False and pre["skull_stripped"]["source"] == "detected"
     names = [s["step"] for s in pre["steps"]]
-    assert names[:3] == ["reorient", "bias_correction", "brain_mask"]
-    bm = pre["steps"][2]
+    # stripped from the scan as acquired, registered, then N4 on the template's grid (fitted to the brain)
+    assert names[:4] == ["reorient", "brain_mask", "register", "bias_correction"]
+    bm = pre["steps"][1]
     assert bm["source"] == f"skull strip ({skullstrip.STRIPPER_BY_CONTRAST['T2']})"
     assert bm["boundary_margin_mm"] > 0
 

@@ -1,7 +1,8 @@
 """FLAIR heads: the same head acquired differently gives the same detection (issue 8).
 
 A FLAIR head phantom (3 mm) as generated and as an oblique, flipped acquisition with 4 mm slices,
-through the whole automatic chain (skull-stripped detector, N4, deepbet, bundled DISYRE FLAIR model).
+through the whole automatic chain (skull-stripped detector, deepbet, registration, N4, bundled DISYRE
+FLAIR model).
 FLAIR lesions are brighter than any healthy tissue, above the brain's 99th percentile that the
 normalisation maps to 1: clipped at 1 they became a plateau at the brightest healthy (grey-matter)
 level, and how much of the lesion was clipped depended on the residual bias field, i.e. on N4's
@@ -47,7 +48,8 @@ def test_flair_head_lesion_found_in_every_acquisition(flair_heads):
     _, runs = flair_heads
     for ph, r in runs:
         steps = [s["step"] for s in r.info["preprocess"]["steps"]]
-        assert steps[:3] == ["reorient", "bias_correction", "brain_mask"]  # the head path: N4 and skull strip
+        # the head path: skull strip, registration, N4 (on the template's grid)
+        assert steps[:4] == ["reorient", "brain_mask", "register", "bias_correction"]
         b, h, les = _a(ph.brain_mask) > 0, _a(ph.head_mask) > 0, _a(ph.lesion_mask) > 0
         an, img = _a(r.anomaly), _a(ph.image)
         ap_head = average_precision(an[h], les[h])

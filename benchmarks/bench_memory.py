@@ -19,6 +19,11 @@ once, and reports, in bytes per input voxel:
 and the largest traced allocation sites.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --shape 400 512 512     # z y x
+
+``--head T1|T2|FLAIR --spacing X Y Z``: instead of the ellipsoid, a head phantom (``make_phantom(head=True)``,
+1 mm) resampled to that voxel size, the unprocessed-scan path (N4, skull stripping, MNI152 registration):
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --head T1 --spacing 0.5 0.5 0.5
 """
 
 from __future__ import annotations
@@ -115,6 +120,14 @@ def make_input(shape, dtype: str, seed: int = 0, spacing=None):
     return im
 
 
+def make_head(contrast: str, spacing, seed: int = 0):
+    """A head phantom (not skull-stripped) with a tumour, resampled to ``spacing`` (x, y, z mm)."""
+    from uad.phantoms import make_phantom, resample_phantom
+
+    ph = make_phantom(seed, contrast, "tumour", head=True)
+    return resample_phantom(ph, spacing=tuple(float(v) for v in spacing)).image
+
+
 def tiny_model(image_size: int):
     import torch
 
@@ -138,7 +151,7 @@ def no_network(method, x, mask, rng):
 
 
 def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=True, network=True,
-            batch_size=64, spacing=None) -> dict:
+            batch_size=64, spacing=None, head=None) -> dict:
     """Run detect once; returns the measurements (see the module docstring).  ``network=False``: the method
     call is replaced by ``no_network`` (the memory of the preprocessing chain and the way back alone)."""
     import warnings
@@ -154,7 +167,13 @@ def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=Tru
     if warmup:  # lazy imports, torch's first-call allocations, numpy's caches: not the volume's memory
         detect(make_input((24, 48, 40), dtype), model=model, device="cpu", params=params, batch_size=batch_size,
                forward=None if network else no_network)
-    image = make_input(shape, dtype, spacing=spacing)
+    if head:
+        image = make_head(head, spacing or (1.0, 1.0, 1.0))
+        if dtype == "int16":
+            image = sitk.Cast(sitk.Round(image), sitk.sitkInt16)
+        shape = tuple(int(v) for v in image.GetSize()[::-1])
+    else:
+        image = make_input(shape, dtype, spacing=spacing)
     n = int(np.prod(shape))
     release_free_memory()
     base = rss_bytes()
@@ -163,9 +182,9 @@ def measure(shape, dtype="float32", image_size=32, trace=True, top=8, warmup=Tru
         tracemalloc.start()
     t0 = time.perf_counter()
     res = detect(image, model=model, device="cpu", params=params, batch_size=batch_size,
-                 forward=None if network else no_network)
+                 forward=None if network else no_network, contrast=head)
     secs = time.perf_counter() - t0
-    out = {"shape_zyx": list(shape), "dtype": dtype, "voxels": n, "seconds": round(secs, 1), "network": network,
+    out = {"input": f"head phantom ({head})" if head else "ellipsoid", "shape_zyx": list(shape), "dtype": dtype, "voxels": n, "seconds": round(secs, 1), "network": network,
            "spacing_xyz_mm": [round(v, 4) for v in image.GetSpacing()],
            "skull_stripped": res.info["preprocess"]["skull_stripped"],
            "steps": [st["step"] for st in res.info["preprocess"]["steps"]],
@@ -197,9 +216,11 @@ def main(argv=None) -> int:
     ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                     help="voxel size in mm (default: FOV_MM / shape, a brain; e.g. 1 1 1.2 at 256 x 256 x 128 makes "
                          "the ellipsoid a head-sized volume: the unprocessed-scan path, N4 and a skull stripper)")
+    ap.add_argument("--head", choices=("T1", "T2", "FLAIR"), default=None,
+                    help="a head phantom of this contrast at --spacing (default 1 mm) instead of the ellipsoid")
     args = ap.parse_args(argv)
     r = measure(tuple(args.shape), args.dtype, args.image_size, trace=not args.no_trace,
-                network=not args.no_network, batch_size=args.batch_size, spacing=args.spacing)
+                network=not args.no_network, batch_size=args.batch_size, spacing=args.spacing, head=args.head)
     print(json.dumps(r, indent=2))
     return 0
 

@@ -39,11 +39,12 @@ def to_volumes(stack: SliceStack, restoration_slices, anomaly_slices) -> tuple[s
     the input's intensity units inside the brain and equals the input outside
     it and wherever no slice was processed; the anomaly map is zero there.
 
-    Memory: when every step inverts slice by slice (no registration,
-    ``SliceStack.streamable``), the two output images are allocated once and
-    filled ``CHUNK_SLICES`` axial slices at a time (``SliceStack.invert_slices``,
+    Memory: the two output images are allocated once and filled
+    ``CHUNK_SLICES`` axial slices at a time (``SliceStack.invert_slices``,
     SimpleITK's in-place paste), so nothing of the volume's size is held
-    besides them; with registration the whole-volume inverse runs one map at a time.
+    besides them (with registration, the maps are first brought back onto the
+    template's grid, whole, then resampled onto the input a slab at a time);
+    a chain that is not ``streamable`` inverts whole volumes, one map at a time.
     """
     rest = np.clip(_as_stack_array(restoration_slices, stack, "restoration"), 0.0, 1.0)
     anom = _as_stack_array(anomaly_slices, stack, "anomaly")
@@ -71,12 +72,12 @@ def _to_volumes_streamed(stack: SliceStack, rest: np.ndarray, anom: np.ndarray) 
     out_a.CopyInformation(ref)
     original = canonical_view(array_view(ref), stack.permute, stack.flip)
     brain = canonical_view(stack.brain_mask_array(), stack.permute, stack.flip)
-    valid = np.ones_like(anom)
+    prepared = stack.prepare_slices({"restoration": rest, "anomaly": anom, "valid": np.ones_like(anom)})
     K = original.shape[0]
     chunk = max(1, min(CHUNK_SLICES, K // 100))
     for k0 in range(0, K, chunk):
         ks = slice(k0, min(K, k0 + chunk))
-        maps = stack.invert_slices({"restoration": rest, "anomaly": anom, "valid": valid}, ks)
+        maps = stack.invert_slices(prepared, ks, prepared=True)
         use = brain[ks] & (maps.pop("valid") > 0.5)
         r = np.where(use, maps.pop("restoration"), np.asarray(original[ks], np.float32)).astype(np.float32, copy=False)
         paste_canonical_slices(out_r, r, k0, stack.permute, stack.flip)

@@ -6,7 +6,7 @@ working volume and records what it did; ``inverse(maps)`` maps per-slice results
 back through it.  ``SliceStack.invert`` replays the inverses in reverse order, so
 the way back onto the input's exact grid is written once::
 
-    Reorient -> [BiasCorrection] -> BrainMask -> [Register | Deoblique] -> Normalise -> SelectSlices -> InPlane
+    Reorient -> BrainMask -> [Register | Deoblique] -> [BiasCorrection] -> Normalise -> SelectSlices -> InPlane
 
 Conventions
 -----------
@@ -22,9 +22,13 @@ Conventions
   component lie at the image minimum (within 1% of the foreground's 99th
   percentile: a masked background; raw scans have a noisy one) and the foreground is at most 2900 ml (a brain, not a
   head).  ``skull_stripped=True/False`` overrides the detector.
-* Bias field (``BiasCorrection``): SimpleITK N4 on a shrunk copy (head mask:
-  Otsu), the full-resolution field divides the volume; its inverse multiplies
-  the restoration back.
+* Bias field (``BiasCorrection``): SimpleITK N4 on a shrunk copy, fitted to the
+  brain mask, after the registration (so on the template's grid, one domain
+  whatever the acquisition: fields fitted on each acquisition's own head and
+  box differed enough to change the maps); the full-resolution field divides
+  the volume; its inverse multiplies the restoration back.  The skull stripper
+  and the registration see the uncorrected scan (deepbet was trained on raw
+  scans; mutual information is robust to a smooth bias).
 * Brain mask (``BrainMask``): given (any 3-D volume on the same physical space,
   > 0 = brain); or, for skull-stripped input or ``skull_strip: false``, the
   foreground (threshold at ``mask_threshold`` x a robust maximum above the
@@ -54,10 +58,12 @@ Conventions
   interpolated across z.
 
 Memory: the input is read through a read-only canonical view (no copy), voxel-wise steps are
-applied a few slices at a time when ``InPlane`` resamples them, and, when every step inverts slice by
-slice (no registration), ``postprocess.to_volumes`` fills the output images a few slices at a time
-(``SliceStack.invert_slices``, ``paste_canonical_slices``): beyond the input, the default chain
-holds little more than its results (``benchmarks/bench_memory.py``).
+applied a few slices at a time when ``InPlane`` resamples them, the skull stripper and the
+registration resample the input itself (no whole-volume copy), and ``postprocess.to_volumes``
+fills the output images a few slices at a time (``SliceStack.invert_slices``,
+``paste_canonical_slices``; with registration the maps come back onto the template's grid whole,
+then onto the input a slab at a time): beyond the input, the default chain holds little more than
+its results (``benchmarks/bench_memory.py``).
 
 ``normalisation`` (the model config's dict) may set ``lower``, ``upper``
 (percentiles), ``clip`` (bool), ``clip_max`` (upper end of the clipped range, >= 1), ``margin`` (fraction of the brain box added
@@ -385,6 +391,14 @@ class Grid:
         return cls(tuple(int(s) for s in img.GetSize()), tuple(img.GetSpacing()), tuple(img.GetOrigin()),
                    tuple(img.GetDirection()))
 
+    def slab(self, ks: slice) -> "Grid":
+        """The axial slices ``ks`` (k0:k1 of the last index axis) of this grid as a grid of their own."""
+        k0, k1, _ = ks.indices(int(self.size[2]))
+        d = np.asarray(self.direction, float).reshape(3, 3)
+        origin = np.asarray(self.origin, float) + d[:, 2] * float(self.spacing[2]) * k0
+        return Grid((int(self.size[0]), int(self.size[1]), max(0, k1 - k0)), tuple(self.spacing),
+                    tuple(float(v) for v in origin), tuple(self.direction))
+
     def image(self, arr: np.ndarray) -> sitk.Image:
         img = sitk.GetImageFromArray(np.asarray(arr))
         img.SetSpacing(self.spacing)
@@ -438,6 +452,8 @@ class _Work:
     box: tuple | None = None  # (j0, j1, i0, i1) brain box of the working volume
     foreground: np.ndarray | None = None  # compute_brain_mask(arr, mask_threshold) when already computed
     voxelwise: list = field(default_factory=list)  # queued voxel-wise functions f(slices, brain) -> slices
+    pristine: bool = False  # ``arr`` is still the canonical view of the input's voxels (no 3-D step changed them)
+    brain_image: sitk.Image | None = None  # the brain mask on the input's grid (uint8), once known
     selected: np.ndarray | None = None  # axial slices kept (SelectSlices); None = all
     slices: np.ndarray | None = None  # (N, S, S) model-resolution slices (InPlane)
     masks: np.ndarray | None = None  # (N, S, S) bool brain at model resolution (InPlane)
@@ -455,6 +471,18 @@ class _Work:
     def current_image(self) -> sitk.Image:
         arr = self.read(slice(None)) if self.voxelwise else self.arr
         return self.grid.image(arr)
+
+    def source_image(self) -> sitk.Image:
+        """The working volume as a SimpleITK image for resampling (same physical space): the input itself,
+        without a copy, while no step has changed its voxels; else ``current_image()``."""
+        return self.image if self.pristine and not self.voxelwise else self.current_image()
+
+    def source_brain(self) -> sitk.Image:
+        """The brain as a uint8 SimpleITK image for resampling: the input grid's mask while the working grid is
+        the input's (no copy), else a copy of ``brain`` on the working grid."""
+        if self.pristine and self.brain_image is not None:
+            return self.brain_image
+        return self.grid.image(np.ascontiguousarray(self.brain, np.uint8))
 
 
 # -- the steps --------------------------------------------------------------------------------------
@@ -511,6 +539,7 @@ class Reorient(Step):
         w.grid = oriented_grid(w.image, self.permute, self.flip)  # what DICOMOrient gives, without the voxels
         # the voxels: a read-only view of the input in canonical order (DICOMOrient's permutation and flips)
         w.arr = canonical_view(array_view(w.image), self.permute, self.flip)
+        w.pristine = True
         w.permute, w.flip = self.permute, self.flip
 
     def inverse(self, maps: dict, ks: slice | None = None) -> dict:
@@ -531,8 +560,9 @@ class BiasCorrection(Step):
         self.voxel_mm = float(voxel_mm)
 
     def forward(self, w: _Work) -> None:
-        self.field = n4_bias_field(w.current_image(), self.iterations, self.voxel_mm)
+        self.field = n4_bias_field(w.current_image(), self.iterations, self.voxel_mm, mask=w.brain)
         w.arr = np.divide(w.arr, self.field, dtype=np.float32)  # the float32 working copy
+        w.pristine = False
         self.range = (float(self.field.min()), float(self.field.max()))
 
     def inverse(self, maps: dict, ks: slice | None = None) -> dict:
@@ -548,10 +578,12 @@ class BiasCorrection(Step):
                 "field_range": [round(v, 4) for v in self.range]}
 
 
-def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 8.0) -> np.ndarray:
+def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 8.0,
+                  mask: np.ndarray | None = None) -> np.ndarray:
     """The N4 bias field of ``image`` (float32 array (k, j, i), > 0), estimated on a ~``voxel_mm`` copy.
 
-    The mask is Otsu's foreground of the shrunk copy; the field is evaluated at full resolution.
+    ``mask`` (bool, ``image``'s voxel order): the voxels the field is fitted to (the brain); None: Otsu's
+    foreground of the shrunk copy.  The field is evaluated at full resolution.
     """
     img = sitk.Cast(image, sitk.sitkFloat32)
     arr = sitk.GetArrayViewFromImage(img)
@@ -561,12 +593,20 @@ def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 
     shrink = [max(1, int(round(voxel_mm / s))) for s in img.GetSpacing()]
     shrink = [min(f, max(1, n // 8)) for f, n in zip(shrink, img.GetSize())]
     small = sitk.Shrink(img, shrink)
-    mask = sitk.OtsuThreshold(small, 0, 1, 200)
+    if mask is not None:
+        m = sitk.GetImageFromArray(np.ascontiguousarray(mask, np.uint8))
+        m.CopyInformation(img)
+        fit = sitk.Shrink(m, shrink)  # the same subsampling as the image's
+        del m
+        if not sitk.GetArrayViewFromImage(fit).any():
+            fit = sitk.OtsuThreshold(small, 0, 1, 200)
+    else:
+        fit = sitk.OtsuThreshold(small, 0, 1, 200)
     f = sitk.N4BiasFieldCorrectionImageFilter()
     f.SetMaximumNumberOfIterations([int(i) for i in iterations])
-    f.Execute(small, mask)
+    f.Execute(small, fit)
     log_field = sitk.Cast(f.GetLogBiasFieldAsImage(img), sitk.sitkFloat32)
-    del img, small, mask
+    del img, small, fit
     return np.exp(sitk.GetArrayViewFromImage(log_field))  # a new float32 array; the log field is then freed
 
 
@@ -630,8 +670,11 @@ class BrainMask(Step):
         elif self.strip:
             from .skullstrip import brain_mask as strip
 
-            brain, self.source = strip(w.current_image(), contrast=self.contrast, method=self.method,
-                                       device=self.device)
+            src = w.source_image()  # the input itself (no copy) while unchanged: its mask is in its voxel order
+            brain, self.source = strip(src, contrast=self.contrast, method=self.method, device=self.device)
+            if src is w.image:
+                brain = orient_array(brain, w.permute, w.flip)
+            del src
             if not brain.any():
                 raise InputError("input image: the skull stripper found no brain; pass a brain mask")
         else:
@@ -641,25 +684,47 @@ class BrainMask(Step):
             if not brain.any():
                 raise InputError("input image: no brain found by the automatic brain mask; pass a brain mask")
         w.foreground = None
-        w.brain = brain
-        self.core = None
-        if self.source.startswith("skull strip") and STRIP_MARGIN_MM > 0:
-            self.core = deeper_than(brain, STRIP_MARGIN_MM, tuple(w.grid.spacing[::-1]))
-        self.voxels = int(np.count_nonzero(brain))
+        # the brain mask on the input grid (uint8, one of the results); the working mask becomes a view of it
+        img = sitk.GetImageFromArray(np.ascontiguousarray(input_view(brain, w.permute, w.flip)).view(np.uint8))
+        img.CopyInformation(w.image)
+        del brain
+        w.brain_image = img
+        w.brain = canonical_view(array_view(img).view(bool), w.permute, w.flip)
+        self.brain = w.brain
+        self.margin = self.source.startswith("skull strip") and STRIP_MARGIN_MM > 0
+        self.sampling = tuple(w.grid.spacing[::-1])
+        self.voxels = int(np.count_nonzero(w.brain))
         self.volume_ml = float(self.voxels) * float(np.prod(w.grid.spacing)) / 1000.0
-        self.fraction = float(self.voxels / brain.size)
+        self.fraction = float(self.voxels / w.brain.size)
+
+    def core(self, ks: slice | None = None) -> np.ndarray | None:
+        """The brain deeper than ``STRIP_MARGIN_MM`` (axial slices ``ks``; None: all), computed when asked (a
+        slab at a time on the way back, never held whole); None when no margin applies."""
+        if not self.margin:
+            return None
+        if ks is None:
+            return deeper_than(self.brain, STRIP_MARGIN_MM, self.sampling)
+        K = self.brain.shape[0]
+        k0, k1, _ = ks.indices(K)
+        c = getattr(self, "_core_block", None)  # the last block computed (the way back asks slab after slab)
+        if c is None or not (c[0] <= k0 and k1 <= c[1]):
+            b1 = min(K, max(k1, k0 + 32))
+            m = int(np.ceil(STRIP_MARGIN_MM / float(self.sampling[0]))) + 1
+            a0, a1 = max(0, k0 - m), min(K, b1 + m)
+            c = (k0, b1, deeper_than(self.brain[a0:a1], STRIP_MARGIN_MM, self.sampling)[k0 - a0:b1 - a0])
+            self._core_block = c
+        return c[2][k0 - c[0]:k1 - c[0]]
 
     def inverse(self, maps: dict, ks: slice | None = None) -> dict:
-        if self.core is None or "anomaly" not in maps:
+        if not self.margin or "anomaly" not in maps:
             return maps
         out = dict(maps)
-        core = self.core if ks is None else self.core[ks]
-        out["anomaly"] = np.where(core, out["anomaly"], 0.0).astype(np.float32)
+        out["anomaly"] = np.where(self.core(ks), out["anomaly"], 0.0).astype(np.float32)
         return out
 
     def record(self) -> dict:
         r = {"step": self.name, "source": self.source, "voxels": self.voxels, "volume_ml": round(self.volume_ml, 1)}
-        if self.core is not None:
+        if self.margin:
             r["boundary_margin_mm"] = STRIP_MARGIN_MM
         return r
 
@@ -675,16 +740,19 @@ class _Resampling(Step):
     def _resample_onto(self, w: _Work, target: Grid, transform: sitk.Transform) -> None:
         self.source, self.target = w.grid, target
         self.inv = transform.GetInverse()
-        src = w.current_image()
+        src = w.source_image()  # the input itself while unchanged: resampled without a whole-volume copy
         w.arr = target.resample(src, transform, default=float(w.arr.min()))
         del src
-        w.brain = target.resample(w.grid.image(np.ascontiguousarray(w.brain, np.uint8)), transform) > 0.5
+        w.brain = target.resample(w.source_brain(), transform) > 0.5
         w.grid = target
+        w.pristine = False
 
     def inverse(self, maps: dict, ks: slice | None = None) -> dict:
-        if ks is not None:
-            raise ValueError(f"the {self.what}'s inverse maps whole volumes (ks must be None)")
-        return {k: self.source.resample(self.target.image(np.ascontiguousarray(v, np.float32)), self.inv)
+        """``maps`` on the whole target grid -> the source grid, or only its axial slices ``ks`` (the slices of
+        the grid the step *received*: a resampling's output slices do not map onto input slices, so ``ks``
+        here selects what is computed on the way back, and ``maps`` are always whole)."""
+        grid = self.source if ks is None else self.source.slab(ks)
+        return {k: grid.resample(self.target.image(np.ascontiguousarray(v, np.float32)), self.inv)
                 for k, v in maps.items()}
 
 
@@ -706,13 +774,34 @@ class Register(_Resampling):
         from . import registration
 
         fixed, fixed_brain = registration.mni152(self.spacing_mm)
-        moving = w.grid.image(np.where(w.brain, w.arr, 0.0).astype(np.float32))
+        moving = self._moving(w, max(float(v) for v in fixed.GetSpacing()))
         self.transform, self.metric = registration.register_affine(fixed, moving, **self.options)
+        del moving
         # the template's grid in the canonical orientation (its own voxel order is RAS-like, i.e. mirrored
         # left-right and front-back against the canonical LPS slices the models were trained on)
         self._resample_onto(w, oriented_grid(fixed, *orientation_of(fixed)), self.transform)
         if not w.brain.any():
             raise InputError("registration to MNI152 moved the brain out of the template's field of view")
+
+    @staticmethod
+    def _moving(w: _Work, spacing_mm: float) -> sitk.Image:
+        """The brain (the working volume masked by the brain mask) on the working grid's axes with voxels no
+        finer than the template's (``spacing_mm``), covering the same box: what the registration moves.
+        The template's resolution is all the metric samples; finer voxels would only cost memory (the
+        registration's pyramid keeps smoothed copies of the moving image at every level)."""
+        g = w.grid
+        sp = np.maximum(np.asarray(g.spacing, float), float(spacing_mm))
+        extent = np.asarray(g.size, float) * np.asarray(g.spacing, float)
+        size = np.maximum(np.round(extent / sp).astype(int), 1)
+        sp = extent / size
+        d = np.asarray(g.direction, float).reshape(3, 3)
+        corner = np.asarray(g.origin, float) - d @ (np.asarray(g.spacing, float) / 2.0)
+        coarse = Grid(tuple(int(v) for v in size), tuple(float(v) for v in sp),
+                      tuple(float(v) for v in corner + d @ (sp / 2.0)), tuple(float(v) for v in d.ravel()))
+        ident = sitk.Transform()
+        arr = coarse.resample(w.source_image(), ident)
+        arr *= coarse.resample(w.source_brain(), ident) > 0.5
+        return coarse.image(arr)
 
     def record(self) -> dict:
         t = self.transform
@@ -991,19 +1080,45 @@ class SliceStack:
             out = st.inverse(out)
         return out
 
+    def _resampling_index(self) -> int | None:
+        """Index of the chain's 3-D resampling step (registration or deoblique), None without one."""
+        idx = [i for i, st in enumerate(self.steps) if not st.slicewise]
+        return idx[0] if idx else None
+
     @property
     def streamable(self) -> bool:
-        """Every step after the reorientation inverts slice by slice (no registration): ``invert_slices`` works."""
-        return all(st.slicewise for st in self.steps[1:]) and bool(self.steps) and self.steps[0].name == "reorient"
+        """The way back can be computed a few axial slices of the input at a time (``invert_slices``): the chain
+        starts with the reorientation and has at most one 3-D resampling step, all steps before it slice-wise."""
+        idx = [i for i, st in enumerate(self.steps) if not st.slicewise]
+        return bool(self.steps) and self.steps[0].name == "reorient" and len(idx) <= 1
 
-    def invert_slices(self, maps: dict, ks: slice) -> dict:
+    def prepare_slices(self, maps: dict) -> dict:
+        """What ``invert_slices(..., prepared=True)`` takes: with a 3-D resampling step (registration), the maps
+        brought back through every step after it, whole (on its grid: the template's, small); else ``maps``."""
+        r = self._resampling_index()
+        if r is None:
+            return maps
+        out = dict(maps)
+        for st in reversed(self.steps[r + 1:]):
+            out = st.inverse(out)
+        return out
+
+    def invert_slices(self, maps: dict, ks: slice, prepared: bool = False) -> dict:
         """Per-slice maps (N, S, S) -> the canonical axial slices ``ks`` (k0:k1) of the working volume, through
         every inverse but the reorientation's (``paste_canonical_slices`` writes them onto the input grid).
 
-        Needs ``streamable``; the memory used is that of the slices ``ks``, not of the volume.
+        Needs ``streamable``; the memory used is that of the slices ``ks`` (and, with registration, of the maps on
+        the template's grid: ``prepare_slices``, computed once when ``prepared``), not of the volume.
         """
         if not self.streamable:
-            raise ValueError("the chain has a 3-D step (registration): invert whole volumes with invert()")
+            raise ValueError("the chain has more than one 3-D step: invert whole volumes with invert()")
+        r = self._resampling_index()
+        if r is not None:
+            out = maps if prepared else self.prepare_slices(maps)
+            out = self.steps[r].inverse(out, ks)  # onto the slices ks of the grid before the resampling
+            for st in reversed(self.steps[1:r]):
+                out = st.inverse(out, ks)
+            return out
         sel = next(st for st in self.steps if isinstance(st, SelectSlices))
         pos = sel.positions(ks)
         out = {k: v[pos] for k, v in maps.items()}
@@ -1093,17 +1208,12 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
     if n4 == "auto":
         n4 = not stripped
     strip = brain_mask is None and (prof["skull_strip"] is True or not stripped)
-    if n4 or strip or brain_mask is not None:
-        w.foreground = None  # not the brain mask (or another volume's after N4): free it
-    if n4:
-        run(BiasCorrection())
+    if strip or brain_mask is not None:
+        w.foreground = None  # not the brain mask: free it
     run(BrainMask(given=brain_mask, strip=strip, method=strip_method, contrast=contrast,
                   mask_threshold=s["mask_threshold"], device=device))
-    # the brain mask on the input grid (uint8, one of the results); the working mask becomes a view of it
-    brain_image = sitk.GetImageFromArray(np.ascontiguousarray(input_view(w.brain, w.permute, w.flip)).view(np.uint8))
-    brain_image.CopyInformation(image)
+    brain_image = w.brain_image
     input_brain = array_view(brain_image).view(bool)
-    w.brain = canonical_view(input_brain, w.permute, w.flip)
     if steps[-1].source == "automatic" and steps[-1].fraction > 0.6:
         info["warnings"].append(f"the automatic brain mask covers {100 * steps[-1].fraction:.0f}% of the volume; "
                                 f"is the input skull-stripped? Pass a brain mask otherwise")
@@ -1117,6 +1227,9 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
         run(Register(prof["spacing_mm"], registration_options))
     elif prof["deoblique"] and oblique_angle_deg(w.grid.direction) > DEOBLIQUE_MIN_DEG:
         run(Deoblique())
+    if n4:  # after the brain mask (fitted to the brain alone) and the registration (on the template's grid,
+        # the same domain whatever the acquisition's orientation and slice thickness)
+        run(BiasCorrection())
     full_brain = w.brain
     geom = w.grid.probe()
     run(Normalise(s["lower"], s["upper"], s["clip"], prof["intensity"], prof["pad_value"], s["clip_max"]))

@@ -54,19 +54,47 @@ def brain_mask(image: sitk.Image, contrast: str | None = None, method: str | Non
     return mask, f"skull strip ({m})"
 
 
-def _cleanup(mask: np.ndarray) -> np.ndarray:
-    """Largest 3-D component, holes filled per axial slice (and closed cavities)."""
+def _axial_axis(image: sitk.Image) -> int:
+    """The array axis (of ``image``'s (k, j, i) voxel order) closest to the patient's inferior-superior axis."""
+    d = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(d[2, :])))
+
+
+def _cleanup(mask: np.ndarray, axial_axis: int = 0) -> np.ndarray:
+    """Largest 3-D component, holes filled per axial slice (array axis ``axial_axis``) and closed cavities.
+
+    Worked on the mask's bounding box (a brain fills about a third of a head scan's box) with 16-bit labels
+    where they fit: the working arrays of a fine head scan stay a few bytes per voxel.
+    """
     from scipy import ndimage
 
-    from .preprocess import fill_holes_per_slice
+    from .preprocess import fill_holes_per_slice, largest_component
 
-    lab, n = ndimage.label(mask)
-    if n == 0:
+    if not mask.any():
         return mask
-    counts = np.bincount(lab.ravel())
-    counts[0] = 0
-    out = lab == int(np.argmax(counts))
-    return fill_holes_per_slice(ndimage.binary_fill_holes(out))
+    box = []
+    for ax in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    box = tuple(box)
+    sub = largest_component(mask[box])
+    out = np.zeros(mask.shape, bool)
+    sub = ndimage.binary_fill_holes(sub)
+    view = np.moveaxis(sub, axial_axis, 0)
+    fill_holes_per_slice(view, out=view)
+    out[box] = sub
+    return out
+
+
+def _mask_onto(mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+    """A 0/1 uint8 mask resampled (linear, threshold 0.5) onto ``grid``'s voxels -> bool array (k, j, i).
+
+    Interpolated as 0/255 into 8-bit voxels (one byte a voxel of ``grid``, not the four of a float image).
+    """
+    up = sitk.Cast(mask, sitk.sitkUInt8) * 255
+    out = sitk.Resample(up, grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUInt8)
+    del up
+    return sitk.GetArrayViewFromImage(out) > 127
 
 
 def _iso_grid(image: sitk.Image, voxel_mm: float) -> sitk.Image:
@@ -106,9 +134,8 @@ def deepbet_mask(image: sitk.Image, device=None, threshold: float = 0.5) -> np.n
     no_gpu = not (device is not None and str(device).startswith("cuda") and torch.cuda.is_available())
     bet = _deepbet(no_gpu)
     ref = _iso_grid(image, DEEPBET_VOXEL_MM)
-    img = sitk.Cast(image, sitk.sitkFloat32)
-    iso = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, float(sitk.GetArrayViewFromImage(img).min()),
-                        sitk.sitkFloat32)
+    iso = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, float(sitk.GetArrayViewFromImage(image).min()),
+                        sitk.sitkFloat32)  # from the scan's own voxels, any pixel type: no whole-scan copy
     x = np.ascontiguousarray(sitk.GetArrayFromImage(iso).transpose(2, 1, 0))  # (i, j, k), RAS order
     del iso
     with torch.no_grad():
@@ -117,10 +144,10 @@ def deepbet_mask(image: sitk.Image, device=None, threshold: float = 0.5) -> np.n
     if not m.any():
         return np.zeros(sitk.GetArrayViewFromImage(image).shape, bool)
     m = bet.postprocess(m, 0)
-    back = sitk.GetImageFromArray(np.ascontiguousarray(m.transpose(2, 1, 0)).astype(np.float32))
+    back = sitk.GetImageFromArray(np.ascontiguousarray(m.transpose(2, 1, 0)).astype(np.uint8))
     back.CopyInformation(ref)
-    on_grid = sitk.Resample(back, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return _cleanup(sitk.GetArrayFromImage(on_grid) > 0.5)
+    del m, prob, x
+    return _cleanup(_mask_onto(back, image), _axial_axis(image))
 
 
 #: Registration-based stripper settings (affine then B-spline, template -> scan).
@@ -135,12 +162,10 @@ def registration_mask(image: sitk.Image, options: dict | None = None) -> np.ndar
     o = dict(REGISTRATION_MASK_OPTIONS, **(options or {}))
     t1, brain = mni152(float(o["voxel_mm"]))
     ref = _iso_grid(image, float(o["voxel_mm"]))
-    img = sitk.Cast(image, sitk.sitkFloat32)
-    fixed = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    fixed = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     head = sitk.OtsuThreshold(fixed, 0, 1, 200)
     its = tuple(o["affine_iterations"])
     aff, _ = register_affine(fixed, t1, iterations=its, shrink=(4, 2, 1)[:len(its)], fixed_mask=head)
     tx = register_deformable(fixed, t1, aff, mesh_mm=float(o["mesh_mm"]), iterations=int(o["bspline_iterations"]),
                              fixed_mask=head)
-    warped = sitk.Resample(sitk.Cast(brain, sitk.sitkFloat32), image, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return _cleanup(sitk.GetArrayFromImage(warped) > 0.5)
+    return _cleanup(_mask_onto(brain, image, tx), _axial_axis(image))
