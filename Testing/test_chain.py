@@ -357,8 +357,8 @@ def test_threshold_mask_slabs_and_component_box_equal_the_plain_formula():
 
 
 def test_strip_margin_core_a_slab_at_a_time_equals_the_whole():
-    """The brain deeper than the stripper's margin, asked slab after slab on the way back (never held whole),
-    is the whole-volume answer."""
+    """The brain deeper than the stripper's margin, kept as bits and asked slab after slab on the way back, is
+    the whole-volume EDT answer."""
     from scipy import ndimage
 
     from uad.preprocess import STRIP_MARGIN_MM, BrainMask, Reorient, _Work
@@ -371,7 +371,10 @@ def test_strip_margin_core_a_slab_at_a_time_equals_the_whole():
     Reorient().forward(w)
     bm = BrainMask(given=sitk.Cast(img, sitk.sitkUInt8))
     bm.forward(w)
+    assert bm.core() is None  # a given mask: no margin
     bm.source, bm.margin = "skull strip (test)", True  # a stripper's mask: the margin applies
+    bm.compute_core()
+    assert bm._packed.nbytes <= w.brain.size // 8 + 70 * 40  # bits, not bytes
     whole = bm.core()
     ref = ndimage.distance_transform_edt(w.brain, sampling=bm.sampling) > STRIP_MARGIN_MM
     assert np.array_equal(whole, ref) and 0 < whole.sum() < w.brain.sum()

@@ -693,27 +693,25 @@ class BrainMask(Step):
         self.brain = w.brain
         self.margin = self.source.startswith("skull strip") and STRIP_MARGIN_MM > 0
         self.sampling = tuple(w.grid.spacing[::-1])
+        self._packed = None
+        if self.margin:  # computed now (the EDT's temporaries are not wanted beside the results later)
+            self.compute_core()
         self.voxels = int(np.count_nonzero(w.brain))
         self.volume_ml = float(self.voxels) * float(np.prod(w.grid.spacing)) / 1000.0
         self.fraction = float(self.voxels / w.brain.size)
 
+    def compute_core(self) -> None:
+        """The brain deeper than ``STRIP_MARGIN_MM`` (``deeper_than``, exact), kept as bits along the last axis
+        (an eighth of a byte a voxel)."""
+        self._packed = np.packbits(deeper_than(self.brain, STRIP_MARGIN_MM, self.sampling), axis=-1)
+
     def core(self, ks: slice | None = None) -> np.ndarray | None:
-        """The brain deeper than ``STRIP_MARGIN_MM`` (axial slices ``ks``; None: all), computed when asked (a
-        slab at a time on the way back, never held whole); None when no margin applies."""
-        if not self.margin:
+        """The brain deeper than ``STRIP_MARGIN_MM`` (bool, axial slices ``ks``; None: all), unpacked from its
+        bits when asked; None when no margin applies."""
+        if self._packed is None:
             return None
-        if ks is None:
-            return deeper_than(self.brain, STRIP_MARGIN_MM, self.sampling)
-        K = self.brain.shape[0]
-        k0, k1, _ = ks.indices(K)
-        c = getattr(self, "_core_block", None)  # the last block computed (the way back asks slab after slab)
-        if c is None or not (c[0] <= k0 and k1 <= c[1]):
-            b1 = min(K, max(k1, k0 + 32))
-            m = int(np.ceil(STRIP_MARGIN_MM / float(self.sampling[0]))) + 1
-            a0, a1 = max(0, k0 - m), min(K, b1 + m)
-            c = (k0, b1, deeper_than(self.brain[a0:a1], STRIP_MARGIN_MM, self.sampling)[k0 - a0:b1 - a0])
-            self._core_block = c
-        return c[2][k0 - c[0]:k1 - c[0]]
+        p = self._packed if ks is None else self._packed[ks]
+        return np.unpackbits(p, axis=-1, count=self.brain.shape[-1]).view(bool)
 
     def inverse(self, maps: dict, ks: slice | None = None) -> dict:
         if not self.margin or "anomaly" not in maps:
@@ -752,8 +750,8 @@ class _Resampling(Step):
         the grid the step *received*: a resampling's output slices do not map onto input slices, so ``ks``
         here selects what is computed on the way back, and ``maps`` are always whole)."""
         grid = self.source if ks is None else self.source.slab(ks)
-        return {k: grid.resample(self.target.image(np.ascontiguousarray(v, np.float32)), self.inv)
-                for k, v in maps.items()}
+        return {k: grid.resample(v if isinstance(v, sitk.Image) else self.target.image(np.ascontiguousarray(
+            v, np.float32)), self.inv) for k, v in maps.items()}
 
 
 class Register(_Resampling):
@@ -1098,9 +1096,13 @@ class SliceStack:
         r = self._resampling_index()
         if r is None:
             return maps
-        out = dict(maps)
-        for st in reversed(self.steps[r + 1:]):
-            out = st.inverse(out)
+        out = {}
+        for name, v in maps.items():  # one map at a time: the steps' temporaries are those of one volume
+            one = {name: v}
+            for st in reversed(self.steps[r + 1:]):
+                one = st.inverse(one)
+            # as an image on the resampling step's grid, made once (its inverse resamples it slab after slab)
+            out[name] = self.steps[r].target.image(np.ascontiguousarray(one.pop(name), np.float32))
         return out
 
     def invert_slices(self, maps: dict, ks: slice, prepared: bool = False) -> dict:
