@@ -593,14 +593,13 @@ def n4_bias_field(image: sitk.Image, iterations=(20, 20, 10), voxel_mm: float = 
     shrink = [max(1, int(round(voxel_mm / s))) for s in img.GetSpacing()]
     shrink = [min(f, max(1, n // 8)) for f, n in zip(shrink, img.GetSize())]
     small = sitk.Shrink(img, shrink)
+    fit = None
     if mask is not None:
         m = sitk.GetImageFromArray(np.ascontiguousarray(mask, np.uint8))
         m.CopyInformation(img)
         fit = sitk.Shrink(m, shrink)  # the same subsampling as the image's
         del m
-        if not sitk.GetArrayViewFromImage(fit).any():
-            fit = sitk.OtsuThreshold(small, 0, 1, 200)
-    else:
+    if fit is None or not sitk.GetArrayViewFromImage(fit).any():
         fit = sitk.OtsuThreshold(small, 0, 1, 200)
     f = sitk.N4BiasFieldCorrectionImageFilter()
     f.SetMaximumNumberOfIterations([int(i) for i in iterations])
@@ -733,7 +732,6 @@ class _Resampling(Step):
     with the inverse transform (linear, zero outside).  ``Register`` and ``Deoblique``."""
 
     slicewise = False  # a 3-D resampling
-    what = "resampling step"  # in the inverse's error message
 
     def _resample_onto(self, w: _Work, target: Grid, transform: sitk.Transform) -> None:
         self.source, self.target = w.grid, target
@@ -762,7 +760,6 @@ class Register(_Resampling):
     """
 
     name = "register"
-    what = "registration"
 
     def __init__(self, spacing_mm: float | None = None, options: dict | None = None):
         self.spacing_mm = spacing_mm
@@ -829,7 +826,6 @@ class Deoblique(_Resampling):
     """
 
     name = "deoblique"
-    what = "deoblique step"
 
     def forward(self, w: _Work) -> None:
         self.angle_deg = oblique_angle_deg(w.grid.direction)
@@ -1078,17 +1074,20 @@ class SliceStack:
             out = st.inverse(out)
         return out
 
+    def _resampling_steps(self) -> list:
+        """Indices of the chain's 3-D resampling steps (registration or deoblique: at most one)."""
+        return [i for i, st in enumerate(self.steps) if not st.slicewise]
+
     def _resampling_index(self) -> int | None:
-        """Index of the chain's 3-D resampling step (registration or deoblique), None without one."""
-        idx = [i for i, st in enumerate(self.steps) if not st.slicewise]
+        """Index of the chain's 3-D resampling step, None without one."""
+        idx = self._resampling_steps()
         return idx[0] if idx else None
 
     @property
     def streamable(self) -> bool:
         """The way back can be computed a few axial slices of the input at a time (``invert_slices``): the chain
         starts with the reorientation and has at most one 3-D resampling step, all steps before it slice-wise."""
-        idx = [i for i, st in enumerate(self.steps) if not st.slicewise]
-        return bool(self.steps) and self.steps[0].name == "reorient" and len(idx) <= 1
+        return bool(self.steps) and self.steps[0].name == "reorient" and len(self._resampling_steps()) <= 1
 
     def prepare_slices(self, maps: dict) -> dict:
         """What ``invert_slices(..., prepared=True)`` takes: with a 3-D resampling step (registration), the maps

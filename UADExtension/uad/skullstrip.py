@@ -77,11 +77,10 @@ def _cleanup(mask: np.ndarray, axial_axis: int = 0) -> np.ndarray:
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
         box.append(slice(int(hit[0]), int(hit[-1]) + 1))
     box = tuple(box)
-    sub = largest_component(mask[box])
-    out = np.zeros(mask.shape, bool)
-    sub = ndimage.binary_fill_holes(sub)
+    sub = ndimage.binary_fill_holes(largest_component(mask[box]))
     view = np.moveaxis(sub, axial_axis, 0)
     fill_holes_per_slice(view, out=view)
+    out = np.zeros(mask.shape, bool)
     out[box] = sub
     return out
 
