@@ -406,3 +406,79 @@ def test_stripper_cleanup_on_the_box_and_axial_slices_of_any_voxel_order():
     assert _axial_axis(img) == 0  # identity direction: array axis 0 is z
     img.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))  # index axis j points to z: array axis 1 (k, j, i)
     assert _axial_axis(img) == 1
+
+
+def test_registration_is_bit_identical_with_any_number_of_threads():
+    """The affine registration computes its metric on one thread: the same transform with 1 or 2 ITK threads
+    (ITK's multi-threaded Mattes metric adds partial sums in an order that depends on the thread count)."""
+    from uad.phantoms import make_phantom
+    from uad.registration import mni152, register_affine
+
+    ph = make_phantom(11, "T2", "tumour", spacing=3.0)
+    moving = sitk.Cast(ph.image, sitk.sitkFloat32) * sitk.Cast(ph.brain_mask, sitk.sitkFloat32)
+    fixed, _ = mni152(3.0)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    params = []
+    try:
+        for n in (1, 2):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+            tx, _ = register_affine(fixed, moving, **FAST_REG)
+            params.append(tx.GetParameters() + tx.GetFixedParameters())
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert params[0] == params[1]
+
+
+def test_grid_respaced_keeps_the_box_and_masks_resample_one_way():
+    from uad.preprocess import Grid
+    from uad.skullstrip import _iso_grid
+
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    g = Grid((37, 41, 13), (0.9, 1.1, 4.0), (10.0, -20.0, 5.0), tuple(q.ravel()))
+
+    def box(grid):  # physical positions of the outer corners of the voxels
+        d = np.asarray(grid.direction).reshape(3, 3)
+        c = np.array([[i, j, k] for i in (-0.5, grid.size[0] - 0.5) for j in (-0.5, grid.size[1] - 0.5)
+                      for k in (-0.5, grid.size[2] - 0.5)])
+        return np.asarray(grid.origin) + (c * np.asarray(grid.spacing)) @ d.T
+
+    r = g.respaced(2.0)
+    assert r.size == (17, 23, 26) and r.direction == g.direction  # round(33.3 / 2), round(45.1 / 2), 52 / 2
+    assert np.allclose(box(r), box(g), atol=1e-9)  # fit: exactly the same box
+    loose = g.respaced(2.0, fit=False)
+    assert loose.spacing == (2.0, 2.0, 2.0) and np.allclose(box(loose)[0], box(g)[0], atol=1e-9)
+    # the skull strippers' RAS grid is the same computation on DICOMOrient's RAS grid (reference: the voxels oriented)
+    img = g.image(np.zeros(g.size[::-1], np.uint8))
+    ras = sitk.DICOMOrient(img, "RAS")
+    ref = _iso_grid(img, 1.5)
+    d = np.asarray(ras.GetDirection()).reshape(3, 3)
+    n = np.maximum(np.round(np.asarray(ras.GetSize()) * np.asarray(ras.GetSpacing()) / 1.5).astype(int), 1)
+    corner = np.asarray(ras.GetOrigin()) - d @ (np.asarray(ras.GetSpacing()) / 2.0)
+    assert ref.GetSize() == tuple(int(v) for v in n) and ref.GetDirection() == ras.GetDirection()
+    assert np.allclose(ref.GetOrigin(), corner + d @ np.full(3, 0.75), atol=1e-9)
+    # masks: 0/255 in 8 bits, kept above one half = the float interpolation > 0.5 away from the rounding band
+    yy, xx = np.mgrid[:41, :37]
+    m = np.broadcast_to(((yy - 20) ** 2 + (xx - 18) ** 2 < 150)[None], (13, 41, 37)).astype(np.uint8)
+    mask = g.image(np.ascontiguousarray(m))
+    tx = sitk.Euler3DTransform((10.0, -20.0, 5.0), 0.05, 0.0, 0.1, (0.7, -0.3, 0.2))
+    got = r.resample_mask(mask, tx)
+    f = r.resample(mask, tx)
+    assert got.dtype == bool and got.shape == f.shape
+    band = np.abs(f - 0.5) <= 1.0 / 255
+    assert np.array_equal(got[~band], f[~band] > 0.5) and got.sum() > 100
+    assert np.array_equal(g.resample_mask(mask), m > 0)  # onto its own grid: unchanged
+
+
+def test_registration_mask_runs_with_its_default_levels():
+    """The T2 stripper's affine has three levels of its own (the chain's default has two): it passes its own
+    smoothing per level (a shorter default list stopped every T2 head with an error)."""
+    from uad import skullstrip
+    from uad.phantoms import make_phantom
+
+    ph = make_phantom(12, "T2", "tumour", spacing=4.0, head=True)
+    opts = {"affine_iterations": (3, 3, 3), "bspline_iterations": 2, "voxel_mm": 4.0}
+    assert len(opts["affine_iterations"]) == len(skullstrip.REGISTRATION_MASK_OPTIONS["affine_iterations"])
+    m = skullstrip.registration_mask(ph.image, opts)
+    truth = _arr(ph.brain_mask) > 0
+    assert m.shape == truth.shape and 2 * (m & truth).sum() / (m.sum() + truth.sum()) > 0.7

@@ -38,7 +38,7 @@ def coarse_registration(monkeypatch):
     import uad.registration as registration
 
     monkeypatch.setitem(registration.AFFINE_DEFAULTS, "iterations", (40, 20))
-    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "shrink", (4, 2))
+    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "shrink", (2, 1))
     monkeypatch.setitem(registration.AFFINE_DEFAULTS, "smoothing_mm", (4.0, 2.0))
 
 

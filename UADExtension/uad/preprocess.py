@@ -111,14 +111,15 @@ def normalisation_settings(normalisation: dict | None = None) -> dict:
 
 
 # -- orientation --------------------------------------------------------------------------------
-def orientation_of(image: sitk.Image) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """(permute order, flip axes) that DICOMOrient applies to reach ``CANONICAL_ORIENTATION``.
+def orientation_of(image: sitk.Image, orientation: str = CANONICAL_ORIENTATION
+                   ) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """(permute order, flip axes) that DICOMOrient applies to reach ``orientation`` (default canonical).
 
     Both in SimpleITK index order (x, y, z): the oriented image is the input with
     its axes permuted by ``permute`` and then flipped where ``flip`` is true.
     """
     f = sitk.DICOMOrientImageFilter()
-    f.SetDesiredCoordinateOrientation(CANONICAL_ORIENTATION)
+    f.SetDesiredCoordinateOrientation(orientation)
     # The permutation depends only on the direction: run it on a 1-voxel image with that direction.
     probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
     probe.SetDirection(image.GetDirection())
@@ -399,6 +400,22 @@ class Grid:
         return Grid((int(self.size[0]), int(self.size[1]), max(0, k1 - k0)), tuple(self.spacing),
                     tuple(float(v) for v in origin), tuple(self.direction))
 
+    def respaced(self, spacing, fit: bool = True) -> "Grid":
+        """The same box (the outer faces of the voxels) on the same axes with voxels of about ``spacing``
+        ((x, y, z) or one number): ``round(extent / spacing)`` voxels per axis (at least one); ``fit``: the
+        spacing made ``extent / size``, so that the box is exactly this grid's, else ``spacing`` as given
+        (the far faces then move by less than half a voxel)."""
+        d = np.asarray(self.direction, float).reshape(3, 3)
+        own = np.asarray(self.spacing, float)
+        extent = np.asarray(self.size, float) * own
+        sp = np.broadcast_to(np.asarray(spacing, float), (3,)).astype(float)
+        size = np.maximum(np.round(extent / sp).astype(int), 1)
+        if fit:
+            sp = extent / size
+        corner = np.asarray(self.origin, float) - d @ (own / 2.0)
+        return Grid(tuple(int(v) for v in size), tuple(float(v) for v in sp),
+                    tuple(float(v) for v in corner + d @ (sp / 2.0)), tuple(self.direction))
+
     def image(self, arr: np.ndarray) -> sitk.Image:
         img = sitk.GetImageFromArray(np.asarray(arr))
         img.SetSpacing(self.spacing)
@@ -414,19 +431,32 @@ class Grid:
         g.SetDirection(self.direction)
         return g
 
-    def resample(self, img: sitk.Image, transform: sitk.Transform, interpolator=sitk.sitkLinear,
-                 default: float = 0.0) -> np.ndarray:
-        """``img`` sampled on this grid at ``transform(point)`` -> float32 array (k, j, i)."""
+    def _resampler(self, transform, interpolator, default: float, pixel) -> sitk.ResampleImageFilter:
         f = sitk.ResampleImageFilter()
         f.SetSize([int(s) for s in self.size])
         f.SetOutputSpacing(self.spacing)
         f.SetOutputOrigin(self.origin)
         f.SetOutputDirection(self.direction)
-        f.SetTransform(transform)
+        f.SetTransform(transform if transform is not None else sitk.Transform())
         f.SetInterpolator(interpolator)
         f.SetDefaultPixelValue(float(default))
-        f.SetOutputPixelType(sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(f.Execute(img))
+        f.SetOutputPixelType(pixel)
+        return f
+
+    def resample(self, img: sitk.Image, transform: sitk.Transform, interpolator=sitk.sitkLinear,
+                 default: float = 0.0) -> np.ndarray:
+        """``img`` sampled on this grid at ``transform(point)`` -> float32 array (k, j, i)."""
+        return sitk.GetArrayFromImage(self._resampler(transform, interpolator, default, sitk.sitkFloat32).Execute(img))
+
+    def resample_mask(self, mask: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+        """A 0/1 mask image sampled on this grid at ``transform(point)`` (linear, kept above one half) -> bool
+        array (k, j, i).  The one way masks change grids (the chain's resampling steps and the skull
+        strippers): interpolated as 0/255 into 8-bit voxels, one byte a voxel of this grid, not the four of
+        a float image."""
+        up = sitk.Cast(mask, sitk.sitkUInt8) * 255
+        out = self._resampler(transform, sitk.sitkLinear, 0.0, sitk.sitkUInt8).Execute(up)
+        del up
+        return sitk.GetArrayViewFromImage(out) > 127
 
 
 @dataclass
@@ -515,8 +545,9 @@ class Step:
 
 
 def oriented_grid(image: sitk.Image, permute, flip) -> Grid:
-    """The grid of ``sitk.DICOMOrient(image, CANONICAL_ORIENTATION)`` (axes permuted, then flipped), computed
-    from the geometry alone (DICOMOrient would copy the voxels)."""
+    """The grid of ``sitk.DICOMOrient(image, orientation)`` for ``(permute, flip) = orientation_of(image,
+    orientation)`` (axes permuted, then flipped), computed from the geometry alone (DICOMOrient would copy
+    the voxels)."""
     size, sp = image.GetSize(), image.GetSpacing()
     d = np.asarray(image.GetDirection(), float).reshape(3, 3)
     corner = [int(size[p]) - 1 if fl else 0 for p, fl in zip(permute, flip)]
@@ -739,7 +770,7 @@ class _Resampling(Step):
         src = w.source_image()  # the input itself while unchanged: resampled without a whole-volume copy
         w.arr = target.resample(src, transform, default=float(w.arr.min()))
         del src
-        w.brain = target.resample(w.source_brain(), transform) > 0.5
+        w.brain = target.resample_mask(w.source_brain(), transform)
         w.grid = target
         w.pristine = False
 
@@ -762,19 +793,25 @@ class Register(_Resampling):
     name = "register"
 
     def __init__(self, spacing_mm: float | None = None, options: dict | None = None):
+        from .registration import REGISTRATION_MM
+
         self.spacing_mm = spacing_mm
+        self.registered_at_mm = max(float(REGISTRATION_MM), float(spacing_mm or 1.0))
         self.options = dict(options or {})
 
     def forward(self, w: _Work) -> None:
         from . import registration
 
-        fixed, fixed_brain = registration.mni152(self.spacing_mm)
+        # the transform is computed on the template at REGISTRATION_MM (or the model's coarser template grid) and
+        # applied on the model's template grid
+        fixed, _ = registration.mni152(self.registered_at_mm)
         moving = self._moving(w, max(float(v) for v in fixed.GetSpacing()))
         self.transform, self.metric = registration.register_affine(fixed, moving, **self.options)
-        del moving
+        del moving, fixed
+        grid, _ = registration.mni152(self.spacing_mm)
         # the template's grid in the canonical orientation (its own voxel order is RAS-like, i.e. mirrored
         # left-right and front-back against the canonical LPS slices the models were trained on)
-        self._resample_onto(w, oriented_grid(fixed, *orientation_of(fixed)), self.transform)
+        self._resample_onto(w, oriented_grid(grid, *orientation_of(grid)), self.transform)
         if not w.brain.any():
             raise InputError("registration to MNI152 moved the brain out of the template's field of view")
 
@@ -784,24 +821,16 @@ class Register(_Resampling):
         finer than the template's (``spacing_mm``), covering the same box: what the registration moves.
         The template's resolution is all the metric samples; finer voxels would only cost memory (the
         registration's pyramid keeps smoothed copies of the moving image at every level)."""
-        g = w.grid
-        sp = np.maximum(np.asarray(g.spacing, float), float(spacing_mm))
-        extent = np.asarray(g.size, float) * np.asarray(g.spacing, float)
-        size = np.maximum(np.round(extent / sp).astype(int), 1)
-        sp = extent / size
-        d = np.asarray(g.direction, float).reshape(3, 3)
-        corner = np.asarray(g.origin, float) - d @ (np.asarray(g.spacing, float) / 2.0)
-        coarse = Grid(tuple(int(v) for v in size), tuple(float(v) for v in sp),
-                      tuple(float(v) for v in corner + d @ (sp / 2.0)), tuple(float(v) for v in d.ravel()))
+        coarse = w.grid.respaced(np.maximum(np.asarray(w.grid.spacing, float), float(spacing_mm)))
         ident = sitk.Transform()
         arr = coarse.resample(w.source_image(), ident)
-        arr *= coarse.resample(w.source_brain(), ident) > 0.5
+        arr *= coarse.resample_mask(w.source_brain(), ident)
         return coarse.image(arr)
 
     def record(self) -> dict:
         t = self.transform
         return {"step": self.name, "template": "MNI152 2009 (nilearn)", "metric": round(float(self.metric), 5),
-                "spacing_mm": list(self.target.spacing), "matrix": [round(v, 5) for v in t.GetMatrix()],
+                "registered_at_mm": self.registered_at_mm, "spacing_mm": list(self.target.spacing), "matrix": [round(v, 5) for v in t.GetMatrix()],
                 "translation": [round(v, 3) for v in t.GetTranslation()]}
 
 

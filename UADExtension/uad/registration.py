@@ -3,8 +3,9 @@
 ``mni152(spacing_mm)`` gives the template T1 (brain-extracted, as nilearn ships it)
 and its brain mask on an isotropic grid covering the template's box (1 mm: the
 template grid itself).  ``register_affine(fixed, moving)`` runs a rigid then an
-affine registration (multi-resolution, random sampling with a fixed seed, so it
-is deterministic) and returns the ``sitk.AffineTransform`` that maps fixed points
+affine registration (multi-resolution, random sampling with a fixed seed, computed
+on one thread: bit-identical whatever the number of cores; ITK's multi-threaded metric sums
+partial results in an order that depends on the thread count) and returns the ``sitk.AffineTransform`` that maps fixed points
 to moving points, i.e. the transform ``sitk.Resample(moving, fixed, T)`` needs.
 Mutual information makes it work across contrasts (T1, T2, FLAIR onto the T1
 template).  ``register_deformable`` adds a B-spline stage on top of an affine.
@@ -16,13 +17,22 @@ the registration (see ``uad.preprocess.Register``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
 import SimpleITK as sitk
 
-#: Defaults of ``register_affine`` (tests pass smaller iteration counts).
-AFFINE_DEFAULTS = {"iterations": (200, 100, 50), "shrink": (4, 2, 1), "smoothing_mm": (4.0, 2.0, 1.0),
+#: The template resolution (mm) the preprocessing chain's affine registration is computed at
+#: (``uad.preprocess.Register``; its result is applied on the template grid of the model, 1 mm by default).
+#: An affine transform has 12 parameters: 2 mm voxels locate it within about half a millimetre of the 1 mm
+#: registration (mean 0.44 mm, at most 0.9 mm over the template brain on a T2 head phantom) at a quarter of
+#: the time and an eighth of the memory (``benchmarks/bench_registration.py``).
+REGISTRATION_MM = 2.0
+
+#: Defaults of ``register_affine``, for a fixed image of ``REGISTRATION_MM`` voxels: levels at 4 and 2 mm
+#: (tests pass smaller iteration counts).
+AFFINE_DEFAULTS = {"iterations": (200, 100), "shrink": (2, 1), "smoothing_mm": (4.0, 2.0),
                    "sampling": 0.1, "bins": 32, "seed": 12345}
 
 
@@ -50,6 +60,19 @@ def mni152(spacing_mm: float | None = None) -> tuple[sitk.Image, sitk.Image]:
     bs = sitk.Resample(sitk.Cast(brain, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0,
                        sitk.sitkFloat32)
     return t1s, sitk.Cast(bs > 0.5, sitk.sitkUInt8)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """SimpleITK on one thread while the block runs (the registrations): ITK's multi-threaded metric,
+    initialiser and scales estimator add partial sums in an order that depends on the number of threads,
+    so the transform would differ in its last digits from one machine to another."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def _method(bins: int, sampling: float, seed: int, shrink, smoothing_mm, fixed_mask=None):
@@ -80,8 +103,15 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, iterations=None, shri
     """Rigid then affine registration, Mattes MI; (transform fixed -> moving, final metric value).
 
     ``iterations``: per resolution level (or one number for all levels); the
-    rigid and the affine stage each run them.  Images are cast to float32.
+    rigid and the affine stage each run them.  Images are cast to float32.  Computed on one thread
+    (``single_threaded``): the same transform on any machine.
     """
+    with single_threaded():
+        return _register_affine(fixed, moving, iterations, shrink, smoothing_mm, sampling, bins, seed, fixed_mask,
+                                rigid_only)
+
+
+def _register_affine(fixed, moving, iterations, shrink, smoothing_mm, sampling, bins, seed, fixed_mask, rigid_only):
     d = AFFINE_DEFAULTS
     shrink = tuple(shrink or d["shrink"])
     smoothing_mm = tuple(smoothing_mm or d["smoothing_mm"])[:len(shrink)]
@@ -130,8 +160,15 @@ def register_deformable(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Tran
     """A B-spline (``mesh_mm`` control-point spacing) on top of ``affine``, Mattes MI, L-BFGS-B.
 
     Returns a composite transform fixed -> moving (affine, then the B-spline in moving... applied first
-    in fixed space), for ``sitk.Resample(moving, fixed, T)``.
+    in fixed space), for ``sitk.Resample(moving, fixed, T)``.  Computed on one thread, as ``register_affine``.
     """
+    with single_threaded():
+        return _register_deformable(fixed, moving, affine, mesh_mm, iterations, shrink, smoothing_mm, sampling, bins,
+                                    seed, fixed_mask)
+
+
+def _register_deformable(fixed, moving, affine, mesh_mm, iterations, shrink, smoothing_mm, sampling, bins, seed,
+                         fixed_mask):
     f = sitk.Cast(fixed, sitk.sitkFloat32)
     m = sitk.Cast(moving, sitk.sitkFloat32)
     extent = np.array(f.GetSize()) * np.array(f.GetSpacing())

@@ -86,30 +86,21 @@ def _cleanup(mask: np.ndarray, axial_axis: int = 0) -> np.ndarray:
 
 
 def _mask_onto(mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
-    """A 0/1 uint8 mask resampled (linear, threshold 0.5) onto ``grid``'s voxels -> bool array (k, j, i).
+    """A 0/1 mask resampled onto ``grid``'s voxels -> bool array (k, j, i) (``Grid.resample_mask``)."""
+    from .preprocess import Grid
 
-    Interpolated as 0/255 into 8-bit voxels (one byte a voxel of ``grid``, not the four of a float image).
-    """
-    up = sitk.Cast(mask, sitk.sitkUInt8) * 255
-    out = sitk.Resample(up, grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUInt8)
-    del up
-    return sitk.GetArrayViewFromImage(out) > 127
+    return Grid.of(grid).resample_mask(mask, transform)
 
 
 def _iso_grid(image: sitk.Image, voxel_mm: float) -> sitk.Image:
     """A reference image in RAS voxel order (DICOMOrient 'RAS') with ``voxel_mm`` isotropic voxels, same box."""
-    probe = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
-    probe.CopyInformation(image)
-    ras = sitk.DICOMOrient(probe, "RAS")
-    size = np.array(ras.GetSize()) * np.array(ras.GetSpacing())
-    n = np.maximum(np.round(size / voxel_mm).astype(int), 1)
-    ref = sitk.Image([int(v) for v in n], sitk.sitkUInt8)
-    ref.SetSpacing([float(voxel_mm)] * 3)
-    ref.SetDirection(ras.GetDirection())
-    # same physical box: first voxel centre half a new voxel inside the old box corner
-    d = np.array(ras.GetDirection()).reshape(3, 3)
-    corner = np.array(ras.GetOrigin()) - d @ (np.array(ras.GetSpacing()) / 2.0)
-    ref.SetOrigin([float(v) for v in corner + d @ (np.full(3, voxel_mm) / 2.0)])
+    from .preprocess import orientation_of, oriented_grid
+
+    g = oriented_grid(image, *orientation_of(image, "RAS")).respaced(float(voxel_mm), fit=False)
+    ref = sitk.Image([int(v) for v in g.size], sitk.sitkUInt8)
+    ref.SetSpacing(g.spacing)
+    ref.SetOrigin(g.origin)
+    ref.SetDirection(g.direction)
     return ref
 
 
@@ -164,7 +155,8 @@ def registration_mask(image: sitk.Image, options: dict | None = None) -> np.ndar
     fixed = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     head = sitk.OtsuThreshold(fixed, 0, 1, 200)
     its = tuple(o["affine_iterations"])
-    aff, _ = register_affine(fixed, t1, iterations=its, shrink=(4, 2, 1)[:len(its)], fixed_mask=head)
+    aff, _ = register_affine(fixed, t1, iterations=its, shrink=(4, 2, 1)[:len(its)],
+                             smoothing_mm=(4.0, 2.0, 1.0)[:len(its)], fixed_mask=head)
     tx = register_deformable(fixed, t1, aff, mesh_mm=float(o["mesh_mm"]), iterations=int(o["bspline_iterations"]),
                              fixed_mask=head)
     return _cleanup(_mask_onto(brain, image, tx), _axial_axis(image))
