@@ -3,12 +3,12 @@
 ``mni152(spacing_mm)`` gives the template T1 (brain-extracted, as nilearn ships it)
 and its brain mask on an isotropic grid covering the template's box (1 mm: the
 template grid itself).  ``register_affine(fixed, moving)`` runs a rigid then an
-affine registration (multi-resolution, random sampling with a fixed seed, computed
-on one thread: bit-identical whatever the number of cores; ITK's multi-threaded metric sums
-partial results in an order that depends on the thread count) and returns the ``sitk.AffineTransform`` that maps fixed points
-to moving points, i.e. the transform ``sitk.Resample(moving, fixed, T)`` needs.
-Mutual information makes it work across contrasts (T1, T2, FLAIR onto the T1
-template).  ``register_deformable`` adds a B-spline stage on top of an affine.
+affine registration (multi-resolution, random sampling with a fixed seed, computed on
+one thread: bit-identical whatever the number of cores, see ``single_threaded``) and
+returns the ``sitk.AffineTransform`` that maps fixed points to moving points, i.e.
+the transform ``sitk.Resample(moving, fixed, T)`` needs.  Mutual information makes it
+work across contrasts (T1, T2, FLAIR onto the T1 template).  ``register_deformable``
+adds a B-spline stage on top of an affine.
 
 The preprocessing chain registers the *brain* (the input masked by its brain
 mask) to the brain template, so the skull of an unprocessed scan does not pull
@@ -25,9 +25,9 @@ import SimpleITK as sitk
 
 #: The template resolution (mm) the preprocessing chain's affine registration is computed at
 #: (``uad.preprocess.Register``; its result is applied on the template grid of the model, 1 mm by default).
-#: An affine transform has 12 parameters: 2 mm voxels locate it within about half a millimetre of the 1 mm
-#: registration (mean 0.44 mm, at most 0.9 mm over the template brain on a T2 head phantom) at a quarter of
-#: the time and an eighth of the memory (``benchmarks/bench_registration.py``).
+#: An affine transform has 12 parameters: at 2 mm the transforms of four acquisitions of one head agree as
+#: well as at 1 mm (T1, FLAIR within 0.2 mm of the 1 mm agreement; T2 better), in a fifth of the time and a
+#: third of the memory (``benchmarks/bench_registration.py``; README, "Registration at 2 mm").
 REGISTRATION_MM = 2.0
 
 #: Defaults of ``register_affine``, for a fixed image of ``REGISTRATION_MM`` voxels: levels at 4 and 2 mm
