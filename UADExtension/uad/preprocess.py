@@ -830,7 +830,8 @@ class Register(_Resampling):
     def record(self) -> dict:
         t = self.transform
         return {"step": self.name, "template": "MNI152 2009 (nilearn)", "metric": round(float(self.metric), 5),
-                "registered_at_mm": self.registered_at_mm, "spacing_mm": list(self.target.spacing), "matrix": [round(v, 5) for v in t.GetMatrix()],
+                "registered_at_mm": self.registered_at_mm, "spacing_mm": list(self.target.spacing),
+                "matrix": [round(v, 5) for v in t.GetMatrix()],
                 "translation": [round(v, 3) for v in t.GetTranslation()]}
 
 
