@@ -455,8 +455,8 @@ def test_grid_respaced_keeps_the_box_and_masks_resample_one_way():
     d = np.asarray(ras.GetDirection()).reshape(3, 3)
     n = np.maximum(np.round(np.asarray(ras.GetSize()) * np.asarray(ras.GetSpacing()) / 1.5).astype(int), 1)
     corner = np.asarray(ras.GetOrigin()) - d @ (np.asarray(ras.GetSpacing()) / 2.0)
-    assert ref.GetSize() == tuple(int(v) for v in n) and ref.GetDirection() == ras.GetDirection()
-    assert np.allclose(ref.GetOrigin(), corner + d @ np.full(3, 0.75), atol=1e-9)
+    assert ref.size == tuple(int(v) for v in n) and ref.direction == ras.GetDirection()
+    assert ref.spacing == (1.5, 1.5, 1.5) and np.allclose(ref.origin, corner + d @ np.full(3, 0.75), atol=1e-9)
     # masks: 0/255 in 8 bits, kept above one half = the float interpolation > 0.5 away from the rounding band
     yy, xx = np.mgrid[:41, :37]
     m = np.broadcast_to(((yy - 20) ** 2 + (xx - 18) ** 2 < 150)[None], (13, 41, 37)).astype(np.uint8)

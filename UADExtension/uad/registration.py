@@ -64,7 +64,7 @@ def mni152(spacing_mm: float | None = None) -> tuple[sitk.Image, sitk.Image]:
 
 @contextlib.contextmanager
 def single_threaded():
-    """SimpleITK on one thread while the block runs (the registrations): ITK's multi-threaded metric,
+    """SimpleITK on one thread while the block (or the decorated function) runs (the registrations): ITK's multi-threaded metric,
     initialiser and scales estimator add partial sums in an order that depends on the number of threads,
     so the transform would differ in its last digits from one machine to another."""
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
@@ -97,6 +97,7 @@ def _levels(iterations, shrink, smoothing_mm):
     return its
 
 
+@single_threaded()
 def register_affine(fixed: sitk.Image, moving: sitk.Image, iterations=None, shrink=None, smoothing_mm=None,
                     sampling=None, bins=None, seed=None, fixed_mask: sitk.Image | None = None,
                     rigid_only: bool = False) -> tuple[sitk.AffineTransform, float]:
@@ -106,12 +107,6 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, iterations=None, shri
     rigid and the affine stage each run them.  Images are cast to float32.  Computed on one thread
     (``single_threaded``): the same transform on any machine.
     """
-    with single_threaded():
-        return _register_affine(fixed, moving, iterations, shrink, smoothing_mm, sampling, bins, seed, fixed_mask,
-                                rigid_only)
-
-
-def _register_affine(fixed, moving, iterations, shrink, smoothing_mm, sampling, bins, seed, fixed_mask, rigid_only):
     d = AFFINE_DEFAULTS
     shrink = tuple(shrink or d["shrink"])
     smoothing_mm = tuple(smoothing_mm or d["smoothing_mm"])[:len(shrink)]
@@ -154,6 +149,7 @@ def _register_affine(fixed, moving, iterations, shrink, smoothing_mm, sampling, 
     return tx, metric
 
 
+@single_threaded()
 def register_deformable(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, mesh_mm: float = 40.0,
                         iterations: int = 30, shrink=(4, 2), smoothing_mm=(3.0, 1.5), sampling: float = 0.1,
                         bins: int = 32, seed: int = 12345, fixed_mask: sitk.Image | None = None) -> sitk.Transform:
@@ -162,13 +158,6 @@ def register_deformable(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Tran
     Returns a composite transform fixed -> moving (affine, then the B-spline in moving... applied first
     in fixed space), for ``sitk.Resample(moving, fixed, T)``.  Computed on one thread, as ``register_affine``.
     """
-    with single_threaded():
-        return _register_deformable(fixed, moving, affine, mesh_mm, iterations, shrink, smoothing_mm, sampling, bins,
-                                    seed, fixed_mask)
-
-
-def _register_deformable(fixed, moving, affine, mesh_mm, iterations, shrink, smoothing_mm, sampling, bins, seed,
-                         fixed_mask):
     f = sitk.Cast(fixed, sitk.sitkFloat32)
     m = sitk.Cast(moving, sitk.sitkFloat32)
     extent = np.array(f.GetSize()) * np.array(f.GetSpacing())

@@ -85,23 +85,11 @@ def _cleanup(mask: np.ndarray, axial_axis: int = 0) -> np.ndarray:
     return out
 
 
-def _mask_onto(mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
-    """A 0/1 mask resampled onto ``grid``'s voxels -> bool array (k, j, i) (``Grid.resample_mask``)."""
-    from .preprocess import Grid
-
-    return Grid.of(grid).resample_mask(mask, transform)
-
-
-def _iso_grid(image: sitk.Image, voxel_mm: float) -> sitk.Image:
-    """A reference image in RAS voxel order (DICOMOrient 'RAS') with ``voxel_mm`` isotropic voxels, same box."""
+def _iso_grid(image: sitk.Image, voxel_mm: float):
+    """The ``Grid`` in RAS voxel order (DICOMOrient 'RAS') with ``voxel_mm`` isotropic voxels over ``image``'s box."""
     from .preprocess import orientation_of, oriented_grid
 
-    g = oriented_grid(image, *orientation_of(image, "RAS")).respaced(float(voxel_mm), fit=False)
-    ref = sitk.Image([int(v) for v in g.size], sitk.sitkUInt8)
-    ref.SetSpacing(g.spacing)
-    ref.SetOrigin(g.origin)
-    ref.SetDirection(g.direction)
-    return ref
+    return oriented_grid(image, *orientation_of(image, "RAS")).respaced(float(voxel_mm), fit=False)
 
 
 @functools.lru_cache(maxsize=2)
@@ -121,23 +109,23 @@ def deepbet_mask(image: sitk.Image, device=None, threshold: float = 0.5) -> np.n
     """deepbet's brain mask of ``image`` (bool, its voxel order)."""
     import torch
 
+    from .preprocess import Grid
+
     no_gpu = not (device is not None and str(device).startswith("cuda") and torch.cuda.is_available())
     bet = _deepbet(no_gpu)
-    ref = _iso_grid(image, DEEPBET_VOXEL_MM)
-    iso = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, float(sitk.GetArrayViewFromImage(image).min()),
-                        sitk.sitkFloat32)  # from the scan's own voxels, any pixel type: no whole-scan copy
-    x = np.ascontiguousarray(sitk.GetArrayFromImage(iso).transpose(2, 1, 0))  # (i, j, k), RAS order
-    del iso
+    g = _iso_grid(image, DEEPBET_VOXEL_MM)
+    # from the scan's own voxels, any pixel type: no whole-scan copy; (i, j, k), RAS order
+    x = np.ascontiguousarray(g.resample(image, sitk.Transform(), default=float(sitk.GetArrayViewFromImage(
+        image).min())).transpose(2, 1, 0))
     with torch.no_grad():
         prob = bet.run_model(x)
     m = prob > threshold
     if not m.any():
         return np.zeros(sitk.GetArrayViewFromImage(image).shape, bool)
     m = bet.postprocess(m, 0)
-    back = sitk.GetImageFromArray(np.ascontiguousarray(m.transpose(2, 1, 0)).astype(np.uint8))
-    back.CopyInformation(ref)
+    back = g.image(np.ascontiguousarray(m.transpose(2, 1, 0)).astype(np.uint8))
     del m, prob, x
-    return _cleanup(_mask_onto(back, image), _axial_axis(image))
+    return _cleanup(Grid.of(image).resample_mask(back), _axial_axis(image))
 
 
 #: Registration-based stripper settings (affine then B-spline, template -> scan).
@@ -147,16 +135,17 @@ REGISTRATION_MASK_OPTIONS = {"affine_iterations": (100, 60, 30), "bspline_iterat
 
 def registration_mask(image: sitk.Image, options: dict | None = None) -> np.ndarray:
     """The MNI152 brain mask carried onto ``image`` (affine + B-spline, MI; template moving, scan fixed)."""
+    from .preprocess import Grid
     from .registration import mni152, register_affine, register_deformable
 
     o = dict(REGISTRATION_MASK_OPTIONS, **(options or {}))
     t1, brain = mni152(float(o["voxel_mm"]))
-    ref = _iso_grid(image, float(o["voxel_mm"]))
-    fixed = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    g = _iso_grid(image, float(o["voxel_mm"]))
+    fixed = g.image(g.resample(image, sitk.Transform()))
     head = sitk.OtsuThreshold(fixed, 0, 1, 200)
     its = tuple(o["affine_iterations"])
     aff, _ = register_affine(fixed, t1, iterations=its, shrink=(4, 2, 1)[:len(its)],
                              smoothing_mm=(4.0, 2.0, 1.0)[:len(its)], fixed_mask=head)
     tx = register_deformable(fixed, t1, aff, mesh_mm=float(o["mesh_mm"]), iterations=int(o["bspline_iterations"]),
                              fixed_mask=head)
-    return _cleanup(_mask_onto(brain, image, tx), _axial_axis(image))
+    return _cleanup(Grid.of(image).resample_mask(brain, tx), _axial_axis(image))
