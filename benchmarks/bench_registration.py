@@ -72,14 +72,6 @@ def _moved(tx: sitk.Transform, pts: np.ndarray) -> np.ndarray:
     return np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in pts])
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(a) -> int:
     """One registration in a fresh process: peak memory it adds, the transform's parameters."""
     if a.threads:
@@ -88,12 +80,15 @@ def child(a) -> int:
     image, brain = sitk.ReadImage(a.image), sitk.ReadImage(a.brain)
     from uad.registration import mni152
     mni152(None), mni152(2.0)  # the templates (loaded once per process, cached) are not the registration's
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: resets the peak resident set (VmHWM) to the current
-        f.write("5")
-    base = _status_kb("VmRSS")
+    sys.path.insert(0, HERE)
+    from bench_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    if not reset_peak_rss():
+        raise SystemExit("bench_registration --memory-only needs Linux's /proc/self/clear_refs")
+    base = rss_bytes()
     tx, sec = _register(image, brain)
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"added_mb": round((peak - base) / 1024.0, 1), "seconds": round(sec, 1),
+    peak = peak_rss_bytes()
+    print(json.dumps({"added_mb": round((peak - base) / 2.0 ** 20, 1), "seconds": round(sec, 1),
                       "params": list(tx.GetParameters()) + list(tx.GetFixedParameters())}))
     return 0
 
