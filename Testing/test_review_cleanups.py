@@ -109,3 +109,39 @@ def test_detect_resolves_each_cases_contrast_once(tiny_zoo, tmp_path, monkeypatc
     rc = main(["detect", inp, "-o", str(tmp_path / "out2"), "--method", "anoddpm", "--model", "tiny-test",
                "--contrast", "T1", "--device", "cpu", "--no-progress", *fast])
     assert rc == 0 and calls == [] and "scan looks T1 (--contrast)" in capsys.readouterr().out
+
+
+def test_card_threshold_rewrite_keeps_the_notes_after_the_table(tmp_path):
+    """The threshold table of a card is rewritten from the manifest; a note written after it stays."""
+    import importlib.util
+    from pathlib import Path
+
+    from uad import calibration
+
+    spec = importlib.util.spec_from_file_location("train_bundled",
+                                                  Path(__file__).parents[1] / "scripts/train_bundled.py")
+    tb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tb)
+    entry: dict = {}
+    rec = {"thresholds": {"0.01": 0.5, "0.05": 0.25}, "nfe_per_slice": 25, "n_volumes": 2, "n_voxels": 1000}
+    calibration.store(entry, "anoddpm", "fast", "none", dict(rec))
+    card = tmp_path / "README.md"
+    note = "AutoDDPM note: a hand-written remark about the rows above."
+    card.write_text("# Model card\n\n## Thresholds\n\nold text\n\n| method | preset |\n|---|---|\n| anoddpm | old |\n\n"
+                    f"{note}\n\n## Next section\n\nkept\n")
+    tb.update_card_thresholds(entry, card)
+    text = card.read_text()
+    assert "| anoddpm | fast | none | 0.5 | 0.25 | - | 25 | 2 | 1,000 |" in text
+    assert "| anoddpm | old |" not in text and "old text" not in text
+    assert text.count(note) == 1 and text.index("| anoddpm | fast") < text.index(note) < text.index("## Next section")
+    assert text.endswith("## Next section\n\nkept\n")
+    calibration.store(entry, "anoddpm", "paper", "none", dict(rec, nfe_per_slice=250))
+    tb.update_card_thresholds(entry, card)
+    again = card.read_text()
+    assert "| anoddpm | paper | none |" in again and again.count(note) == 1
+    tb.update_card_thresholds(entry, card)
+    assert card.read_text() == again  # idempotent
+    bare = tmp_path / "bare.md"
+    bare.write_text("# Model card\n\n## Thresholds\n\n| a |\n|---|\n\n## Next\n")
+    tb.update_card_thresholds(entry, bare)
+    assert "|\n\n## Next\n" in bare.read_text()  # no note: one blank line before the next section

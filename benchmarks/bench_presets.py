@@ -9,8 +9,9 @@ on a CPU: ``uad.calibration.calibrate(..., max_slices=N)`` runs the method on N 
 spread evenly over its brain slices (seeds 2,000,000+, 2 mm, as every bundled calibration), and the record says
 how many slices and voxels it used (``n_slices``, ``n_voxels``, ``max_slices``).  ``--tau-only`` (AutoDDPM):
 only the stage-1 mask threshold tau.  Each record is written into models/manifest.json (the entry's
-``calibration`` only) as soon as it is measured.  The paired paper-against-default comparison itself is
-``uad benchmark --compare-presets`` (see the README, "Benchmarks").
+``calibration``) as soon as it is measured, and the model card's threshold table is rewritten from it at the
+end.  The paired paper-against-default comparison itself is ``uad benchmark --compare-presets`` (see the
+README, "Benchmarks").
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def calibrate_subset(a) -> int:
     from uad.calibration import calibrate, store
     from uad.zoo import load_model
 
-    from train_bundled import update_entry_in_place
+    from train_bundled import update_card_thresholds, update_entry_in_place
     from uad.zoo import find_model, verify
 
     e = find_model(a.id)
@@ -49,6 +50,9 @@ def calibrate_subset(a) -> int:
         what = (f"tau only, {rec.get('tau_n_pixels')} stage-1 pixels" if a.tau_only else
                 f"{rec.get('n_slices')} slices, {rec['n_voxels']} voxels")
         print(f"stored {a.id}: {m}/{preset}/{backend} ({what}, {rec['cpu_seconds']:.0f} CPU s)", flush=True)
+    card = ROOT / "models" / a.id / "README.md"
+    if not a.dry_run and card.is_file():  # the card's threshold table follows the manifest, as calibrate_bundled's
+        update_card_thresholds(dict(find_model(a.id).data), card)
     return 0
 
 

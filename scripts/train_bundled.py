@@ -323,7 +323,11 @@ def threshold_section(entry: dict) -> list[str]:
 
 
 def update_card_thresholds(entry: dict, card: Path) -> None:
-    """Replace the '## Thresholds' section of a card (up to the next '## ') by ``threshold_section``."""
+    """Replace the generated part of a card's '## Thresholds' section by ``threshold_section``.
+
+    The generated part is the heading, its paragraph and the first table; notes written after that table
+    (up to the next '## ') are kept.
+    """
     text = card.read_text().splitlines()
     try:
         start = next(i for i, ln in enumerate(text) if ln.startswith("## Thresholds"))
@@ -331,7 +335,10 @@ def update_card_thresholds(entry: dict, card: Path) -> None:
         start = len(text)
         text.append("")
     end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
-    new = text[:start] + threshold_section(entry) + [""] + text[end:]
+    table = next((i for i in range(start, end) if text[i].startswith("|")), end)
+    generated_end = next((i for i in range(table, end) if not text[i].startswith("|")), end)
+    notes = "\n".join(text[generated_end:end]).strip("\n").splitlines()
+    new = text[:start] + threshold_section(entry) + [""] + (notes + [""] if notes else []) + text[end:]
     card.write_text("\n".join(new).rstrip() + "\n")
 
 
