@@ -247,7 +247,8 @@ def calibrate_bundled(args) -> None:
     """Re-calibrate a bundled model's thresholds per method, preset and perceptual backend (uad.calibration).
 
     For every method the model serves (or ``--methods``): its default preset and, with
-    ``--paper``, its paper preset; on ``--calibration-volumes`` healthy phantoms at 2 mm.
+    ``--paper``, its paper preset; on ``--calibration-volumes`` healthy phantoms at 2 mm (axial) or acquired
+    like clinical scans (``--calibration-geometry acquired``).
     Each result is written into models/manifest.json as soon as it is measured, and the card's
     threshold section is rewritten from the stored entry (no re-evaluation).
     """
@@ -269,7 +270,7 @@ def calibrate_bundled(args) -> None:
             n = args.calibration_volumes if preset == presets[0] else args.paper_volumes
             t0 = time.time()
             preset, backend, rec = calibrate(model, m, preset, contrast=e.data.get("contrast"), n_volumes=n,
-                                             spacing=2.0, device=args.device)
+                                             spacing=2.0, device=args.device, geometry=args.calibration_geometry)
             rec["seconds"] = round(time.time() - t0, 1)
             update_entry_in_place(args.id, lambda entry: store(entry, m, preset, backend, rec))
             print(f"stored {args.id}: {m}/{preset}/{backend} ({rec['seconds']:.0f} s)", flush=True)
@@ -307,7 +308,7 @@ def threshold_section(entry: dict) -> list[str]:
              "machine was the SSIM fallback (no LPIPS weights); with real LPIPS, THOR and AutoDDPM run "
              "uncalibrated (warned) until calibrated for it.", "",
              "| method | preset | perceptual backend | threshold at 1% | at 5% | AutoDDPM tau | NFE/slice | "
-             "healthy volumes (2 mm) | voxels |", "|---|---|---|---|---|---|---|---|---|"]
+             "healthy volumes | voxels |", "|---|---|---|---|---|---|---|---|---|"]
     for m, cal in (entry.get("calibration") or {}).items():
         if not isinstance(cal, dict) or "presets" not in cal:
             continue
@@ -318,8 +319,18 @@ def threshold_section(entry: dict) -> list[str]:
                 tau = f"{r['tau']:.4g}" if r.get("tau") is not None else "-"
                 lines.append(f"| {m} | {preset} | {backend} | {th.get('0.01', float('nan')):.4g} | "
                              f"{th.get('0.05', float('nan')):.4g} | {tau} | {r.get('nfe_per_slice')} | "
-                             f"{r.get('n_volumes')} | {r.get('n_voxels'):,} |")
+                             f"{volumes_cell(r)} | {r.get('n_voxels'):,} |")
     return lines
+
+
+def volumes_cell(record: dict) -> str:
+    """How many healthy volumes a calibration record used, and acquired how."""
+    n, geom = record.get("n_volumes"), record.get("geometry")
+    if geom == "acquired":
+        return f"{n} acquired like clinical scans (1.5-4 mm slices, every orientation)"
+    if record.get("spacing_mm") is not None or geom == "axial":
+        return f"{n} at {record.get('spacing_mm') or 2:g} mm axial"
+    return f"{n}"
 
 
 def update_card_thresholds(entry: dict, card: Path) -> None:
@@ -369,6 +380,9 @@ def main() -> None:
                     help="the training run folder (default runs/<id>); with --finalize-only: export a run made "
                          "with 'uad train' (e.g. a fine-tune with --init), calibrate, evaluate and write the card")
     ap.add_argument("--calibration-volumes", type=int, default=2)
+    ap.add_argument("--calibration-geometry", choices=("axial", "acquired"), default="axial",
+                    help="with --calibrate-only: healthy phantoms at 2 mm on the axial training grid (default) or "
+                         "acquired like clinical scans (1.5-4 mm slices, every orientation; uad.calibration)")
     ap.add_argument("--phantoms-per-type", type=int, default=2,
                     help="held-out phantoms per lesion type for the card's table (default 2)")
     ap.add_argument("--calibrate-only", action="store_true",

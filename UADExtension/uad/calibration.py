@@ -26,7 +26,8 @@ Manifest structure (one model entry)::
               "thresholds": {"0.01": 0.21, "0.05": 0.12, ...},   # healthy FPR -> threshold
               "tau": 0.08, "tau_fpr": 0.05,   # AutoDDPM only
               "n_volumes": 2, "n_voxels": 512000, "contrast": "T2", "spacing_mm": 2.0,
-              "seeds": [2000000, 2000001], "nfe_per_slice": 31, "sha256": "<weights>",
+              "seeds": [2000000, 2000001], "geometry": "axial",   # or "acquired" (+ "acquisitions")
+              "nfe_per_slice": 31, "sha256": "<weights>",
               "postprocess": {...}, "date": "2026-12-01"}}}}}
 
 Old entries (``"calibration": {"<method>": {"threshold": x, "quantile": 0.95,
@@ -262,6 +263,42 @@ def healthy_volumes(contrast: str, n_volumes: int, seed: int, spacing: float):
         yield ph.image, ph.brain_mask
 
 
+#: First seed of the healthy phantoms acquired like clinical scans (``geometry="acquired"``): inside the
+#: calibration range [2,000,000, 3,000,000), apart from the 2 mm axial ones that start at 2,000,000.
+ACQUIRED_SEED = 2_100_000
+GEOMETRIES = ("axial", "acquired")
+
+
+def acquired_specs(contrast: str, n_volumes: int, seed: int = ACQUIRED_SEED) -> list:
+    """The ``uad.heldout.CaseSpec`` of ``n_volumes`` healthy calibration phantoms acquired like clinical scans.
+
+    The geometries are the held-out set's (``uad.heldout``: 1.5-4 mm slices, axial, sagittal, coronal and
+    oblique, LPS and RAS order), cycled with the index, their jitter drawn from the seed; the seeds are the
+    calibration's (``seed, seed + 1, ...``), never the held-out set's.
+    """
+    from .heldout import HELDOUT_SEEDS, CaseSpec, _geometry
+    from .phantoms import _check_contrast
+
+    c = _check_contrast(contrast)
+    out = []
+    for i in range(int(n_volumes)):
+        s = int(seed) + i
+        if HELDOUT_SEEDS[0] <= s < HELDOUT_SEEDS[1]:
+            raise ValueError(f"calibration seed {s} is in the held-out range {HELDOUT_SEEDS}")
+        out.append(CaseSpec(f"calibration_{c}_healthy_{s}", c, "none", s, _geometry(s, i, False)))
+    return out
+
+
+def acquired_healthy_volumes(contrast: str, n_volumes: int, seed: int = ACQUIRED_SEED):
+    """(image, brain mask) of the phantoms of ``acquired_specs``: 1 mm healthy phantoms resampled onto their
+    acquisition (thick slices are the mean of 1 mm sub-slices; skull-stripped, as the held-out set)."""
+    from .heldout import make_case
+
+    for spec in acquired_specs(contrast, n_volumes, seed):
+        ph = make_case(spec)
+        yield ph.image, ph.brain_mask
+
+
 def subset_positions(n: int, max_slices: int | None) -> np.ndarray:
     """Positions of ``max_slices`` slices spread evenly over a stack of ``n`` (all of them when None or >= n)."""
     if max_slices is None or int(max_slices) >= n:
@@ -303,7 +340,8 @@ def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int =
 def calibrate(model, method: str, preset: str | None = None, contrast: str | None = None, n_volumes: int = 2,
               spacing: float = 2.0, fprs: Iterable[float] = FPR_GRID, seed: int = 2_000_000, device="cpu",
               tau_fpr: float = TAU_FPR, volumes=None, log=print, params: dict | None = None,
-              max_slices: int | None = None, tau_only: bool = False) -> tuple[str, str, dict]:
+              max_slices: int | None = None, tau_only: bool = False,
+              geometry: str = "axial") -> tuple[str, str, dict]:
     """Calibrate ``method`` with ``preset`` (default: its default preset) on healthy volumes.
 
     ``volumes``: an iterable of (image, brain mask) pairs; default ``n_volumes``
@@ -315,6 +353,12 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     cost seconds per slice); the thresholds are then quantiles over the brain voxels of those slices, and the
     record says how many slices and voxels it used (``n_slices``, ``n_voxels``, ``max_slices``).
     ``tau_only`` (AutoDDPM): only the stage-1 tau (no final-map thresholds: ``thresholds`` is empty).
+    ``geometry`` (without ``volumes``): ``axial``, phantoms at ``spacing`` mm on the template's axial grid (the
+    training geometry); ``acquired``, phantoms acquired like clinical scans (``acquired_specs``: 1.5-4 mm
+    slices in every orientation; ``seed`` defaults to ``ACQUIRED_SEED`` there), whose thresholds hold on
+    such scans -- a model's maps are sharper on its training geometry, so a threshold calibrated there
+    flags more than the rate on thick or oblique slices.  The record says which (``geometry``,
+    ``acquisitions``).
     """
     import SimpleITK as sitk
 
@@ -327,7 +371,18 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     meth = build_method(method, model, preset, **params)
     preset = meth.preset
     backend = meth.perceptual_backend()
-    vols = list(volumes) if volumes is not None else list(healthy_volumes(contrast, n_volumes, seed, spacing))
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"calibration geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    acquisitions = None
+    if volumes is not None:
+        vols = list(volumes)
+    elif geometry == "acquired":
+        seed = ACQUIRED_SEED if seed == 2_000_000 else seed
+        specs = acquired_specs(contrast, n_volumes, seed)
+        acquisitions = [sp.geometry.describe() for sp in specs]
+        vols = list(acquired_healthy_volumes(contrast, n_volumes, seed))
+    else:
+        vols = list(healthy_volumes(contrast, n_volumes, seed, spacing))
     if method == "autoddpm" and params.get("threshold") is None:
         m_vals = autoddpm_stage1_values(model, preset, vols, device=device, params=params, max_slices=max_slices)
         tau = float(np.quantile(m_vals, 1.0 - float(tau_fpr)))
@@ -357,11 +412,15 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
         record["n_slices"] = None if tau_only else n_slices  # tau only: no final map; tau_n_pixels says what tau used
     record.update({
         "thresholds": thr, "n_volumes": len(vols), "n_voxels": int(sum(b.sum() for b in brains)),
-        "contrast": contrast, "spacing_mm": float(spacing) if volumes is None else None,
+        "contrast": contrast,
+        "spacing_mm": float(spacing) if volumes is None and geometry == "axial" else None,
+        "geometry": "given volumes" if volumes is not None else geometry,
         "seeds": [seed + i for i in range(len(vols))] if volumes is None else None,
         "nfe_per_slice": nfe, "postprocess": post, "sha256": model.config.get("sha256"),
         "method_version": method_version(method), "date": datetime.date.today().isoformat(),
     })
+    if acquisitions is not None:
+        record["acquisitions"] = acquisitions
     if thr:
         log(f"  {method}/{preset}/{backend}: threshold {thr[fpr_key(DEFAULT_FPR)]:.4g} at 1% healthy FPR, "
             f"{thr[fpr_key(0.05)] if fpr_key(0.05) in thr else float('nan'):.4g} at 5% ({len(vols)} volume(s)"
@@ -397,4 +456,5 @@ def warn(message: str) -> None:
 __all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
            "legacy_threshold",
            "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
+           "ACQUIRED_SEED", "GEOMETRIES", "acquired_specs", "acquired_healthy_volumes",
            "autoddpm_stage1_values"]
