@@ -33,6 +33,9 @@ def _training_seed_ranges():
         ranges.append((HOLDOUT_SEED_OFFSET + s, HOLDOUT_SEED_OFFSET + s + 64 * stride))  # validation stream
     cal = inspect.signature(training.calibrate_threshold).parameters["seed"].default
     ranges.append((cal, cal + 100_000))
+    from uad import calibration
+    ranges.append((calibration.AXIAL_SEED, calibration.AXIAL_SEED + 100_000))  # threshold calibration, 2 mm axial
+    ranges.append((calibration.ACQUIRED_SEED, calibration.ACQUIRED_SEED + 100_000))  # acquired like clinical scans
     pc = inspect.signature(evaluation.phantom_cases).parameters["seed"].default
     ranges.append((pc, pc + 100_000))
     hr = inspect.signature(evaluation.healthy_reference).parameters["seed"].default

@@ -263,6 +263,8 @@ def healthy_volumes(contrast: str, n_volumes: int, seed: int, spacing: float):
         yield ph.image, ph.brain_mask
 
 
+#: First seed of the 2 mm axial healthy calibration phantoms (the calibration range is [2,000,000, 3,000,000)).
+AXIAL_SEED = 2_000_000
 #: First seed of the healthy phantoms acquired like clinical scans (``geometry="acquired"``): inside the
 #: calibration range [2,000,000, 3,000,000), apart from the 2 mm axial ones that start at 2,000,000.
 ACQUIRED_SEED = 2_100_000
@@ -338,7 +340,7 @@ def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int =
 
 
 def calibrate(model, method: str, preset: str | None = None, contrast: str | None = None, n_volumes: int = 2,
-              spacing: float = 2.0, fprs: Iterable[float] = FPR_GRID, seed: int = 2_000_000, device="cpu",
+              spacing: float = 2.0, fprs: Iterable[float] = FPR_GRID, seed: int | None = None, device="cpu",
               tau_fpr: float = TAU_FPR, volumes=None, log=print, params: dict | None = None,
               max_slices: int | None = None, tau_only: bool = False,
               geometry: str = "axial") -> tuple[str, str, dict]:
@@ -355,7 +357,7 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     ``tau_only`` (AutoDDPM): only the stage-1 tau (no final-map thresholds: ``thresholds`` is empty).
     ``geometry`` (without ``volumes``): ``axial``, phantoms at ``spacing`` mm on the template's axial grid (the
     training geometry); ``acquired``, phantoms acquired like clinical scans (``acquired_specs``: 1.5-4 mm
-    slices in every orientation; ``seed`` defaults to ``ACQUIRED_SEED`` there), whose thresholds hold on
+    slices in every orientation; ``seed`` defaults to ``ACQUIRED_SEED`` there, ``AXIAL_SEED`` otherwise), whose thresholds hold on
     such scans -- a model's maps are sharper on its training geometry, so a threshold calibrated there
     flags more than the rate on thick or oblique slices.  The record says which (``geometry``,
     ``acquisitions``).
@@ -377,11 +379,12 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     if volumes is not None:
         vols = list(volumes)
     elif geometry == "acquired":
-        seed = ACQUIRED_SEED if seed == 2_000_000 else seed
+        seed = ACQUIRED_SEED if seed is None else int(seed)
         specs = acquired_specs(contrast, n_volumes, seed)
         acquisitions = [sp.geometry.describe() for sp in specs]
         vols = list(acquired_healthy_volumes(contrast, n_volumes, seed))
     else:
+        seed = AXIAL_SEED if seed is None else int(seed)
         vols = list(healthy_volumes(contrast, n_volumes, seed, spacing))
     if method == "autoddpm" and params.get("threshold") is None:
         m_vals = autoddpm_stage1_values(model, preset, vols, device=device, params=params, max_slices=max_slices)
@@ -456,5 +459,5 @@ def warn(message: str) -> None:
 __all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
            "legacy_threshold",
            "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
-           "ACQUIRED_SEED", "GEOMETRIES", "acquired_specs", "acquired_healthy_volumes",
+           "AXIAL_SEED", "ACQUIRED_SEED", "GEOMETRIES", "acquired_specs", "acquired_healthy_volumes",
            "autoddpm_stage1_values"]
