@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 import uad
+import uad.pipeline
 from uad import calibration
 from uad.heldout import HELDOUT_SEEDS
 
@@ -74,3 +75,32 @@ def test_card_says_how_the_calibration_volumes_were_acquired():
     lines = "\n".join(threshold_section(entry))
     assert "| disyre | paper | none | 0.2 | 0.1 | - | 4 | 10 acquired like clinical scans" in lines
     assert "| disyre | fast | none | 0.2 | 0.1 | - | 4 | 2 at 2 mm axial |" in lines
+
+
+def test_thick_sagittal_or_coronal_slices_are_warned(tiny_model, make_volume):
+    from uad.heldout import Geometry
+    from uad.preprocess import acquisition_warnings
+
+    def image(orient, thickness, order="LPS", tilt=(0.0, 0.0)):
+        g = Geometry(orient, thickness, 1.0, tilt, order)
+        im = sitk.Image(8, 8, 8, sitk.sitkFloat32)
+        im.SetSpacing(g.spacing)
+        im.SetDirection([float(v) for v in g.direction().ravel()])
+        return im
+
+    for orient, word in (("sagittal", "left-right"), ("coronal", "anterior-posterior")):
+        for order in ("LPS", "RAS"):
+            w = acquisition_warnings(image(orient, 3.5, order))
+            assert len(w) == 1 and w[0].startswith(f"{orient} slices 3.5 mm thick") and word in w[0]
+        assert acquisition_warnings(image(orient, 2.5)) == []  # thinner than THICK_NON_AXIAL_MM
+    assert acquisition_warnings(image("axial", 5.0)) == []  # the networks' own slice plane
+    assert acquisition_warnings(image("oblique-axial", 4.0, tilt=(20.0, 5.0))) == []
+    iso = image("sagittal", 3.5)
+    iso.SetSpacing((3.2, 3.2, 3.5))  # near-isotropic coarse voxels: no slice-thickness effect
+    assert acquisition_warnings(iso) == []
+    # detect reports it with the preprocessing warnings (CLI and Slicer print those)
+    img, _, brain = make_volume(shape_zyx=(12, 36, 32), spacing=(1.0, 1.0, 3.5), lesion=False, seed=4,
+                                direction=Geometry("sagittal", 3.5, 1.0, (0, 0), "LPS").direction())
+    res = uad.pipeline.detect(img, method="anoddpm", model=tiny_model, device="cpu", preset="fast",
+                              params={"level": 20, "steps": 2}, brain_mask=brain, mask=False)
+    assert any(w.startswith("sagittal slices 3.5 mm thick") for w in res.info["preprocess"]["warnings"])
