@@ -32,6 +32,8 @@ def test_acquired_specs_cover_the_clinical_geometries_with_calibration_seeds():
     assert all(s.lesion == "none" for s in specs)
     with pytest.raises(ValueError, match="held-out range"):
         calibration.acquired_specs("T2", 1, seed=HELDOUT_SEEDS[0])
+    with pytest.raises(ValueError, match="held-out range"):
+        calibration.acquired_specs("T2", 3, seed=HELDOUT_SEEDS[0] - 2)  # the last one would be held-out
 
 
 def test_acquired_calibration_records_its_geometry_and_holds_its_rate(tiny_model):
@@ -58,6 +60,12 @@ def test_acquired_calibration_records_its_geometry_and_holds_its_rate(tiny_model
     # the axial default is recorded as such
     _, _, ax = calibration.calibrate(tiny_model, "anoddpm", "fast", n_volumes=1, params=short, log=lambda s: None)
     assert ax["geometry"] == "axial" and ax["spacing_mm"] == 2.0 and "acquisitions" not in ax
+    with pytest.raises(ValueError, match="held-out range"):
+        calibration.calibrate(tiny_model, "anoddpm", "fast", n_volumes=1, seed=HELDOUT_SEEDS[0], params=short)
+    entry = dict(tiny_model.config)
+    calibration.store(entry, "anoddpm", "fast", "none", rec)
+    thr, source, _ = calibration.lookup_threshold(entry, "anoddpm", "fast", "none")
+    assert thr == rec["thresholds"]["0.01"] and "2 healthy T2 volume(s) acquired like clinical scans" in source
     with pytest.raises(ValueError, match="geometry"):
         calibration.calibrate(tiny_model, "anoddpm", "fast", n_volumes=1, geometry="oblique", params=short)
 

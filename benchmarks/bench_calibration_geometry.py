@@ -6,8 +6,10 @@ training geometry).  This script runs the method on ``--n`` healthy phantoms acq
 (``uad.calibration.acquired_specs``: the held-out set's geometries -- 1.5-4 mm slices, axial, sagittal,
 coronal, oblique -- on calibration seeds, never the held-out ones) and, when ``--heldout`` is given, on the
 held-out set's healthy volumes of the contrast, and prints per volume the share of brain voxels above the
-stored threshold, then the mean per volume and pooled, and the threshold that a calibration on the acquired
-volumes would store (``uad.calibration.calibrate(..., geometry="acquired")`` computes the same quantile).
+stored threshold (after the method's component filter, as ``detect``'s mask), then the mean per volume and
+pooled, and the threshold that a calibration on the acquired volumes would store (as
+``uad.calibration.calibrate(..., geometry="acquired")`` computes it).  A model without a calibrated
+threshold for the method and preset is refused.
 
     python benchmarks/bench_calibration_geometry.py --model disyre-t2-phantom [--method disyre] [--preset paper]
         [--n 10] [--heldout /work/heldout] [--csv out.csv]
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     from uad.heldout import load_heldout
     from uad.imageio import read_image
     from uad.pipeline import detect
+    from uad.postprocess import threshold_mask
     from uad.zoo import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
         b = sitk.GetArrayFromImage(brain) > 0
         return sitk.GetArrayFromImage(r.anomaly), b, r.info
 
-    rows, maps, brains, thr, info = [], [], [], None, {}
+    rows, maps, brains, thr, info, min_size = [], [], [], None, {}, 0
     cases = [("acquired", sp.case, sp.geometry.describe(), pair)
              for sp, pair in zip(acquired_specs(contrast, a.n), acquired_healthy_volumes(contrast, a.n))]
     if a.heldout:
@@ -62,13 +65,18 @@ def main(argv=None) -> int:
     print("set,case,geometry,brain_voxels,flagged_percent")
     for i, (kind, case, desc, (img, brain)) in enumerate(cases):
         an, b, info = run(img, brain, i)
-        thr = info.get("threshold")
-        fp = float((an[b] > thr).mean()) if thr is not None else float("nan")
+        if not str(info.get("threshold_source", "")).startswith("model:"):
+            raise SystemExit(f"{a.model} has no calibrated {a.method}/{info.get('preset')} threshold "
+                             f"({info.get('threshold_source')}): nothing to measure")
+        thr, min_size = info["threshold"], int((info.get("postprocess") or {}).get("min_component_size") or 0)
+        fp = float(threshold_mask(an, thr, min_size).astype(bool)[b].mean())  # as detect's mask flags
         if kind == "acquired":
             maps.append(an)
             brains.append(b)
         rows.append([kind, case, desc, int(b.sum()), round(100 * fp, 3)])
         print(",".join(str(v) for v in rows[-1]), flush=True)
+    if not rows:
+        raise SystemExit("no volumes (--n 0 and no --heldout)")
     print(f"\n{a.method}/{info.get('preset')} with {a.model}: stored threshold {thr:.4g} "
           f"({info.get('threshold_source')})")
     for kind in ("acquired", "held-out"):
@@ -78,7 +86,7 @@ def main(argv=None) -> int:
             print(f"  {kind:9s} {len(fr):2d} volumes: flagged {np.mean([r[4] for r in fr]):.2f} % mean per volume "
                   f"(min {min(r[4] for r in fr):.2f}, max {max(r[4] for r in fr):.2f}), {pooled:.2f} % pooled")
     if maps:
-        q = thresholds_at(maps, brains, [DEFAULT_FPR])[f"{DEFAULT_FPR:g}"]
+        q = thresholds_at(maps, brains, [DEFAULT_FPR], min_size)[f"{DEFAULT_FPR:g}"]
         print(f"  a calibration on the {len(maps)} acquired volumes would store {q:.4g} at 1 % (pooled)")
     if a.csv:
         with open(a.csv, "w", newline="") as f:

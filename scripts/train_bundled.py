@@ -381,7 +381,7 @@ def main() -> None:
                          "with 'uad train' (e.g. a fine-tune with --init), calibrate, evaluate and write the card")
     ap.add_argument("--calibration-volumes", type=int, default=2)
     ap.add_argument("--calibration-geometry", choices=("axial", "acquired"), default="axial",
-                    help="with --calibrate-only: healthy phantoms at 2 mm on the axial training grid (default) or "
+                    help="the calibration's healthy phantoms: at 2 mm on the axial training grid (default) or "
                          "acquired like clinical scans (1.5-4 mm slices, every orientation; uad.calibration)")
     ap.add_argument("--phantoms-per-type", type=int, default=2,
                     help="held-out phantoms per lesion type for the card's table (default 2)")
@@ -426,7 +426,8 @@ def main() -> None:
     cal_entry: dict = {}
     for m in methods:  # the default preset of every method, for the perceptual backend of this machine
         preset, backend, rec = calibrate(model, m, None, contrast=args.contrast,
-                                         n_volumes=args.calibration_volumes, device=args.device)
+                                         n_volumes=args.calibration_volumes, device=args.device,
+                                         geometry=args.calibration_geometry)
         store(cal_entry, m, preset, backend, rec)
     calibration = cal_entry["calibration"]
     extra.update({"threshold": cal_entry["threshold"], "calibration": calibration})
