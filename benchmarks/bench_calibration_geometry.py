@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / "UADExtension"))
 
 
 def main(argv=None) -> int:
-    from uad.calibration import DEFAULT_FPR, acquired_healthy_volumes, acquired_specs, thresholds_at
-    from uad.heldout import load_heldout
+    from uad.calibration import DEFAULT_FPR, acquired_specs, thresholds_at
+    from uad.heldout import load_heldout, make_case
     from uad.imageio import read_image
     from uad.pipeline import detect
     from uad.postprocess import threshold_mask
@@ -53,17 +53,19 @@ def main(argv=None) -> int:
         b = sitk.GetArrayFromImage(brain) > 0
         return sitk.GetArrayFromImage(r.anomaly), b, r.info
 
-    rows, maps, brains, thr, info, min_size = [], [], [], None, {}, 0
-    cases = [("acquired", sp.case, sp.geometry.describe(), pair)
-             for sp, pair in zip(acquired_specs(contrast, a.n), acquired_healthy_volumes(contrast, a.n))]
-    if a.heldout:
-        for r in load_heldout(a.heldout, [contrast]):
+    def cases():  # one volume in memory at a time
+        for sp in acquired_specs(contrast, a.n):
+            ph = make_case(sp)
+            yield "acquired", sp.case, sp.geometry.describe(), ph.image, ph.brain_mask
+        for r in load_heldout(a.heldout, [contrast]) if a.heldout else []:
             if r["lesion"] == "none":
                 img = read_image(r["image"])
                 desc = f"{r['orientation']} {' x '.join(f'{float(s):.2f}' for s in img.GetSpacing())} mm"
-                cases.append(("held-out", r["case"], desc, (img, read_image(r["brain_mask"]))))
+                yield "held-out", r["case"], desc, img, read_image(r["brain_mask"])
+
+    rows, maps, brains, thr, info, min_size = [], [], [], None, {}, 0
     print("set,case,geometry,brain_voxels,flagged_percent")
-    for i, (kind, case, desc, (img, brain)) in enumerate(cases):
+    for i, (kind, case, desc, img, brain) in enumerate(cases()):
         an, b, info = run(img, brain, i)
         if not str(info.get("threshold_source", "")).startswith("model:"):
             raise SystemExit(f"{a.model} has no calibrated {a.method}/{info.get('preset')} threshold "

@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from uad.calibration import GEOMETRIES
 from uad.imageio import read_image, sample_paths
 from uad.metrics import average_precision, best_dice
 from uad.pipeline import detect
@@ -328,8 +329,8 @@ def volumes_cell(record: dict) -> str:
     n, geom = record.get("n_volumes"), record.get("geometry")
     if geom == "acquired":
         return f"{n} acquired like clinical scans (1.5-4 mm slices, every orientation)"
-    if record.get("spacing_mm") is not None or geom == "axial":
-        return f"{n} at {record.get('spacing_mm') or 2:g} mm axial"
+    if record.get("spacing_mm") is not None:  # axial records carry their spacing
+        return f"{n} at {record['spacing_mm']:g} mm axial"
     return f"{n}"
 
 
@@ -380,7 +381,7 @@ def main() -> None:
                     help="the training run folder (default runs/<id>); with --finalize-only: export a run made "
                          "with 'uad train' (e.g. a fine-tune with --init), calibrate, evaluate and write the card")
     ap.add_argument("--calibration-volumes", type=int, default=2)
-    ap.add_argument("--calibration-geometry", choices=("axial", "acquired"), default="axial",
+    ap.add_argument("--calibration-geometry", choices=GEOMETRIES, default="axial",
                     help="the calibration's healthy phantoms: at 2 mm on the axial training grid (default) or "
                          "acquired like clinical scans (1.5-4 mm slices, every orientation; uad.calibration)")
     ap.add_argument("--phantoms-per-type", type=int, default=2,

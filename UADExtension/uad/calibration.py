@@ -303,9 +303,13 @@ def acquired_specs(contrast: str, n_volumes: int, seed: int = ACQUIRED_SEED) -> 
 def acquired_healthy_volumes(contrast: str, n_volumes: int, seed: int = ACQUIRED_SEED):
     """(image, brain mask) of the phantoms of ``acquired_specs``: 1 mm healthy phantoms resampled onto their
     acquisition (thick slices are the mean of 1 mm sub-slices; skull-stripped, as the held-out set)."""
+    return _volumes_of(acquired_specs(contrast, n_volumes, seed))
+
+
+def _volumes_of(specs):
     from .heldout import make_case
 
-    for spec in acquired_specs(contrast, n_volumes, seed):
+    for spec in specs:
         ph = make_case(spec)
         yield ph.image, ph.brain_mask
 
@@ -394,7 +398,7 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
         seed = ACQUIRED_SEED if seed is None else int(seed)  # acquired_specs refuses held-out seeds
         specs = acquired_specs(contrast, n_volumes, seed)
         acquisitions = [sp.geometry.describe() for sp in specs]
-        vols = list(acquired_healthy_volumes(contrast, n_volumes, seed))
+        vols = list(_volumes_of(specs))
     else:
         seed = AXIAL_SEED if seed is None else int(seed)
         _check_not_heldout(seed, n_volumes)
