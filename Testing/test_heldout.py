@@ -41,6 +41,11 @@ def _training_seed_ranges():
     hr = inspect.signature(evaluation.healthy_reference).parameters["seed"].default
     ranges.append((hr, hr + 100_000))
     ranges.append((0, 1000))  # the sample case and scripts' small seeds
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    ranges.append((gpu_bench.GPU_BENCH_SEED, gpu_bench.GPU_BENCH_SEED + 2))  # the speed benchmark's two volumes
     return ranges
 
 
