@@ -407,8 +407,13 @@ def _choose_method(args, name, image, path, brain_mask, say, contrast=None) -> t
     """(method, model id, preset) for one case: the given ``--method``, else the method whose bundled
     model measured best for the case's contrast (``contrast``: its ``_scan_contrast`` resolution, made
     here when not given), printed with the reason."""
-    if name is not None:
-        return name, args.model, args.preset
+    if name is not None:  # the given method; without --model, its model for the case's contrast
+        if args.model:
+            return name, args.model, args.preset
+        from .zoo import find_model
+
+        c = (contrast if contrast is not None else _scan_contrast(args.contrast, image, path, brain_mask))[0]
+        return name, find_model(method=name, contrast=c if c in CONTRASTS else None).id, args.preset
     from .pipeline import method_key
     from .selection import default_choice
 

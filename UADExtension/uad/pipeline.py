@@ -225,14 +225,15 @@ def configure_threads(threads: int | None = None, processes: int = 1) -> int:
     return n
 
 
-def resolve_model(model, method: str, device):
-    """A ``uad.zoo.Model`` (moved to ``device``) from a Model, a model id or None (the method's default)."""
+def resolve_model(model, method: str, device, contrast: str | None = None):
+    """A ``uad.zoo.Model`` (moved to ``device``) from a Model, a model id or None (the method's default:
+    its model for ``contrast`` when one is given, else the first in the manifest)."""
     from .zoo import Model, ModelEntry, load_model
 
     if isinstance(model, Model):
         m = model.to(device)
     elif model is None or isinstance(model, (str, ModelEntry)):
-        m = load_model(model, method=method, device=device)
+        m = load_model(model, method=method, device=device, contrast=contrast)
     else:
         raise ModelError(f"model must be a uad.zoo.Model, a model id or None, got {type(model).__name__}")
     served = m.config.get("methods")
@@ -563,7 +564,7 @@ def detect(image: sitk.Image, method: str = "anoddpm", model=None, device="auto"
     from .precision import normalise_precision, with_precision
 
     precision = normalise_precision(precision)
-    m = with_precision(resolve_model(model, name, dev), precision)  # the caller's model is not wrapped
+    m = with_precision(resolve_model(model, name, dev, contrast=contrast), precision)  # the caller's model is not wrapped
     meth = build(name, m, preset, params)
 
     def check_cancel():

@@ -1,0 +1,50 @@
+"""A given --method without --model runs that method's bundled model for the scan's contrast.
+
+Found by running ``make demo`` (``uad detect --sample --method disyre``): it ran ``disyre-flair-phantom`` on
+the T2 sample (AP 0.013 instead of 0.89), because the default model was the first of the method in the
+manifest, whatever the scan's contrast.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from uad import cli
+from uad.pipeline import resolve_model
+
+
+@pytest.fixture
+def bundled_zoo(tmp_path, monkeypatch):  # the bundled models only (user cache empty, no $UAD_MODELS_DIR)
+    monkeypatch.delenv("UAD_MODELS_DIR", raising=False)
+    monkeypatch.setenv("UAD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _args(**kw):
+    return argparse.Namespace(**{"model": None, "contrast": None, "preset": None, **kw})
+
+
+@pytest.mark.parametrize("contrast, expected", [("T2", "disyre-t2-phantom"), ("FLAIR", "disyre-flair-phantom"),
+                                                ("T1", "disyre-t1-phantom")])
+def test_given_method_gets_its_model_for_the_scan_contrast(bundled_zoo, contrast, expected):
+    said = []
+    name, model_id, preset = cli._choose_method(_args(), "disyre", None, "scan.nii.gz", None, said.append,
+                                                (contrast, "metadata / file name", contrast))
+    assert (name, model_id, preset) == ("disyre", expected, None)
+    # the same for the models shared across methods: THOR on FLAIR runs the FLAIR DDPM, not the T2 one
+    assert cli._choose_method(_args(), "thor", None, "s.nii.gz", None, said.append,
+                              ("FLAIR", "--contrast", "FLAIR (given)"))[1] == "ddpm-flair-phantom"
+
+
+def test_given_model_and_unknown_contrast_keep_the_old_choice(bundled_zoo):
+    # --model wins over the contrast
+    assert cli._choose_method(_args(model="disyre-flair-phantom"), "disyre", None, "s.nii.gz", None, print,
+                              ("T2", "--contrast", "T2 (given)"))[1] == "disyre-flair-phantom"
+    # a contrast with no model (or none found) falls back to the method's first model on disk
+    first = cli._choose_method(_args(), "disyre", None, "s.nii.gz", None, print, ("PD", "--contrast", "PD"))[1]
+    assert first == cli._choose_method(_args(), "disyre", None, "s.nii.gz", None, print, (None, "", "?"))[1]
+
+
+def test_detect_default_model_follows_the_given_contrast(bundled_zoo):
+    assert resolve_model(None, "disyre", "cpu", contrast="T2").id == "disyre-t2-phantom"
+    assert resolve_model(None, "disyre", "cpu", contrast="T1").id == "disyre-t1-phantom"
