@@ -1,4 +1,5 @@
-"""A given --method without --model runs that method's bundled model for the scan's contrast.
+"""A given method without a model (`uad detect --method M`, `detect(method=M)`, the Slicer Logic) runs that
+method's bundled model for the scan's contrast.
 
 Found by running ``make demo`` (``uad detect --sample --method disyre``): it ran ``disyre-flair-phantom`` on
 the T2 sample (AP 0.013 instead of 0.89), because the default model was the first of the method in the
@@ -12,6 +13,13 @@ import pytest
 
 from uad import cli
 from uad.pipeline import resolve_model
+
+try:  # the real-MRML fixture of the Logic tests (slicer-core)
+    from test_logic import mrml  # noqa: F401
+except pytest.skip.Exception:  # slicer-core missing: only the engine tests run
+    @pytest.fixture
+    def mrml():
+        pytest.skip("slicer-core is needed for the MRML tests")
 
 
 @pytest.fixture
@@ -48,3 +56,26 @@ def test_given_model_and_unknown_contrast_keep_the_old_choice(bundled_zoo):
 def test_detect_default_model_follows_the_given_contrast(bundled_zoo):
     assert resolve_model(None, "disyre", "cpu", contrast="T2").id == "disyre-t2-phantom"
     assert resolve_model(None, "disyre", "cpu", contrast="T1").id == "disyre-t1-phantom"
+
+
+
+def test_volume_contrast_reads_the_node_name():
+    import SimpleITK as sitk
+
+    from UADExtensionLib.logic import volume_contrast
+
+    img = sitk.Image(8, 8, 4, sitk.sitkFloat32)
+    assert volume_contrast(img, "sub-01_FLAIR") == "FLAIR"
+    assert volume_contrast(img, "case_T2_axial") == "T2"
+
+
+def test_logic_default_model_follows_the_volume_contrast(bundled_zoo, mrml, tmp_path):  # noqa: F811
+    from test_logic import _brain_array, _write_volume
+
+    from UADExtensionLib.logic import UADExtensionLogic
+
+    path = _write_volume(tmp_path / "brain.nii.gz", _brain_array())
+    node = mrml.load(path, name="case_T1")  # not the first disyre model of the manifest (FLAIR)
+    logic = UADExtensionLogic(mrml.scene, segmentationsLogic=mrml.segmentations)
+    result = logic.process(node, method="disyre", device="cpu", preset="fast", batchSize=4)
+    assert result.info["model"] == "disyre-t1-phantom"

@@ -63,6 +63,27 @@ def terminology_file_path():
 ATTR_PREFIX = "UAD."
 
 
+def volume_contrast(image, name: str | None = None, brain_mask=None) -> str | None:
+    """The contrast of a volume as ``uad detect`` resolves it without ``--contrast``: the image metadata or
+    the node name (``*_T2_*``, ``*flair*``), else ``uad.selection.guess_contrast``; None when neither says
+    (then the method's first model is used, as before)."""
+    import warnings
+
+    try:
+        from uad.imageio import metadata_contrast
+        from uad.selection import guess_contrast
+
+        c = metadata_contrast(image, name)
+        if not c:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                c = guess_contrast(image, brain_mask).contrast
+        return str(c).upper() if c else None
+    except Exception as e:  # noqa: BLE001 - an unusual volume: no contrast, the method's first model
+        logging.info("UAD: contrast not resolved (%s)", e)
+        return None
+
+
 @dataclass
 class UADResult:
     """What ``process`` created."""
@@ -354,11 +375,14 @@ class UADExtensionLogic:
 
         from uad.pipeline import detect  # heavy (torch): imported only when running
 
+        # the method's default model (model None) is its model for this volume's contrast, as on the CLI
+        contrast = volume_contrast(image, inputVolumeNode.GetName(), brain_mask) if model is None else None
         with bounded_torch_threads(threads), collect_engine_warnings() as warnings:
             det, batchSize = detect_halving_batch_on_oom(
                 detect, image, method=method, model=model, device=device, seed=seed, batch_size=batchSize,
                 preset=preset, params=params, threshold=threshold, brain_mask=brain_mask,
-                progress=progressCallback, cancel=_cancel_function(cancel), precision=precision)
+                progress=progressCallback, cancel=_cancel_function(cancel), precision=precision,
+                contrast=contrast)
         info = dict(det.info or {})
         model_id = getattr(model, "id", None) or info.get("model") or (model if isinstance(model, str) else None)
         info.setdefault("model", model_id)
