@@ -64,21 +64,13 @@ ATTR_PREFIX = "UAD."
 
 
 def volume_contrast(image, name: str | None = None, brain_mask=None) -> str | None:
-    """The contrast of a volume as ``uad detect`` resolves it without ``--contrast``: the image metadata or
-    the node name (``*_T2_*``, ``*flair*``), else ``uad.selection.guess_contrast``; None when neither says
-    (then the method's first model is used, as before)."""
-    import warnings
-
+    """The contrast of a volume as ``uad detect`` resolves it without ``--contrast``
+    (``uad.selection.resolve_contrast``: the image metadata or the node name, else the guess); None when
+    it cannot say (then the method's first model is used, as before)."""
     try:
-        from uad.imageio import metadata_contrast
-        from uad.selection import guess_contrast
+        from uad.selection import resolve_contrast
 
-        c = metadata_contrast(image, name)
-        if not c:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                c = guess_contrast(image, brain_mask).contrast
-        return str(c).upper() if c else None
+        return resolve_contrast(None, image, name, brain_mask)[0]
     except Exception as e:  # noqa: BLE001 - an unusual volume: no contrast, the method's first model
         logging.info("UAD: contrast not resolved (%s)", e)
         return None

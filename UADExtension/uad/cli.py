@@ -233,8 +233,10 @@ def _cmd_detect(args, json_events: bool = False) -> int:
     single = len(cases) == 1 and not ctx.enabled and not any(Path(x).is_dir() for x in args.inputs)
     errors: dict[int, str] = {}
     choices: dict[int, tuple] = {}  # case -> (method, model id, preset)
-    contrasts: dict[int, tuple] = {}  # case -> its contrast, resolved once (_scan_contrast)
+    contrasts: dict[int, tuple] = {}  # case -> its contrast, resolved once (uad.selection.resolve_contrast)
     voxels = 0
+    from .selection import resolve_contrast
+
     for i, c in enumerate(cases):
         try:
             img = read_image(c.path)
@@ -244,7 +246,7 @@ def _cmd_detect(args, json_events: bool = False) -> int:
                 mimg = read_image(c.mask)
                 validate_mask(mimg, img, name=str(c.mask))
             voxels = max(voxels, int(np.prod(img.GetSize(), dtype=np.int64)))
-            contrasts[i] = _scan_contrast(args.contrast, img, c.path, mimg)
+            contrasts[i] = resolve_contrast(args.contrast, img, c.path, mimg)
             choices[i] = _choose_method(args, name, img, c.path, mimg, say, contrasts[i])
             del img, mimg
         except UADError as e:
@@ -405,19 +407,17 @@ CONTRASTS = ("T1", "T2", "FLAIR")
 
 def _choose_method(args, name, image, path, brain_mask, say, contrast=None) -> tuple:
     """(method, model id, preset) for one case: the given ``--method``, else the method whose bundled
-    model measured best for the case's contrast (``contrast``: its ``_scan_contrast`` resolution, made
+    model measured best for the case's contrast (``contrast``: its ``uad.selection.resolve_contrast`` resolution, made
     here when not given), printed with the reason."""
-    if name is not None:  # the given method; without --model, its model for the case's contrast
-        if args.model:
-            return name, args.model, args.preset
-        from .zoo import find_model
-
-        c = (contrast if contrast is not None else _scan_contrast(args.contrast, image, path, brain_mask))[0]
-        return name, find_model(method=name, contrast=c if c in CONTRASTS else None).id, args.preset
+    if name is not None and args.model:
+        return name, args.model, args.preset
     from .pipeline import method_key
-    from .selection import default_choice
+    from .selection import default_choice, resolve_contrast
+    from .zoo import find_model
 
-    c, source, ctext = contrast if contrast is not None else _scan_contrast(args.contrast, image, path, brain_mask)
+    c, source, ctext = contrast if contrast is not None else resolve_contrast(args.contrast, image, path, brain_mask)
+    if name is not None:  # the given method without --model: its model for the case's contrast
+        return name, find_model(method=name, contrast=c if c in CONTRASTS else None).id, args.preset
     if c is None:  # the guess failed: its one-line reason
         raise InputError(f"{path}: {ctext}")
     if c not in CONTRASTS:
@@ -430,35 +430,6 @@ def _choose_method(args, name, image, path, brain_mask, say, contrast=None) -> t
     say(f"{path}: method {choice.method} (model {choice.model}"
         f"{', preset ' + choice.preset if choice.preset and not args.preset else ''}): {choice.reason}")
     return method_key(choice.method), args.model or choice.model, args.preset or choice.preset
-
-
-def _scan_contrast(given, image, path, brain_mask=None) -> tuple[str | None, str, str]:
-    """One case's contrast, resolved once for the default method and the model-mismatch warning:
-    (contrast or None, where it comes from, the text printed with the default method).  ``--contrast``,
-    else the image metadata / file name, else ``uad.selection.guess_contrast`` (with the brain mask when
-    one is given; "unsure" when it warns).  When the guess fails: (None, "", its one-line reason)."""
-    import warnings
-
-    from .imageio import metadata_contrast
-    from .selection import guess_contrast
-
-    if given:
-        c = str(given).upper()
-        return c, "--contrast", f"{c} (given)"
-    c = metadata_contrast(image, path)
-    if c:
-        c = str(c).upper()
-        return c, "metadata / file name", f"{c} (metadata / file name)"
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            g = guess_contrast(image, brain_mask)
-    except Exception as e:  # noqa: BLE001 - a guess that fails is no guess
-        return None, "", _one_line(e)
-    text = f"{g.contrast} (guessed, confidence {g.confidence:.2f}: {g.reason})"
-    if caught:
-        text += " -- warning: unsure, pass --contrast to override"
-    return str(g.contrast).upper(), "guessed from the intensities", text
 
 
 def sitk_array(img):

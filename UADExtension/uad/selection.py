@@ -166,6 +166,39 @@ class MethodChoice:
         return iter((self.method, self.model, self.preset, self.reason))
 
 
+
+def resolve_contrast(given, image, path=None, brain_mask=None) -> tuple[str | None, str, str]:
+    """A scan's contrast as ``uad detect`` resolves it (once per case, for the default method, the default
+    model of a given method and the model-mismatch warning): (contrast or None, where it comes from, the
+    text printed with the default method).  ``given`` (``--contrast``), else the image metadata / file
+    name (``path``: a file or Slicer node name), else ``guess_contrast`` (with the brain mask when one is
+    given; "unsure" when it warns).  When the guess fails: (None, "", its one-line reason)."""
+    from .imageio import metadata_contrast
+
+    if given:
+        c = str(given).upper()
+        return c, "--contrast", f"{c} (given)"
+    c = metadata_contrast(image, path)
+    if c:
+        c = str(c).upper()
+        return c, "metadata / file name", f"{c} (metadata / file name)"
+    try:
+        c, text = _guessed(image, brain_mask)
+    except Exception as e:  # noqa: BLE001 - a guess that fails is no guess
+        return None, "", " ".join(str(e).split())
+    return c.upper(), "guessed from the intensities", text
+
+
+def _guessed(image, brain_mask=None) -> tuple[str, str]:
+    """(contrast, text) of ``guess_contrast``; the text says "unsure" when the guess warned."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = guess_contrast(image, brain_mask)
+    text = f"{g.contrast} (guessed, confidence {g.confidence:.2f}: {g.reason})"
+    if caught:
+        text += " -- warning: unsure, pass --contrast to override"
+    return str(g.contrast), text
+
 def _measurements(entry) -> list[tuple[str, str | None, float, str]]:
     """(method, preset, mean AP, where) measured for a manifest entry."""
     data = entry.data if hasattr(entry, "data") else entry
@@ -252,13 +285,7 @@ def default_choice(image: sitk.Image | None = None, contrast: str | None = None,
             raise ValueError(f"unknown contrast {contrast!r}; choose one of {', '.join(CONTRASTS)}")
         ctext = f"{c} (given)"
     else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            g = guess_contrast(image, brain_mask)
-        c = g.contrast
-        ctext = f"{c} (guessed, confidence {g.confidence:.2f}: {g.reason})"
-        if caught:
-            ctext += " -- warning: unsure, pass --contrast to override"
+        c, ctext = _guessed(image, brain_mask)
     entries = [find_model(model)] if model else list_models()
     try:
         return best_method(c, entries), ctext
