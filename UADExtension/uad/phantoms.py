@@ -29,6 +29,7 @@ from a rotating pool of phantoms, preprocessed by ``uad.preprocess.preprocess``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import math
 import os
@@ -1046,6 +1047,66 @@ def add_cli(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------- training stream
+def thick_slice_profile(arr: np.ndarray, axis: int, thickness: float, offset: float = 0.0,
+                        sub_samples: int = 8) -> np.ndarray:
+    """``arr`` as if acquired with thick slices along ``axis`` and resampled back onto its own grid.
+
+    ``thickness`` (in voxels of ``arr``, >= 1) is the slice thickness = slice spacing of the
+    simulated acquisition; its first slice is centred at index ``offset``.  Each thick slice is
+    the mean over its width (a box slice profile, ``sub_samples`` linearly interpolated samples)
+    and the result is the linear interpolation between slice centres (clamped at both ends) --
+    what inference sees when a thick-slice scan is resampled onto the model's grid.  A
+    thickness of 1 with offset 0 returns ``arr`` (as float32).
+    """
+    a = np.moveaxis(np.asarray(arr, np.float32), axis, 0)
+    n = a.shape[0]
+    u = float(thickness)
+    if not u >= 1.0:
+        raise ValueError(f"thickness must be >= 1 voxel, got {thickness}")
+
+    def at(pos: np.ndarray) -> np.ndarray:  # linear interpolation along the axis, clamped
+        p = np.clip(pos, 0.0, n - 1.0)
+        i0 = np.minimum(np.floor(p).astype(int), max(n - 2, 0))
+        w = (p - i0).reshape((-1,) + (1,) * (a.ndim - 1)).astype(np.float32)
+        i1 = np.minimum(i0 + 1, n - 1)
+        return a[i0] * (1.0 - w) + a[i1] * w
+
+    o = float(offset) % u
+    first = -int(np.ceil(o / u)) if o > 0 else 0
+    centres = o + u * np.arange(first, int(np.ceil((n - 1 - o) / u)) + 2)
+    k = max(1, int(sub_samples)) if u > 1.0 else 1
+    sub = ((np.arange(k) + 0.5) / k - 0.5) * u if u > 1.0 else np.zeros(1)
+    thick = np.mean([at(centres + d) for d in sub], axis=0)  # (m, ...)
+    q = (np.arange(n) - centres[0]) / u  # position in thick-slice units
+    j0 = np.clip(np.floor(q).astype(int), 0, len(centres) - 2)
+    w = np.clip(q - j0, 0.0, 1.0).reshape((-1,) + (1,) * (a.ndim - 1)).astype(np.float32)
+    out = thick[j0] * (1.0 - w) + thick[j0 + 1] * w
+    return np.ascontiguousarray(np.moveaxis(out.astype(np.float32), 0, axis))
+
+
+#: Thick-slice augmentation of the training phantoms: the axis (numpy order z, y, x) of the simulated
+#: thick slices is axial, coronal or sagittal with these probabilities.
+THICK_SLICE_AXES = ((0, 0.5), (1, 0.25), (2, 0.25))
+
+
+def thick_slice_draw(seed: int, fraction: float, thickness_mm=(3.0, 6.0)):
+    """Whether, and how, the training phantom of ``seed`` is acquired with thick slices.
+
+    Returns None (not augmented; probability 1 - ``fraction``) or ``(axis, thickness_mm, offset)``,
+    a deterministic function of the seed (a paired healthy twin gets the lesion phantom's draw).
+    """
+    if not fraction > 0:
+        return None
+    r = np.random.default_rng([int(seed), 778])
+    if r.random() >= float(fraction):
+        return None
+    axes, p = zip(*THICK_SLICE_AXES)
+    axis = int(r.choice(axes, p=p))
+    lo, hi = float(thickness_mm[0]), float(thickness_mm[1])
+    t = float(r.uniform(lo, hi))
+    return axis, t, float(r.uniform(0.0, 1.0))
+
+
 def auto_phantom_spacing(image_size: int) -> float:
     """Phantom voxel size (mm) used for a model resolution: about one model pixel, within [1, 2] mm."""
     return float(min(2.0, max(1.0, round(2.0 * 190.0 / float(image_size)) / 2.0)))
@@ -1089,8 +1150,15 @@ class TrainingSliceSource:
     def __init__(self, contrast: str = "T2", image_size: int = 64, seed: int = 0, pool_size: int = 8,
                  refresh_every: int = 50, lesion: str = "none", lesion_fraction: float = 0.0, holdout: bool = False,
                  spacing: float | None = None, normalisation: dict | None = None, min_brain_fraction: float = 0.2,
-                 flip_probability: float = 0.5, prefetch: bool = True, paired: bool = False):
+                 flip_probability: float = 0.5, prefetch: bool = True, paired: bool = False,
+                 thick_fraction: float = 0.0, thick_mm=(3.0, 6.0)):
         self.contrast = _check_contrast(contrast)
+        if not 0.0 <= float(thick_fraction) <= 1.0:
+            raise ValueError(f"thick_fraction must be in [0, 1], got {thick_fraction}")
+        if len(thick_mm) != 2 or not 0.0 < float(thick_mm[0]) <= float(thick_mm[1]):
+            raise ValueError(f"thick_mm must be (low, high) mm with 0 < low <= high, got {thick_mm}")
+        self.thick_fraction = float(thick_fraction)
+        self.thick_mm = (float(thick_mm[0]), float(thick_mm[1]))
         self.paired = bool(paired)
         self.lesion = "any" if str(lesion).lower() == "any" else _check_lesion(lesion)
         if not 0.0 <= float(lesion_fraction) <= 1.0:
@@ -1146,6 +1214,7 @@ class TrainingSliceSource:
         from .preprocess import preprocess
 
         ph = make_phantom(s, contrast=self.contrast, lesion=kind, spacing=self.spacing)
+        ph = self._thick(ph, s)
         stack = preprocess(ph.image, self.image_size, brain_mask=ph.brain_mask,
                            normalisation=self.normalisation or None)
         n = len(stack)
@@ -1164,6 +1233,41 @@ class TrainingSliceSource:
         return _PoolEntry(seed=s, lesion=kind, slices=np.ascontiguousarray(stack.slices[keep], np.float32),
                           masks=np.ascontiguousarray(stack.masks[keep]), lesions=np.ascontiguousarray(lesions[keep]),
                           labels=labels)
+
+    def _thick(self, ph: Phantom, s: int) -> Phantom:
+        """The phantom of seed ``s`` acquired with thick slices when ``thick_slice_draw`` says so.
+
+        Image, brain and lesion masks go through ``thick_slice_profile`` on the phantom's
+        (isotropic) grid; the masks are thresholded at 0.5 and the image zeroed outside the
+        new brain mask, as a thick-slice scan resampled onto the model's grid.
+        """
+        draw = thick_slice_draw(s, self.thick_fraction, self.thick_mm)
+        if draw is None:
+            return ph
+        axis, t_mm, frac = draw
+        u = max(1.0, t_mm / float(ph.image.GetSpacing()[2 - axis]))
+
+        def thick(im: sitk.Image) -> np.ndarray:
+            return thick_slice_profile(sitk.GetArrayViewFromImage(im), axis, u, frac * u)
+
+        brain = thick(ph.brain_mask) >= 0.5
+        img = np.where(brain, np.maximum(thick(ph.image), 0.0), 0.0).astype(np.float32)
+        out = {}
+        for name, arr in (("image", img), ("brain_mask", brain.astype(np.uint8))):
+            im = sitk.GetImageFromArray(arr)
+            im.CopyInformation(getattr(ph, name))
+            out[name] = im
+        if ph.lesion_mask is not None:
+            les = ((thick(ph.lesion_mask) >= 0.5) & brain).astype(np.uint8)
+            im = sitk.GetImageFromArray(les)
+            im.CopyInformation(ph.lesion_mask)
+            out["lesion_mask"] = im
+        meta = dict(ph.meta)
+        meta["thick_slices"] = {"axis_zyx": axis, "thickness_mm": round(t_mm, 3)}
+        if ph.lesion_mask is not None:
+            meta["lesion_voxels"] = int(sitk.GetArrayViewFromImage(out["lesion_mask"]).sum())
+            meta["lesion_volume_ml"] = round(meta["lesion_voxels"] * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
+        return dataclasses.replace(ph, meta=meta, **out)
 
     def _submit_next(self) -> None:
         if not self.prefetch:

@@ -114,6 +114,11 @@ class TrainConfig:
     lesion_fraction: float = 0.0  # fraction of lesion phantoms (weakly supervised methods)
     paired_healthy: bool = False  # each lesion phantom with its healthy twin (same seed, no lesion; label 0)
     pool_size: int = 8
+    # thick-slice augmentation (phantoms): this fraction of the training phantoms is acquired with thick slices
+    # (axial / coronal / sagittal, thickness ~ U(thick_slice_mm)) and resampled back, as inference sees a
+    # thick-slice scan on the model's grid (uad.phantoms.thick_slice_profile); 0: off
+    thick_slice_fraction: float = 0.0
+    thick_slice_mm: list = field(default_factory=lambda: [3.0, 6.0])
     noise: str | None = None  # override the model's noise kind (gaussian | simplex)
     model_overrides: dict = field(default_factory=dict)
     # EMA, timestep range, initialisation, learning curve (see "Converging faster" in the module docstring)
@@ -162,6 +167,19 @@ class TrainConfig:
                 get_method_class(m)
             except ValueError as e:
                 raise UADError(f"curve method: {' '.join(str(e).split())}") from None
+        f = self.thick_slice_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
+            raise UADError(f"training option thick_slice_fraction must be a number in [0, 1], got {f!r}")
+        self.thick_slice_fraction = float(f)
+        mm = self.thick_slice_mm
+        if not isinstance(mm, (list, tuple)) or len(mm) != 2 \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mm) \
+                or not 0.0 < float(mm[0]) <= float(mm[1]) <= 20.0:
+            raise UADError(f"training option thick_slice_mm must be [low, high] mm with 0 < low <= high <= 20, "
+                           f"got {mm!r}")
+        self.thick_slice_mm = [float(mm[0]), float(mm[1])]
+        if self.thick_slice_fraction > 0 and self.data != "phantoms":
+            raise UADError("training option thick_slice_fraction applies to phantom training (--data phantoms)")
         if not isinstance(self.paired_healthy, bool):
             raise UADError(f"training option paired_healthy must be true or false, got {self.paired_healthy!r}")
         if not isinstance(self.model_overrides, dict):
@@ -642,7 +660,8 @@ def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | N
                                    lesion="any" if cfg.lesion_fraction > 0 else "none",
                                    lesion_fraction=cfg.lesion_fraction, holdout=holdout,
                                    paired=cfg.paired_healthy,
-                                   normalisation=normalisation, prefetch=not holdout)
+                                   normalisation=normalisation, prefetch=not holdout,
+                                   thick_fraction=cfg.thick_slice_fraction, thick_mm=tuple(cfg.thick_slice_mm))
     return VolumeFolderSource(cfg.data, cfg.image_size, holdout=holdout, normalisation=normalisation,
                               rank=rank, world_size=world_size, labels=get_method_class(cfg.method).needs_labels)
 
@@ -651,6 +670,10 @@ def _describe_source(source) -> str:
     if hasattr(source, "describe"):
         return source.describe()
     twins = ", each lesion phantom with its healthy twin" if getattr(source, "paired", False) else ""
+    f = float(getattr(source, "thick_fraction", 0.0))
+    if f > 0:
+        lo, hi = source.thick_mm
+        twins += f", {f:.0%} acquired with {lo:g}-{hi:g} mm thick slices"
     return f"phantom seeds {source.base_seed}, {source.base_seed + 1}, ... (pool of {source.pool_size}){twins}"
 
 
@@ -1358,7 +1381,8 @@ def calibrate_threshold(model: Model, method: str, contrast: str = "T2", n_volum
 _CLI_FIELDS = {"data": "data", "contrast": "contrast", "steps": "steps", "batch_size": "batch_size",
                "image_size": "image_size", "lr": "lr", "seed": "seed", "init": "init", "ema_decay": "ema_decay",
                "t_min": "t_min", "t_max": "t_max", "curve_every": "curve_every", "curve_methods": "curve_methods",
-               "curve_preset": "curve_preset", "curve_slices": "curve_slices"}
+               "curve_preset": "curve_preset", "curve_slices": "curve_slices",
+               "thick_slice_fraction": "thick_slice_fraction"}
 
 
 def add_cli(subparsers) -> None:
@@ -1396,6 +1420,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--curve-preset", help="preset of the curve's methods (default fast)")
     p.add_argument("--curve-slices", type=int, metavar="N", help="axial slices of the sample the curve uses "
                                                                  "(default 24)")
+    p.add_argument("--thick-slices", dest="thick_slice_fraction", type=float, metavar="FRACTION",
+                   help="phantoms: acquire this fraction of the training phantoms with thick slices (3-6 mm, "
+                        "axial / coronal / sagittal) resampled back onto the grid, as inference sees thick-slice "
+                        "scans (default 0: off; 'thick_slice_mm' in --config sets the range)")
     p.add_argument("--time-limit", type=float, metavar="MIN", help="checkpoint and stop after MIN minutes (resume "
                                                                   "later with --resume); SIGINT / SIGTERM also "
                                                                   "checkpoint and stop")
