@@ -145,3 +145,20 @@ def test_config_and_cli(tmp_path):
     add_cli(p.add_subparsers())
     args = p.parse_args(["train", "--method", "disyre", "-o", str(tmp_path / "r"), "--thick-slices", "0.25"])
     assert config_from_args(args).thick_slice_fraction == 0.25
+
+
+def test_training_records_the_augmentation(tmp_path):
+    import json
+
+    from uad.networks import tiny_unet_config
+    from uad.training import train
+
+    base = dict(method="anoddpm", image_size=32, steps=2, batch_size=2, val_every=2, val_batches=1,
+                checkpoint_every=2, pool_size=1, seed=0,
+                model_overrides={"networks": {"denoiser": tiny_unet_config((8, 16, 16))}})
+    train(TrainConfig.from_dict({**base, "thick_slice_fraction": 1.0}), tmp_path / "thick", device="cpu",
+          progress=False)
+    rec = json.loads((tmp_path / "thick" / "model.json").read_text())["training"]
+    assert rec["thick_slices"] == {"fraction": 1.0, "mm": [3.0, 6.0]}
+    train(TrainConfig.from_dict(base), tmp_path / "plain", device="cpu", progress=False)
+    assert "thick_slices" not in json.loads((tmp_path / "plain" / "model.json").read_text())["training"]

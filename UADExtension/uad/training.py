@@ -1315,6 +1315,8 @@ def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig,
         training["weights"] = "ema"
     if "train_t_min" in entry:
         training["timesteps"] = [entry["train_t_min"], entry["train_t_max"]]
+    if cfg.thick_slice_fraction > 0:
+        training["thick_slices"] = {"fraction": cfg.thick_slice_fraction, "mm": list(cfg.thick_slice_mm)}
     if state.get("init"):
         training["init"] = state["init"]
     if state.get("seconds") is not None:
