@@ -1072,8 +1072,7 @@ def thick_slice_profile(arr: np.ndarray, axis: int, thickness: float, offset: fl
         return a[i0] * (1.0 - w) + a[i1] * w
 
     o = float(offset) % u
-    first = -int(np.ceil(o / u)) if o > 0 else 0
-    centres = o + u * np.arange(first, int(np.ceil((n - 1 - o) / u)) + 2)
+    centres = o + u * np.arange(-1 if o > 0 else 0, int(np.ceil((n - 1 - o) / u)) + 2)  # index 0 to n-1 bracketed
     k = max(1, int(sub_samples)) if u > 1.0 else 1
     sub = ((np.arange(k) + 0.5) / k - 0.5) * u if u > 1.0 else np.zeros(1)
     thick = np.mean([at(centres + d) for d in sub], axis=0)  # (m, ...)
@@ -1253,6 +1252,7 @@ class TrainingSliceSource:
         brain = thick(ph.brain_mask) >= 0.5
         img = np.where(brain, np.maximum(thick(ph.image), 0.0), 0.0).astype(np.float32)
         out = {}
+        meta = dict(ph.meta, thick_slices={"axis_zyx": axis, "thickness_mm": round(t_mm, 3)})
         for name, arr in (("image", img), ("brain_mask", brain.astype(np.uint8))):
             im = sitk.GetImageFromArray(arr)
             im.CopyInformation(getattr(ph, name))
@@ -1262,11 +1262,8 @@ class TrainingSliceSource:
             im = sitk.GetImageFromArray(les)
             im.CopyInformation(ph.lesion_mask)
             out["lesion_mask"] = im
-        meta = dict(ph.meta)
-        meta["thick_slices"] = {"axis_zyx": axis, "thickness_mm": round(t_mm, 3)}
-        if ph.lesion_mask is not None:
-            meta["lesion_voxels"] = int(sitk.GetArrayViewFromImage(out["lesion_mask"]).sum())
-            meta["lesion_volume_ml"] = round(meta["lesion_voxels"] * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
+            meta["lesion_voxels"] = int(les.sum())
+            meta["lesion_volume_ml"] = round(int(les.sum()) * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
         return dataclasses.replace(ph, meta=meta, **out)
 
     def _submit_next(self) -> None:
