@@ -488,4 +488,4 @@ def test_paired_healthy_twins_remove_the_slice_position_shortcut():
         diff = np.abs(e0.slices[i] - twin[i])
         assert diff[near].mean() > 3 * diff[~near & e0.masks[i]].mean()
     assert (e.labels == 0).sum() >= (e.labels == 1).sum() * 2  # >= one healthy slice per lesion slice, and more
-    assert "healthy twin" in __import__("uad.training", fromlist=["x"])._describe_source(paired)
+    assert "healthy twin" in paired.describe()

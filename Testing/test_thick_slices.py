@@ -100,6 +100,8 @@ def test_training_source_thick_phantoms():
     thick = TrainingSliceSource(seed=seed, thick_fraction=1.0, thick_mm=(12.0, 12.0), **kw).fill()
     # the same anatomy, blurred across the axial slices: neighbouring slices more alike
     assert _axial_neighbour_difference(thick) < 0.7 * _axial_neighbour_difference(plain)
+    assert thick.describe().endswith(", 100% acquired with 12-12 mm thick slices")
+    assert "thick" not in plain.describe()
     x, m, _ = thick.sample_batch(8, np.random.default_rng(0))
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and (x[~m] == 0).all()
     # fraction 0 is the source as before (identical slices)

@@ -1313,6 +1313,14 @@ class TrainingSliceSource:
         except Exception:
             pass
 
+    def describe(self) -> str:
+        """One line on the stream: its seeds, pool, twins and thick-slice share."""
+        extra = ", each lesion phantom with its healthy twin" if self.paired else ""
+        if self.thick_fraction > 0:
+            lo, hi = self.thick_mm
+            extra += f", {self.thick_fraction:.0%} acquired with {lo:g}-{hi:g} mm thick slices"
+        return f"phantom seeds {self.base_seed}, {self.base_seed + 1}, ... (pool of {self.pool_size}){extra}"
+
     @property
     def seeds(self) -> list[int]:
         return [e.seed for e in self.pool]

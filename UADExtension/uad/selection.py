@@ -166,7 +166,6 @@ class MethodChoice:
         return iter((self.method, self.model, self.preset, self.reason))
 
 
-
 def resolve_contrast(given, image, path=None, brain_mask=None) -> tuple[str | None, str, str]:
     """A scan's contrast as ``uad detect`` resolves it (once per case, for the default method, the default
     model of a given method and the model-mismatch warning): (contrast or None, where it comes from, the
@@ -198,6 +197,7 @@ def _guessed(image, brain_mask=None) -> tuple[str, str]:
     if caught:
         text += " -- warning: unsure, pass --contrast to override"
     return str(g.contrast), text
+
 
 def _measurements(entry) -> list[tuple[str, str | None, float, str]]:
     """(method, preset, mean AP, where) measured for a manifest entry."""

@@ -666,17 +666,6 @@ def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | N
                               rank=rank, world_size=world_size, labels=get_method_class(cfg.method).needs_labels)
 
 
-def _describe_source(source) -> str:
-    if hasattr(source, "describe"):
-        return source.describe()
-    twins = ", each lesion phantom with its healthy twin" if getattr(source, "paired", False) else ""
-    f = float(getattr(source, "thick_fraction", 0.0))
-    if f > 0:
-        lo, hi = source.thick_mm
-        twins += f", {f:.0%} acquired with {lo:g}-{hi:g} mm thick slices"
-    return f"phantom seeds {source.base_seed}, {source.base_seed + 1}, ... (pool of {source.pool_size}){twins}"
-
-
 # --------------------------------------------------------------------------- loop
 def _unwrap(net):
     """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper."""
@@ -1281,7 +1270,7 @@ def _debug_dump(ctx: DistContext, model: Model, state: dict, first_batch: str | 
     Path(folder).mkdir(parents=True, exist_ok=True)
     info = {"rank": ctx.rank, "world_size": ctx.world_size, "step": state["step"],
             "weights_sha256": state_digest(flat_state(model)), "first_batch_sha256": first_batch,
-            "data": _describe_source(source)}
+            "data": source.describe()}
     if hasattr(source, "seeds"):
         info["phantom_seeds"] = list(source.seeds)
     Path(folder, f"rank{ctx.rank}.json").write_text(json.dumps(info, indent=2))
