@@ -1106,6 +1106,55 @@ def thick_slice_draw(seed: int, fraction: float, thickness_mm=(3.0, 6.0)):
     return axis, t, float(r.uniform(0.0, 1.0))
 
 
+#: Skull-stripping-error augmentation: the smooth random field that moves the brain mask's boundary has
+#: this correlation length (mm, the sigma of the Gaussian that smooths white noise into it).
+STRIP_ERROR_SCALE_MM = 15.0
+
+
+def strip_error_draw(seed: int, fraction: float, amplitude_mm=(2.0, 6.0)):
+    """Whether, and how far, the training phantom of ``seed`` is skull-stripped with an imperfect mask.
+
+    Returns None (stripped with its true brain mask; probability 1 - ``fraction``) or the largest
+    displacement (mm, ~ U(``amplitude_mm``)) of the mask's boundary, a deterministic function of the
+    seed (a paired healthy twin gets the lesion phantom's draw, as with ``thick_slice_draw``).
+    """
+    if not fraction > 0:
+        return None
+    r = np.random.default_rng([int(seed), 779])
+    if r.random() >= float(fraction):
+        return None
+    return float(r.uniform(float(amplitude_mm[0]), float(amplitude_mm[1])))
+
+
+def perturbed_brain_mask(brain: np.ndarray, spacing_zyx, amplitude_mm: float, seed: int,
+                         scale_mm: float = STRIP_ERROR_SCALE_MM) -> np.ndarray:
+    """``brain`` (bool, (z, y, x)) with its boundary moved out and in by a smooth random field.
+
+    The field is white noise (seeded by ``seed``) smoothed by a Gaussian of ``scale_mm``, scaled to a standard
+    deviation of ``amplitude_mm`` / 2 and clipped to +-``amplitude_mm``; a voxel is in the new mask when its
+    signed distance to the brain's boundary (mm from the voxel's centre to the surface half a voxel beyond the
+    outermost brain voxels; negative inside) is below the field there.  Where the field is positive the mask
+    takes in the tissue outside the brain (the CSF rim, the inner table of the skull), where it is negative it
+    leaves out the brain's surface: the errors of a skull stripper or a registered template mask, which the
+    models meet on clinical scans.  ``amplitude_mm`` 0 returns ``brain``.
+    """
+    from scipy import ndimage
+
+    brain = np.asarray(brain, bool)
+    if not amplitude_mm > 0 or not brain.any():
+        return brain.copy()
+    sp = tuple(float(v) for v in spacing_zyx)
+    half = 0.5 * min(sp)
+    signed = np.where(brain, half - ndimage.distance_transform_edt(brain, sampling=sp),
+                      ndimage.distance_transform_edt(~brain, sampling=sp) - half)
+    rng = np.random.default_rng([int(seed), 780])
+    field = ndimage.gaussian_filter(rng.standard_normal(brain.shape), sigma=[float(scale_mm) / v for v in sp],
+                                    mode="wrap")
+    field *= 0.5 * float(amplitude_mm) / max(float(field.std()), 1e-12)
+    np.clip(field, -float(amplitude_mm), float(amplitude_mm), out=field)
+    return signed < field
+
+
 def auto_phantom_spacing(image_size: int) -> float:
     """Phantom voxel size (mm) used for a model resolution: about one model pixel, within [1, 2] mm."""
     return float(min(2.0, max(1.0, round(2.0 * 190.0 / float(image_size)) / 2.0)))
@@ -1150,8 +1199,15 @@ class TrainingSliceSource:
                  refresh_every: int = 50, lesion: str = "none", lesion_fraction: float = 0.0, holdout: bool = False,
                  spacing: float | None = None, normalisation: dict | None = None, min_brain_fraction: float = 0.2,
                  flip_probability: float = 0.5, prefetch: bool = True, paired: bool = False,
-                 thick_fraction: float = 0.0, thick_mm=(3.0, 6.0)):
+                 thick_fraction: float = 0.0, thick_mm=(3.0, 6.0), strip_fraction: float = 0.0,
+                 strip_mm=(2.0, 6.0)):
         self.contrast = _check_contrast(contrast)
+        if not 0.0 <= float(strip_fraction) <= 1.0:
+            raise ValueError(f"strip_fraction must be in [0, 1], got {strip_fraction}")
+        if len(strip_mm) != 2 or not 0.0 < float(strip_mm[0]) <= float(strip_mm[1]):
+            raise ValueError(f"strip_mm must be (low, high) mm with 0 < low <= high, got {strip_mm}")
+        self.strip_fraction = float(strip_fraction)
+        self.strip_mm = (float(strip_mm[0]), float(strip_mm[1]))
         if not 0.0 <= float(thick_fraction) <= 1.0:
             raise ValueError(f"thick_fraction must be in [0, 1], got {thick_fraction}")
         if len(thick_mm) != 2 or not 0.0 < float(thick_mm[0]) <= float(thick_mm[1]):
@@ -1212,8 +1268,11 @@ class TrainingSliceSource:
     def _build_one(self, s: int, kind: str) -> _PoolEntry:
         from .preprocess import preprocess
 
-        ph = make_phantom(s, contrast=self.contrast, lesion=kind, spacing=self.spacing)
+        strip = strip_error_draw(s, self.strip_fraction, self.strip_mm)
+        ph = make_phantom(s, contrast=self.contrast, lesion=kind, spacing=self.spacing, head=strip is not None)
         ph = self._thick(ph, s)
+        if strip is not None:
+            ph = self._strip(ph, s, strip)
         stack = preprocess(ph.image, self.image_size, brain_mask=ph.brain_mask,
                            normalisation=self.normalisation or None)
         n = len(stack)
@@ -1238,7 +1297,8 @@ class TrainingSliceSource:
 
         Image, brain and lesion masks go through ``thick_slice_profile`` on the phantom's
         (isotropic) grid; the masks are thresholded at 0.5 and the image zeroed outside the
-        new brain mask, as a thick-slice scan resampled onto the model's grid.
+        new brain mask, as a thick-slice scan resampled onto the model's grid (a head phantom
+        keeps its head: ``_strip`` strips it).
         """
         draw = thick_slice_draw(s, self.thick_fraction, self.thick_mm)
         if draw is None:
@@ -1250,7 +1310,8 @@ class TrainingSliceSource:
             return thick_slice_profile(sitk.GetArrayViewFromImage(im), axis, u, frac * u)
 
         brain = thick(ph.brain_mask) >= 0.5
-        img = np.where(brain, np.maximum(thick(ph.image), 0.0), 0.0).astype(np.float32)
+        img = np.maximum(thick(ph.image), 0.0)
+        img = (img if ph.head_mask is not None else np.where(brain, img, 0.0)).astype(np.float32)
         out = {}
         meta = dict(ph.meta, thick_slices={"axis_zyx": axis, "thickness_mm": round(t_mm, 3)})
         for name, arr in (("image", img), ("brain_mask", brain.astype(np.uint8))):
@@ -1265,6 +1326,31 @@ class TrainingSliceSource:
             meta["lesion_voxels"] = int(les.sum())
             meta["lesion_volume_ml"] = round(int(les.sum()) * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
         return dataclasses.replace(ph, meta=meta, **out)
+
+    def _strip(self, ph: Phantom, s: int, amplitude_mm: float) -> Phantom:
+        """The head phantom ``ph`` of seed ``s`` skull-stripped with its brain mask perturbed by up to
+        ``amplitude_mm`` (``perturbed_brain_mask``): the image is zeroed outside the perturbed mask, which
+        becomes the phantom's brain mask (what preprocessing normalises over and masks the input with, as
+        inference does with a stripper's mask); the lesion is cut to it."""
+        brain = sitk.GetArrayViewFromImage(ph.brain_mask) > 0
+        mask = perturbed_brain_mask(brain, ph.image.GetSpacing()[::-1], amplitude_mm, s)
+        img = np.where(mask, sitk.GetArrayViewFromImage(ph.image), 0.0).astype(np.float32)
+        meta = dict(ph.meta, strip_error={"amplitude_mm": round(amplitude_mm, 3),
+                                          "added_voxels": int((mask & ~brain).sum()),
+                                          "removed_voxels": int((brain & ~mask).sum())})
+        out = {}
+        for name, arr in (("image", img), ("brain_mask", mask.astype(np.uint8))):
+            im = sitk.GetImageFromArray(arr)
+            im.CopyInformation(getattr(ph, name))
+            out[name] = im
+        if ph.lesion_mask is not None:
+            les = ((sitk.GetArrayViewFromImage(ph.lesion_mask) > 0) & mask).astype(np.uint8)
+            im = sitk.GetImageFromArray(les)
+            im.CopyInformation(ph.lesion_mask)
+            out["lesion_mask"] = im
+            meta["lesion_voxels"] = int(les.sum())
+            meta["lesion_volume_ml"] = round(int(les.sum()) * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
+        return dataclasses.replace(ph, meta=meta, head_mask=None, **out)
 
     def _submit_next(self) -> None:
         if not self.prefetch:
@@ -1319,6 +1405,9 @@ class TrainingSliceSource:
         if self.thick_fraction > 0:
             lo, hi = self.thick_mm
             extra += f", {self.thick_fraction:.0%} acquired with {lo:g}-{hi:g} mm thick slices"
+        if self.strip_fraction > 0:
+            lo, hi = self.strip_mm
+            extra += f", {self.strip_fraction:.0%} skull-stripped with masks off by up to {lo:g}-{hi:g} mm"
         return f"phantom seeds {self.base_seed}, {self.base_seed + 1}, ... (pool of {self.pool_size}){extra}"
 
     @property

@@ -119,6 +119,11 @@ class TrainConfig:
     # thick-slice scan on the model's grid (uad.phantoms.thick_slice_profile); 0: off
     thick_slice_fraction: float = 0.0
     thick_slice_mm: list = field(default_factory=lambda: [3.0, 6.0])
+    # skull-stripping-error augmentation (phantoms): this fraction of the training phantoms is built with a head
+    # and stripped with its brain mask's boundary moved out and in by a smooth random field of up to
+    # U(strip_error_mm) mm (uad.phantoms.perturbed_brain_mask), as inference meets a stripper's mask; 0: off
+    strip_error_fraction: float = 0.0
+    strip_error_mm: list = field(default_factory=lambda: [2.0, 6.0])
     noise: str | None = None  # override the model's noise kind (gaussian | simplex)
     model_overrides: dict = field(default_factory=dict)
     # EMA, timestep range, initialisation, learning curve (see "Converging faster" in the module docstring)
@@ -180,6 +185,19 @@ class TrainConfig:
         self.thick_slice_mm = [float(mm[0]), float(mm[1])]
         if self.thick_slice_fraction > 0 and self.data != "phantoms":
             raise UADError("training option thick_slice_fraction applies to phantom training (--data phantoms)")
+        f = self.strip_error_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
+            raise UADError(f"training option strip_error_fraction must be a number in [0, 1], got {f!r}")
+        self.strip_error_fraction = float(f)
+        mm = self.strip_error_mm
+        if not isinstance(mm, (list, tuple)) or len(mm) != 2 \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mm) \
+                or not 0.0 < float(mm[0]) <= float(mm[1]) <= 20.0:
+            raise UADError(f"training option strip_error_mm must be [low, high] mm with 0 < low <= high <= 20, "
+                           f"got {mm!r}")
+        self.strip_error_mm = [float(mm[0]), float(mm[1])]
+        if self.strip_error_fraction > 0 and self.data != "phantoms":
+            raise UADError("training option strip_error_fraction applies to phantom training (--data phantoms)")
         if not isinstance(self.paired_healthy, bool):
             raise UADError(f"training option paired_healthy must be true or false, got {self.paired_healthy!r}")
         if not isinstance(self.model_overrides, dict):
@@ -661,7 +679,8 @@ def make_source(cfg: TrainConfig, holdout: bool = False, normalisation: dict | N
                                    lesion_fraction=cfg.lesion_fraction, holdout=holdout,
                                    paired=cfg.paired_healthy,
                                    normalisation=normalisation, prefetch=not holdout,
-                                   thick_fraction=cfg.thick_slice_fraction, thick_mm=tuple(cfg.thick_slice_mm))
+                                   thick_fraction=cfg.thick_slice_fraction, thick_mm=tuple(cfg.thick_slice_mm),
+                                   strip_fraction=cfg.strip_error_fraction, strip_mm=tuple(cfg.strip_error_mm))
     return VolumeFolderSource(cfg.data, cfg.image_size, holdout=holdout, normalisation=normalisation,
                               rank=rank, world_size=world_size, labels=get_method_class(cfg.method).needs_labels)
 
@@ -1306,6 +1325,8 @@ def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig,
         training["timesteps"] = [entry["train_t_min"], entry["train_t_max"]]
     if cfg.thick_slice_fraction > 0:
         training["thick_slices"] = {"fraction": cfg.thick_slice_fraction, "mm": list(cfg.thick_slice_mm)}
+    if cfg.strip_error_fraction > 0:
+        training["strip_errors"] = {"fraction": cfg.strip_error_fraction, "mm": list(cfg.strip_error_mm)}
     if state.get("init"):
         training["init"] = state["init"]
     if state.get("seconds") is not None:
@@ -1373,7 +1394,7 @@ _CLI_FIELDS = {"data": "data", "contrast": "contrast", "steps": "steps", "batch_
                "image_size": "image_size", "lr": "lr", "seed": "seed", "init": "init", "ema_decay": "ema_decay",
                "t_min": "t_min", "t_max": "t_max", "curve_every": "curve_every", "curve_methods": "curve_methods",
                "curve_preset": "curve_preset", "curve_slices": "curve_slices",
-               "thick_slice_fraction": "thick_slice_fraction"}
+               "thick_slice_fraction": "thick_slice_fraction", "strip_error_fraction": "strip_error_fraction"}
 
 
 def add_cli(subparsers) -> None:
@@ -1415,6 +1436,10 @@ def add_cli(subparsers) -> None:
                    help="phantoms: acquire this fraction of the training phantoms with thick slices (3-6 mm, "
                         "axial / coronal / sagittal) resampled back onto the grid, as inference sees thick-slice "
                         "scans (default 0: off; 'thick_slice_mm' in --config sets the range)")
+    p.add_argument("--strip-errors", dest="strip_error_fraction", type=float, metavar="FRACTION",
+                   help="phantoms: build this fraction of the training phantoms with a head and skull-strip them "
+                        "with a brain mask whose boundary is moved out and in by up to 2-6 mm, as inference meets "
+                        "a skull stripper's mask (default 0: off; 'strip_error_mm' in --config sets the range)")
     p.add_argument("--time-limit", type=float, metavar="MIN", help="checkpoint and stop after MIN minutes (resume "
                                                                   "later with --resume); SIGINT / SIGTERM also "
                                                                   "checkpoint and stop")
