@@ -1160,6 +1160,23 @@ def auto_phantom_spacing(image_size: int) -> float:
     return float(min(2.0, max(1.0, round(2.0 * 190.0 / float(image_size)) / 2.0)))
 
 
+def _with_arrays(ph: Phantom, meta: dict, image: np.ndarray, brain: np.ndarray, lesion: np.ndarray | None) -> Phantom:
+    """``ph`` with new image (float32), brain mask and lesion mask (bool; cut to the brain) arrays on its grid,
+    ``meta`` updated with the lesion's size."""
+    out = {}
+    arrays = [("image", np.asarray(image, np.float32)), ("brain_mask", brain.astype(np.uint8))]
+    if ph.lesion_mask is not None and lesion is not None:
+        les = (lesion & brain).astype(np.uint8)
+        arrays.append(("lesion_mask", les))
+        meta["lesion_voxels"] = int(les.sum())
+        meta["lesion_volume_ml"] = round(int(les.sum()) * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
+    for name, arr in arrays:
+        im = sitk.GetImageFromArray(arr)
+        im.CopyInformation(getattr(ph, name))
+        out[name] = im
+    return dataclasses.replace(ph, meta=meta, **out)
+
+
 @dataclass
 class _PoolEntry:
     seed: int
@@ -1311,21 +1328,10 @@ class TrainingSliceSource:
 
         brain = thick(ph.brain_mask) >= 0.5
         img = np.maximum(thick(ph.image), 0.0)
-        img = (img if ph.head_mask is not None else np.where(brain, img, 0.0)).astype(np.float32)
-        out = {}
-        meta = dict(ph.meta, thick_slices={"axis_zyx": axis, "thickness_mm": round(t_mm, 3)})
-        for name, arr in (("image", img), ("brain_mask", brain.astype(np.uint8))):
-            im = sitk.GetImageFromArray(arr)
-            im.CopyInformation(getattr(ph, name))
-            out[name] = im
-        if ph.lesion_mask is not None:
-            les = ((thick(ph.lesion_mask) >= 0.5) & brain).astype(np.uint8)
-            im = sitk.GetImageFromArray(les)
-            im.CopyInformation(ph.lesion_mask)
-            out["lesion_mask"] = im
-            meta["lesion_voxels"] = int(les.sum())
-            meta["lesion_volume_ml"] = round(int(les.sum()) * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
-        return dataclasses.replace(ph, meta=meta, **out)
+        img = img if ph.head_mask is not None else np.where(brain, img, 0.0)
+        les = None if ph.lesion_mask is None else thick(ph.lesion_mask) >= 0.5
+        return _with_arrays(ph, dict(ph.meta, thick_slices={"axis_zyx": axis, "thickness_mm": round(t_mm, 3)}),
+                            img, brain, les)
 
     def _strip(self, ph: Phantom, s: int, amplitude_mm: float) -> Phantom:
         """The head phantom ``ph`` of seed ``s`` skull-stripped with its brain mask perturbed by up to
@@ -1334,23 +1340,12 @@ class TrainingSliceSource:
         inference does with a stripper's mask); the lesion is cut to it."""
         brain = sitk.GetArrayViewFromImage(ph.brain_mask) > 0
         mask = perturbed_brain_mask(brain, ph.image.GetSpacing()[::-1], amplitude_mm, s)
-        img = np.where(mask, sitk.GetArrayViewFromImage(ph.image), 0.0).astype(np.float32)
+        img = np.where(mask, sitk.GetArrayViewFromImage(ph.image), 0.0)
+        les = None if ph.lesion_mask is None else sitk.GetArrayViewFromImage(ph.lesion_mask) > 0
         meta = dict(ph.meta, strip_error={"amplitude_mm": round(amplitude_mm, 3),
                                           "added_voxels": int((mask & ~brain).sum()),
                                           "removed_voxels": int((brain & ~mask).sum())})
-        out = {}
-        for name, arr in (("image", img), ("brain_mask", mask.astype(np.uint8))):
-            im = sitk.GetImageFromArray(arr)
-            im.CopyInformation(getattr(ph, name))
-            out[name] = im
-        if ph.lesion_mask is not None:
-            les = ((sitk.GetArrayViewFromImage(ph.lesion_mask) > 0) & mask).astype(np.uint8)
-            im = sitk.GetImageFromArray(les)
-            im.CopyInformation(ph.lesion_mask)
-            out["lesion_mask"] = im
-            meta["lesion_voxels"] = int(les.sum())
-            meta["lesion_volume_ml"] = round(int(les.sum()) * float(np.prod(ph.image.GetSpacing())) / 1000.0, 3)
-        return dataclasses.replace(ph, meta=meta, head_mask=None, **out)
+        return dataclasses.replace(_with_arrays(ph, meta, img, mask, les), head_mask=None)
 
     def _submit_next(self) -> None:
         if not self.prefetch:
