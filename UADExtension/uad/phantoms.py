@@ -1177,6 +1177,15 @@ def _with_arrays(ph: Phantom, meta: dict, image: np.ndarray, brain: np.ndarray, 
     return dataclasses.replace(ph, meta=meta, **out)
 
 
+def _augmentation_share(name: str, fraction, mm) -> tuple[float, tuple[float, float]]:
+    """A validated (fraction of the phantoms, (low, high) mm) of one of ``TrainingSliceSource``'s augmentations."""
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"{name}_fraction must be in [0, 1], got {fraction}")
+    if len(mm) != 2 or not 0.0 < float(mm[0]) <= float(mm[1]):
+        raise ValueError(f"{name}_mm must be (low, high) mm with 0 < low <= high, got {mm}")
+    return float(fraction), (float(mm[0]), float(mm[1]))
+
+
 @dataclass
 class _PoolEntry:
     seed: int
@@ -1219,18 +1228,8 @@ class TrainingSliceSource:
                  thick_fraction: float = 0.0, thick_mm=(3.0, 6.0), strip_fraction: float = 0.0,
                  strip_mm=(2.0, 6.0)):
         self.contrast = _check_contrast(contrast)
-        if not 0.0 <= float(strip_fraction) <= 1.0:
-            raise ValueError(f"strip_fraction must be in [0, 1], got {strip_fraction}")
-        if len(strip_mm) != 2 or not 0.0 < float(strip_mm[0]) <= float(strip_mm[1]):
-            raise ValueError(f"strip_mm must be (low, high) mm with 0 < low <= high, got {strip_mm}")
-        self.strip_fraction = float(strip_fraction)
-        self.strip_mm = (float(strip_mm[0]), float(strip_mm[1]))
-        if not 0.0 <= float(thick_fraction) <= 1.0:
-            raise ValueError(f"thick_fraction must be in [0, 1], got {thick_fraction}")
-        if len(thick_mm) != 2 or not 0.0 < float(thick_mm[0]) <= float(thick_mm[1]):
-            raise ValueError(f"thick_mm must be (low, high) mm with 0 < low <= high, got {thick_mm}")
-        self.thick_fraction = float(thick_fraction)
-        self.thick_mm = (float(thick_mm[0]), float(thick_mm[1]))
+        self.thick_fraction, self.thick_mm = _augmentation_share("thick", thick_fraction, thick_mm)
+        self.strip_fraction, self.strip_mm = _augmentation_share("strip", strip_fraction, strip_mm)
         self.paired = bool(paired)
         self.lesion = "any" if str(lesion).lower() == "any" else _check_lesion(lesion)
         if not 0.0 <= float(lesion_fraction) <= 1.0:

@@ -172,32 +172,21 @@ class TrainConfig:
                 get_method_class(m)
             except ValueError as e:
                 raise UADError(f"curve method: {' '.join(str(e).split())}") from None
-        f = self.thick_slice_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
-            raise UADError(f"training option thick_slice_fraction must be a number in [0, 1], got {f!r}")
-        self.thick_slice_fraction = float(f)
-        mm = self.thick_slice_mm
-        if not isinstance(mm, (list, tuple)) or len(mm) != 2 \
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mm) \
-                or not 0.0 < float(mm[0]) <= float(mm[1]) <= 20.0:
-            raise UADError(f"training option thick_slice_mm must be [low, high] mm with 0 < low <= high <= 20, "
-                           f"got {mm!r}")
-        self.thick_slice_mm = [float(mm[0]), float(mm[1])]
-        if self.thick_slice_fraction > 0 and self.data != "phantoms":
-            raise UADError("training option thick_slice_fraction applies to phantom training (--data phantoms)")
-        f = self.strip_error_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
-            raise UADError(f"training option strip_error_fraction must be a number in [0, 1], got {f!r}")
-        self.strip_error_fraction = float(f)
-        mm = self.strip_error_mm
-        if not isinstance(mm, (list, tuple)) or len(mm) != 2 \
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mm) \
-                or not 0.0 < float(mm[0]) <= float(mm[1]) <= 20.0:
-            raise UADError(f"training option strip_error_mm must be [low, high] mm with 0 < low <= high <= 20, "
-                           f"got {mm!r}")
-        self.strip_error_mm = [float(mm[0]), float(mm[1])]
-        if self.strip_error_fraction > 0 and self.data != "phantoms":
-            raise UADError("training option strip_error_fraction applies to phantom training (--data phantoms)")
+        # the phantom augmentations: a fraction of the phantoms and a [low, high] mm range each
+        for frac, rng in (("thick_slice_fraction", "thick_slice_mm"), ("strip_error_fraction", "strip_error_mm")):
+            f = getattr(self, frac)
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
+                raise UADError(f"training option {frac} must be a number in [0, 1], got {f!r}")
+            setattr(self, frac, float(f))
+            mm = getattr(self, rng)
+            if not isinstance(mm, (list, tuple)) or len(mm) != 2 \
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mm) \
+                    or not 0.0 < float(mm[0]) <= float(mm[1]) <= 20.0:
+                raise UADError(f"training option {rng} must be [low, high] mm with 0 < low <= high <= 20, "
+                               f"got {mm!r}")
+            setattr(self, rng, [float(mm[0]), float(mm[1])])
+            if float(f) > 0 and self.data != "phantoms":
+                raise UADError(f"training option {frac} applies to phantom training (--data phantoms)")
         if not isinstance(self.paired_healthy, bool):
             raise UADError(f"training option paired_healthy must be true or false, got {self.paired_healthy!r}")
         if not isinstance(self.model_overrides, dict):
