@@ -14,9 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from uad import UADError
 from uad.phantoms import TrainingSliceSource, make_phantom, perturbed_brain_mask, strip_error_draw
-from uad.training import TrainConfig, config_from_args, default_config
 
 
 def _sphere(shape=(40, 44, 48), radius_mm=24.0, spacing=(2.0, 1.5, 1.0)):
@@ -113,32 +111,3 @@ def test_training_source_with_strip_errors():
         TrainingSliceSource(strip_fraction=-0.1)
     with pytest.raises(ValueError):
         TrainingSliceSource(strip_mm=(0.0, 2.0))
-
-
-def test_config_cli_and_training_record(tmp_path):
-    import argparse
-    import json
-
-    from uad.networks import tiny_unet_config
-    from uad.training import add_cli, train
-
-    assert TrainConfig().strip_error_fraction == 0.0
-    cfg = default_config("disyre", strip_error_fraction=0.5, strip_error_mm=[1, 3])
-    assert cfg.strip_error_fraction == 0.5 and cfg.strip_error_mm == [1.0, 3.0]
-    for bad in ({"strip_error_fraction": 2}, {"strip_error_fraction": True}, {"strip_error_mm": [3, 1]},
-                {"strip_error_mm": [0, 1]}, {"strip_error_fraction": 0.5, "data": str(tmp_path)}):
-        with pytest.raises(UADError):
-            TrainConfig.from_dict({"method": "disyre", **bad})
-    old = {k: v for k, v in TrainConfig(method="disyre").__dict__.items() if not k.startswith("strip")}
-    assert TrainConfig.from_dict(old).strip_error_fraction == 0.0
-    p = argparse.ArgumentParser()
-    add_cli(p.add_subparsers())
-    args = p.parse_args(["train", "--method", "disyre", "-o", str(tmp_path / "r"), "--strip-errors", "0.5"])
-    assert config_from_args(args).strip_error_fraction == 0.5
-    base = dict(method="anoddpm", image_size=32, steps=2, batch_size=2, val_every=2, val_batches=1,
-                checkpoint_every=2, pool_size=1, seed=0,
-                model_overrides={"networks": {"denoiser": tiny_unet_config((8, 16, 16))}})
-    train(TrainConfig.from_dict({**base, "strip_error_fraction": 1.0}), tmp_path / "strip", device="cpu",
-          progress=False)
-    rec = json.loads((tmp_path / "strip" / "model.json").read_text())["training"]
-    assert rec["strip_errors"] == {"fraction": 1.0, "mm": [2.0, 6.0]}

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from uad import UADError
 from uad.phantoms import THICK_SLICE_AXES, TrainingSliceSource, thick_slice_draw, thick_slice_profile
-from uad.training import TrainConfig, config_from_args, default_config
 
 
 def reference_profile(a: np.ndarray, axis: int, u: float, offset: float, k: int = 8) -> np.ndarray:
@@ -126,41 +124,3 @@ def test_paired_twin_gets_the_lesion_phantoms_acquisition():
     np.testing.assert_array_equal(e.slices[-n:], healthy_thick)
     assert e.labels[-n:].sum() == 0
     assert healthy_thick.shape != healthy_plain.shape or not np.array_equal(healthy_thick, healthy_plain)
-
-
-def test_config_and_cli(tmp_path):
-    assert TrainConfig().thick_slice_fraction == 0.0
-    cfg = default_config("disyre", thick_slice_fraction=0.5, thick_slice_mm=[2, 5])
-    assert cfg.thick_slice_fraction == 0.5 and cfg.thick_slice_mm == [2.0, 5.0]
-    for bad in ({"thick_slice_fraction": 2}, {"thick_slice_fraction": "half"}, {"thick_slice_mm": [5, 2]},
-                {"thick_slice_mm": [3]}, {"thick_slice_fraction": 0.5, "data": str(tmp_path)}):
-        with pytest.raises(UADError):
-            TrainConfig.from_dict({"method": "disyre", **bad})
-    # a saved config of an older run (no thick-slice fields) still loads, with the augmentation off
-    old = {k: v for k, v in TrainConfig(method="disyre").__dict__.items() if not k.startswith("thick")}
-    assert TrainConfig.from_dict(old).thick_slice_fraction == 0.0
-    import argparse
-
-    from uad.training import add_cli
-
-    p = argparse.ArgumentParser()
-    add_cli(p.add_subparsers())
-    args = p.parse_args(["train", "--method", "disyre", "-o", str(tmp_path / "r"), "--thick-slices", "0.25"])
-    assert config_from_args(args).thick_slice_fraction == 0.25
-
-
-def test_training_records_the_augmentation(tmp_path):
-    import json
-
-    from uad.networks import tiny_unet_config
-    from uad.training import train
-
-    base = dict(method="anoddpm", image_size=32, steps=2, batch_size=2, val_every=2, val_batches=1,
-                checkpoint_every=2, pool_size=1, seed=0,
-                model_overrides={"networks": {"denoiser": tiny_unet_config((8, 16, 16))}})
-    train(TrainConfig.from_dict({**base, "thick_slice_fraction": 1.0}), tmp_path / "thick", device="cpu",
-          progress=False)
-    rec = json.loads((tmp_path / "thick" / "model.json").read_text())["training"]
-    assert rec["thick_slices"] == {"fraction": 1.0, "mm": [3.0, 6.0]}
-    train(TrainConfig.from_dict(base), tmp_path / "plain", device="cpu", progress=False)
-    assert "thick_slices" not in json.loads((tmp_path / "plain" / "model.json").read_text())["training"]
