@@ -149,7 +149,7 @@ def test_init_from_a_run_folder_and_from_safetensors(tmp_path):
 
     # lr 0: the weights of a run initialised from `first` stay exactly first's weights
     second = tmp_path / "second"
-    train(_cfg(steps=2, lr=0.0, init=str(first), model_overrides={}, image_size=64), second, device="cpu",
+    train(_cfg(steps=2, lr=0.0, init=str(first), model_overrides={}, image_size=None), second, device="cpu",
           progress=False, log=None)
     assert _same(load_weights(second / "model.safetensors"), w_first)
     entry = json.loads((second / "model.json").read_text())
@@ -173,6 +173,30 @@ def test_init_from_a_run_folder_and_from_safetensors(tmp_path):
         train(_cfg(steps=1, init=str(bare), model_overrides={"networks": {"denoiser": tiny_unet_config((8, 8, 16))}}),
               bad, device="cpu", progress=False, log=None)
     assert not (bad / "config.json").exists()
+
+
+def test_init_at_another_resolution(tmp_path):
+    """--image-size with --init trains the init model's weights at that size (a window the size of the
+    old image follows the new one); without it the init model's size is kept."""
+    first = tmp_path / "first"
+    train(_cfg(method="disyre", steps=1), first, device="cpu", progress=False, log=None)
+    e1 = json.loads((first / "model.json").read_text())
+    assert e1["image_size"] == 32 and e1["patch_size"] == 32
+    second = tmp_path / "second"
+    train(_cfg(method="disyre", steps=1, lr=0.0, init=str(first), model_overrides={}, image_size=48), second,
+          device="cpu", progress=False, log=None)
+    assert _same(load_weights(second / "model.safetensors"), load_weights(first / "model.safetensors"))
+    e2 = json.loads((second / "model.json").read_text())
+    assert (e2["image_size"], e2["patch_size"]) == (48, 48)
+    assert e2["networks"] == e1["networks"]
+    assert json.loads((second / "config.json").read_text())["train"]["image_size"] == 48
+    # the model runs at its new size: 48 x 48 slices in, 48 x 48 maps out, in one window
+    m = build_model(e2, load_weights(second / "model.safetensors"))
+    assert m.image_size == 48
+    cfg = model_config_for(TrainConfig.from_dict({"method": "disyre", "init": str(first)}))
+    assert (cfg["image_size"], cfg["patch_size"]) == (32, 32)
+    with pytest.raises(UADError, match="image_size must be an integer >= 8"):
+        _cfg(image_size=4)
 
 
 def test_init_errors(tmp_path):

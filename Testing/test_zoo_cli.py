@@ -324,7 +324,7 @@ def test_remove_user_model_and_refuse_bundled(zoo_env, tmp_path, capsys):
 # ----------------------------------------------------------------------------- train options
 def test_train_config_precedence(tmp_path):
     from uad.networks import tiny_unet_config
-    from uad.training import config_from_args
+    from uad.training import config_from_args, model_config_for
 
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"steps": 7, "lr": 0.01, "contrast": "T1", "batch_size": 3,
@@ -333,8 +333,9 @@ def test_train_config_precedence(tmp_path):
     a = p.parse_args(["train", "--method", "anoddpm", "-o", str(tmp_path / "r"), "--config", str(cfg_file),
                       "--steps", "3", "--contrast", "flair"])
     c = config_from_args(a)
-    assert (c.steps, c.lr, c.contrast, c.batch_size, c.data, c.image_size) == (3, 0.01, "FLAIR", 3, "phantoms", 64)
+    assert (c.steps, c.lr, c.contrast, c.batch_size, c.data, c.image_size) == (3, 0.01, "FLAIR", 3, "phantoms", None)
     assert c.model_overrides["networks"]["denoiser"]["channels"] == [8, 16, 16]
+    assert model_config_for(c)["image_size"] == 64 and c.image_size == 64  # None: 64 without an init model
     c = config_from_args(p.parse_args(["train", "--method", "wolleb", "-o", "r"]))
     assert (c.steps, c.lesion_fraction, c.contrast) == (2000, 0.5, "T2")  # defaults (weakly supervised: lesions)
 

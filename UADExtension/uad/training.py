@@ -99,7 +99,7 @@ class TrainConfig:
     method: str = "anoddpm"
     data: str = "phantoms"  # "phantoms" or a folder of healthy volumes
     contrast: str = "T2"
-    image_size: int = 64
+    image_size: int | None = None  # None: the init model's resolution, else 64
     small: bool = True  # small CPU-friendly network instead of the paper's
     steps: int = 2000
     batch_size: int = 16  # per process
@@ -150,7 +150,10 @@ class TrainConfig:
         return cfg
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "image_size", "val_every", "val_batches", "checkpoint_every",
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 8):
+            raise UADError(f"training option image_size must be an integer >= 8, got {self.image_size!r}")
+        for name in ("steps", "batch_size", "val_every", "val_batches", "checkpoint_every",
                      "pool_size", "curve_every", "curve_slices", "t_min"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("steps", "curve_every", "t_min")
@@ -210,15 +213,23 @@ def model_config_for(cfg: TrainConfig, base: dict | None = None) -> dict:
     """The run's model config: the method's default (or ``base``, the ``init`` model's), then the overrides.
 
     With ``cfg.init`` and no ``base``, the init model's config is read (its weights are not loaded).
+    ``cfg.image_size`` None takes the init model's resolution (64 without one); a size given with an
+    init model trains its weights at that resolution (the networks are convolutional; a window
+    ``patch_size`` equal to the old image size follows the new one), ``cfg.image_size`` is set.
     The timestep range goes in as ``train_t_min`` / ``train_t_max`` (read by the DDPM objective).
     """
     if base is None and cfg.init:
         base = resolve_init(cfg.init, cfg.method, load=False)["config"]
     if base is not None:
         mc = {k: v for k, v in json.loads(json.dumps(base)).items() if k not in _INIT_DROP}
-        if base.get("image_size") is not None:
-            cfg.image_size = int(base["image_size"])
+        old = int(base["image_size"]) if base.get("image_size") is not None else 64
+        if cfg.image_size is None:
+            cfg.image_size = old
+        elif cfg.image_size != old and mc.get("patch_size") is not None and int(mc["patch_size"]) == old:
+            mc["patch_size"] = cfg.image_size
     else:
+        if cfg.image_size is None:
+            cfg.image_size = 64
         mc = get_method_class(cfg.method).default_model_config(image_size=cfg.image_size, small=cfg.small)
     if cfg.noise is not None:
         mc["noise"] = cfg.noise
