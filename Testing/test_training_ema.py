@@ -193,6 +193,14 @@ def test_init_at_another_resolution(tmp_path):
     # the model runs at its new size: 48 x 48 slices in, 48 x 48 maps out, in one window
     m = build_model(e2, load_weights(second / "model.safetensors"))
     assert m.image_size == 48
+    from uad.methods import build_method
+    from uad.rng import BatchRNG
+
+    meth = build_method("disyre", m, "paper")
+    x = torch.rand(2, 1, 48, 48)
+    out = meth(x, torch.ones_like(x, dtype=torch.bool), BatchRNG([1, 2]))
+    assert out.anomaly.shape == (2, 1, 48, 48) and out.extras["windows"] == 1
+    assert out.nfe == meth.nfe_per_slice() == len(out.extras["labels"])
     cfg = model_config_for(TrainConfig.from_dict({"method": "disyre", "init": str(first)}))
     assert (cfg["image_size"], cfg["patch_size"]) == (32, 32)
     with pytest.raises(UADError, match="image_size must be an integer >= 8"):
