@@ -265,6 +265,33 @@ def test_download_from_file_url(zoo_env, tmp_path, capsys):
     assert "cannot be removed" in _one_error_line(capsys, main(["models", "remove", "remote"]))
 
 
+def test_model_files_follow_the_umask(zoo_env, tmp_path, mask=0o027):
+    """Weights, training state, manifests, imports and downloads get 0666 minus the umask, not safetensors' or
+    mkstemp's 0600 (before: a model trained or imported into a shared folder was unreadable by the group)."""
+    import os
+
+    from uad.training import load_train_state, save_train_state
+
+    bundled, cache = zoo_env
+    want = 0o666 & ~mask
+    old = os.umask(mask)
+    try:
+        model = build_model(tiny_model_config(), model_id="m")
+        save_weights(model, tmp_path / "w" / "model.safetensors")
+        opt = torch.optim.Adam([p for net in model.networks.values() for p in net.parameters()], lr=1e-3)
+        save_train_state(model, opt, tmp_path / "w" / "train_state.safetensors")
+        import_model(_run_dir(tmp_path, "run"), "imported")
+        _remote_entry(bundled, tmp_path)
+        dest = download_model("remote", progress=False)
+    finally:
+        os.umask(old)
+    files = [tmp_path / "w" / "model.safetensors", tmp_path / "w" / "train_state.safetensors",
+             cache / "manifest.json", cache / "imported" / "model.safetensors", dest]
+    modes = {str(f.relative_to(tmp_path)): f.stat().st_mode & 0o777 for f in files}
+    assert set(modes.values()) == {want}, modes
+    assert load_train_state(tmp_path / "w" / "train_state.safetensors")[0]  # still a valid file
+
+
 def test_download_offline_gives_one_clear_line(zoo_env, tmp_path, capsys):
     bundled, cache = zoo_env
     served = _remote_entry(bundled, tmp_path, url=UNREACHABLE)

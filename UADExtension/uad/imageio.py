@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import InputError
+from .files import apply_umask
 
 #: Fewest voxels a volume may have along any axis (a thinner volume is a slice or a slab).
 MIN_SLICES = 3
@@ -371,19 +372,6 @@ def mark_png(path: str | os.PathLike, marker: str) -> None:
     with Image.open(path) as im:
         im.load()
         im.save(path, format="PNG", pnginfo=info)
-
-
-def _umask() -> int:
-    with _LOCK:
-        m = os.umask(0)
-        os.umask(m)
-    return m
-
-
-def apply_umask(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode a plainly created file would get (0666 minus the umask); temporary files
-    are created 0600 by ``mkstemp``."""
-    os.chmod(path, 0o666 & ~_umask())
 
 
 def _write_error(p: Path, err) -> InputError:

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 from . import UADError
+from .files import apply_umask
 from .methods import get_method_class
 from .rng import BatchRNG, slice_seed
 from .zoo import Model, build_model, load_weights, save_weights, sha256_file, upsert_manifest_entry
@@ -796,6 +797,7 @@ def save_train_state(model: Model, opt, path: Path) -> None:
             "scalars": json.dumps(scalars)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(flat, str(tmp), metadata=meta)
+    apply_umask(tmp)  # safetensors writes 0600
     os.replace(tmp, path)
 
 

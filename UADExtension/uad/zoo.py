@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import ModelError
+from .files import apply_umask
 
 MANIFEST = "manifest.json"
 #: Model ids are folder names in the user cache.
@@ -314,6 +315,7 @@ def _write_manifest(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=2, default=float) + "\n")
+        apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -517,6 +519,7 @@ def save_weights(model: Model, path: str | os.PathLike) -> str:
             flat[f"{role}.{k}"] = v.detach().cpu().contiguous()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(path), metadata={"uad_model": model.id})
+    apply_umask(path)  # safetensors writes 0600
     return sha256_file(path)
 
 
@@ -781,6 +784,7 @@ def _install_download_file(entry: ModelEntry, file: Path, log: Callable[[str], N
         shutil.copyfile(file, tmp)
         if sha256_file(tmp) != expected:
             raise ModelError(f"model {entry.id}: the copy of {file} does not match its checksum")
+        apply_umask(tmp)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -871,6 +875,7 @@ def download_model(model: str | ModelEntry, force: bool = False, progress: bool 
         if digest != expected:
             raise ModelError(f"model {entry.id}: checksum mismatch for the file downloaded from {entry.url} "
                              f"(expected {expected[:12]}..., got {digest[:12]}...); it was not installed")
+        apply_umask(tmp)
         os.replace(tmp, dest)
         ok = True
     finally:
