@@ -46,6 +46,11 @@ def _training_seed_ranges():
     gpu_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_bench)
     ranges.append((gpu_bench.GPU_BENCH_SEED, gpu_bench.GPU_BENCH_SEED + 2))  # the speed benchmark's two volumes
+    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "scripts" / "gpu" / "train.py")
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    s = gpu_train.GPU_TRAIN_SEED  # the prepared GPU training run (scripts/gpu/train.py)
+    ranges += [(s, s + 64 * stride), (HOLDOUT_SEED_OFFSET + s, HOLDOUT_SEED_OFFSET + s + 64 * stride)]
     return ranges
 
 

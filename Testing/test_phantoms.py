@@ -102,6 +102,50 @@ def test_coarse_grid_covers_the_template_extent():
     np.testing.assert_allclose(corner, corner_t, atol=1e-9)
 
 
+def test_templates_from_a_folder_without_nilearn_or_nibabel(tmp_path):
+    """``$UAD_MNI152_DIR`` (a GPU machine with only wheels carried): the three files nilearn ships, read with
+    SimpleITK in a process where nilearn and nibabel cannot be imported, give nilearn's templates and the same
+    phantom to the bit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import nilearn
+
+    src = Path(nilearn.__file__).parent / "datasets" / "data"
+    folder = tmp_path / "mni"
+    folder.mkdir()
+    for name in phantoms.MNI152_FILES.values():
+        shutil.copy(src / name, folder / name)
+    got = phantoms.templates_from_folder(folder)
+    ref = phantoms._nilearn_templates()
+    for k in ("t1", "gm", "wm", "brain"):
+        np.testing.assert_array_equal(np.asarray(got[k].dataobj), np.asarray(ref[k].dataobj))
+        assert np.asarray(got[k].dataobj).dtype == np.asarray(ref[k].dataobj).dtype
+        np.testing.assert_allclose(got[k].affine, np.asarray(ref[k].affine), atol=1e-9)
+    code = (
+        "import sys; sys.modules['nilearn'] = None; sys.modules['nibabel'] = None\n"
+        "import numpy as np, SimpleITK as sitk\n"
+        "from uad.phantoms import make_phantom\n"
+        "p = make_phantom(5, 'T2', 'tumour', spacing=4.0)\n"
+        "np.savez(sys.argv[1], image=sitk.GetArrayFromImage(p.image), brain=sitk.GetArrayFromImage(p.brain_mask),"
+        " lesion=sitk.GetArrayFromImage(p.lesion_mask))\n")
+    env = dict(os.environ, UAD_MNI152_DIR=str(folder), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.npz")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = np.load(tmp_path / "p.npz")
+    p = make_phantom(5, "T2", "tumour", spacing=4.0)
+    np.testing.assert_array_equal(out["image"], arr(p.image))
+    np.testing.assert_array_equal(out["brain"], arr(p.brain_mask))
+    np.testing.assert_array_equal(out["lesion"], arr(p.lesion_mask))
+    (folder / phantoms.MNI152_FILES["wm"]).unlink()
+    with pytest.raises(FileNotFoundError, match="mni_icbm152_wm"):
+        phantoms.templates_from_folder(folder)
+
+
 # ----------------------------------------------------------------------------- determinism
 def test_same_seed_identical_arrays():
     a = ph(5, "T2", "tumour")

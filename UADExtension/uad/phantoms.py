@@ -156,8 +156,64 @@ class _Template:
         return tuple(a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + a[r, 3] for r in range(3))
 
 
+#: a folder holding nilearn's three MNI152 2009a files (``MNI152_FILES``), read instead of nilearn when set
+TEMPLATE_DIR_ENV = "UAD_MNI152_DIR"
+MNI152_FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+                "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+MNI152_BRAIN_THRESHOLD = 0.2  # nilearn's load_mni152_brain_mask: the rescaled T1 template above 0.2
+
+
+@dataclass
+class _NiftiArray:
+    """The part of a nibabel image the templates use: ``shape``, ``affine`` (RAS), ``dataobj`` (i, j, k)."""
+
+    affine: np.ndarray
+    dataobj: np.ndarray
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.dataobj.shape)
+
+
+def _read_template_file(path) -> _NiftiArray:
+    img = sitk.ReadImage(str(path))
+    spacing = np.asarray(img.GetSpacing(), np.float64)
+    direction = np.asarray(img.GetDirection(), np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = img.GetOrigin()
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    return _NiftiArray(affine=np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, dataobj=arr)
+
+
+def templates_from_folder(folder) -> dict:
+    """nilearn's 1 mm MNI152 2009a templates read from ``folder`` (the files nilearn ships, ``MNI152_FILES``)
+    with SimpleITK, processed as nilearn's loaders do (each rescaled to a maximum of 1, float32; the brain
+    mask the T1 above 0.2): for machines without nilearn and nibabel (a GPU machine with only wheels carried;
+    ``$UAD_MNI152_DIR``)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    missing = [n for n in MNI152_FILES.values() if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{TEMPLATE_DIR_ENV}={folder}: missing {', '.join(missing)} (copy them from "
+                                f"nilearn/datasets/data/ of a nilearn installation)")
+    out = {}
+    for k, name in MNI152_FILES.items():
+        t = _read_template_file(folder / name)
+        data = np.asarray(t.dataobj, np.float32)
+        out[k] = _NiftiArray(affine=t.affine, dataobj=data / data.max())
+    out["brain"] = _NiftiArray(affine=out["t1"].affine,
+                               dataobj=(out["t1"].dataobj > MNI152_BRAIN_THRESHOLD).astype(np.int8))
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _nilearn_templates():
+    folder = os.environ.get(TEMPLATE_DIR_ENV, "").strip()
+    if folder:
+        return templates_from_folder(folder)
     from nilearn import datasets
 
     return {
