@@ -109,7 +109,7 @@ def test_unpack_installs_the_model_checked_against_its_sha256(tmp_path):
     other = {"id": "other", "file": "other/model.safetensors", "sha256": "0" * 64}
     (root / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [other]}))
     files = _result(tmp_path, g)
-    assert g.main(["unpack", str(files), "--id", "m1", "--root", str(root), "--work", str(tmp_path / "w")]) == 0
+    assert g.main(["unpack", str(files), "--root", str(root), "--work", str(tmp_path / "w")]) == 0  # its one model
     man = json.loads((root / "models" / "manifest.json").read_text())
     assert [e["id"] for e in man["models"]] == ["other", "m1"]
     got = (root / "models" / "m1" / "model.safetensors").read_bytes()
@@ -125,6 +125,8 @@ def test_unpack_refuses_wrong_weights_and_escaping_members(tmp_path):
     (root / "models").mkdir(parents=True)
     (tmp_path / "a").mkdir()
     files = _result(tmp_path / "a", g, sha="f" * 64)
+    with pytest.raises(SystemExit, match="no model 'm2'"):
+        g.main(["unpack", str(files), "--id", "m2", "--root", str(root), "--work", str(tmp_path / "w")])
     with pytest.raises(SystemExit, match="sha256"):
         g.main(["unpack", str(files), "--id", "m1", "--root", str(root), "--work", str(tmp_path / "w")])
     assert not (root / "models" / "m1" / "model.safetensors").exists()

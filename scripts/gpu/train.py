@@ -249,7 +249,13 @@ def cmd_unpack(args) -> int:
         tar.extractall(str(tmp))
     manifest = json.loads((tmp / "models" / "manifest.json").read_text())
     entries = manifest["models"] if isinstance(manifest.get("models"), list) else list(manifest["models"].values())
-    entry = next(e for e in entries if e["id"] == args.id)
+    if args.id is None:  # the run's fresh models/ holds its one model
+        if len(entries) != 1:
+            raise SystemExit(f"result.tar.gz holds {len(entries)} models: name one with --id")
+        args.id = entries[0]["id"]
+    entry = next((e for e in entries if e["id"] == args.id), None)
+    if entry is None:
+        raise SystemExit(f"result.tar.gz holds no model {args.id!r}")
     dest = root / "models" / args.id
     dest.mkdir(parents=True, exist_ok=True)
     join_parts(files, "model.safetensors", tmp / "model.safetensors")
@@ -281,7 +287,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="on the GPU machine (bash scripts/gpu/train.sh)")
     r.add_argument("--out", required=True, help="the folder whose files come back ($OUT)")
     r.add_argument("--work", default="/tmp/uad-gpu")
-    r.add_argument("--id", default="ddpm-t2-paper")
+    r.add_argument("--id", default=None, help="the model id (default ddpm-<contrast>-paper)")
     r.add_argument("--contrast", default="T2", choices=["T1", "T2", "FLAIR"])
     r.add_argument("--config", default=str(ROOT / "scripts" / "gpu" / "ddpm_paper.json"))
     r.add_argument("--minutes", type=float, default=4.0, help="training wall time")
@@ -294,16 +300,19 @@ def main(argv=None) -> int:
     r.add_argument("--methods", nargs="+", default=["thor", "anoddpm", "autoddpm"])
     r.add_argument("--seed", type=int, default=GPU_TRAIN_SEED, help="phantom seeds (unused by every other run)")
     r.add_argument("--device", default="cuda")
-    r.add_argument("--description", default="paper-size Gaussian epsilon-DDPM (THOR's 128-256-256 UNet, 128 px) "
-                                            "on T2 MNI152 phantoms, trained on one GPU; serves AnoDDPM, THOR and "
-                                            "AutoDDPM; float16 weights")
+    r.add_argument("--description", default=None)
     r.add_argument("--dry-run", action="store_true", help="the same steps, CPU-sized (a few minutes)")
     u = sub.add_parser("unpack", help="here: install what a run brought back")
     u.add_argument("files", help="the folder holding result.tar.gz and model.safetensors.part*")
-    u.add_argument("--id", default="ddpm-t2-paper")
+    u.add_argument("--id", default=None, help="default: the one model the run exported")
     u.add_argument("--work", default="/tmp/uad-gpu")
     u.add_argument("--root", default=str(ROOT), help="the checkout to install into (default this one)")
     a = ap.parse_args(argv)
+    if a.cmd == "run":
+        a.id = a.id or f"ddpm-{a.contrast.lower()}-paper"
+        a.description = a.description or (
+            f"paper-size Gaussian epsilon-DDPM (THOR's 128-256-256 UNet, 128 px) on {a.contrast} MNI152 phantoms, "
+            f"trained on one GPU; serves AnoDDPM, THOR and AutoDDPM; float16 weights")
     return cmd_run(a) if a.cmd == "run" else cmd_unpack(a)
 
 
