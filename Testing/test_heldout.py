@@ -42,14 +42,16 @@ def _training_seed_ranges():
     ranges.append((hr, hr + 100_000))
     ranges.append((0, 1000))  # the sample case and scripts' small seeds
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)
-    ranges.append((gpu_bench.GPU_BENCH_SEED, gpu_bench.GPU_BENCH_SEED + 2))  # the speed benchmark's two volumes
-    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "scripts" / "gpu" / "train.py")
-    gpu_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_train)
-    s = gpu_train.GPU_TRAIN_SEED  # the prepared GPU training run (scripts/gpu/train.py)
+
+    def script(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    s = script("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py").GPU_BENCH_SEED
+    ranges.append((s, s + 2))  # the speed benchmark's two volumes
+    s = script("gpu_train", ROOT / "scripts" / "gpu" / "train.py").GPU_TRAIN_SEED  # the prepared GPU training run
     ranges += [(s, s + 64 * stride), (HOLDOUT_SEED_OFFSET + s, HOLDOUT_SEED_OFFSET + s + 64 * stride)]
     return ranges
 

@@ -177,14 +177,15 @@ class _NiftiArray:
 
 
 def _read_template_file(path) -> _NiftiArray:
+    """One template file as nilearn's loaders give it: float32 rescaled to a maximum of 1, RAS affine."""
     img = sitk.ReadImage(str(path))
     spacing = np.asarray(img.GetSpacing(), np.float64)
     direction = np.asarray(img.GetDirection(), np.float64).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction * spacing
     lps[:3, 3] = img.GetOrigin()
-    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
-    return _NiftiArray(affine=np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, dataobj=arr)
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float32)
+    return _NiftiArray(affine=np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, dataobj=arr / arr.max())
 
 
 def templates_from_folder(folder) -> dict:
@@ -192,18 +193,12 @@ def templates_from_folder(folder) -> dict:
     with SimpleITK, processed as nilearn's loaders do (each rescaled to a maximum of 1, float32; the brain
     mask the T1 above 0.2): for machines without nilearn and nibabel (a GPU machine with only wheels carried;
     ``$UAD_MNI152_DIR``)."""
-    from pathlib import Path
-
     folder = Path(folder)
     missing = [n for n in MNI152_FILES.values() if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{TEMPLATE_DIR_ENV}={folder}: missing {', '.join(missing)} (copy them from "
                                 f"nilearn/datasets/data/ of a nilearn installation)")
-    out = {}
-    for k, name in MNI152_FILES.items():
-        t = _read_template_file(folder / name)
-        data = np.asarray(t.dataobj, np.float32)
-        out[k] = _NiftiArray(affine=t.affine, dataobj=data / data.max())
+    out = {k: _read_template_file(folder / name) for k, name in MNI152_FILES.items()}
     out["brain"] = _NiftiArray(affine=out["t1"].affine,
                                dataobj=(out["t1"].dataobj > MNI152_BRAIN_THRESHOLD).astype(np.int8))
     return out

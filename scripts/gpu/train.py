@@ -37,7 +37,6 @@ set) to check the script end to end; like ``run`` it refuses a checkout whose mo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -55,14 +54,6 @@ GPU_TRAIN_SEED = 500_000  # phantom seeds of the run (validation + 1,000,000); T
 
 def _log(msg: str) -> None:
     print(f"[gpu/train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_float16(src: Path, dst: Path) -> None:
@@ -210,9 +201,8 @@ def _pack(out: Path, work: Path, weights: Path | None, args) -> None:
         f.unlink()
     with tarfile.open(out / "result.tar.gz", "w:gz") as tar:
         tar.add(str(work / "logs"), arcname="logs")
-        for name in ("train_config.json",):
-            if (work / name).exists():
-                tar.add(str(work / name), arcname=name)
+        if (work / "train_config.json").exists():
+            tar.add(str(work / "train_config.json"), arcname="train_config.json")
         run = work / "run"
         if run.exists():
             for f in sorted(run.iterdir()):
@@ -235,7 +225,7 @@ def _pack(out: Path, work: Path, weights: Path | None, args) -> None:
 def cmd_unpack(args) -> int:
     """Install what a ``run`` brought back (``files``) into this checkout."""
     sys.path.insert(0, str(ROOT / "UADExtension"))
-    from uad.zoo import upsert_manifest_entry
+    from uad.zoo import sha256_file, upsert_manifest_entry
 
     files, root = Path(args.files), Path(args.root)
     tmp = Path(args.work) / "unpack"
@@ -259,7 +249,7 @@ def cmd_unpack(args) -> int:
     dest = root / "models" / args.id
     dest.mkdir(parents=True, exist_ok=True)
     join_parts(files, "model.safetensors", tmp / "model.safetensors")
-    if _sha256(tmp / "model.safetensors") != entry["sha256"]:
+    if sha256_file(tmp / "model.safetensors") != entry["sha256"]:
         raise SystemExit("the joined weights do not match the manifest entry's sha256: not installed")
     shutil.copy2(tmp / "model.safetensors", dest / "model.safetensors")
     for f in (tmp / "models" / args.id).iterdir():
@@ -269,9 +259,8 @@ def cmd_unpack(args) -> int:
     ck.mkdir(parents=True, exist_ok=True)
     for f in (tmp / "run").iterdir():
         shutil.copy2(f, ck / f.name)
-    for f in ("train_config.json",):
-        if (tmp / f).exists():
-            shutil.copy2(tmp / f, ck / f)
+    if (tmp / "train_config.json").exists():
+        shutil.copy2(tmp / "train_config.json", ck / "train_config.json")
     shutil.copytree(tmp / "logs", ck / "logs", dirs_exist_ok=True)
     if (tmp / "bench").exists():
         shutil.copytree(tmp / "bench", root / "docs" / "benchmark" / f"gpu-{args.id}", dirs_exist_ok=True)
