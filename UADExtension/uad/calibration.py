@@ -381,8 +381,9 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
     import SimpleITK as sitk
 
     from .methods import build_method
-    from .pipeline import detect
+    from .pipeline import detect, resolve_device
 
+    device = resolve_device(device)  # "auto" -> a torch.device: AutoDDPM's stage 1 and the slab forward need one
     contrast = contrast or model.config.get("contrast") or "T2"
     params = dict(params or {})
     record: dict = {"params": dict(params)} if params else {}
