@@ -146,7 +146,6 @@ def test_autoddpm_tau_calibrated_for_the_backend(tiny_model, make_volume):
     assert f"perceptual {backend}" in overview_title("x.nii.gz", res.info)
 
 
-
 def test_calibration_takes_device_auto_as_detect_does(tiny_model, make_volume):
     """``device="auto"`` (scripts/train_bundled.py's default) resolves like ``detect``'s: AutoDDPM's stage-1 tau
     and a slice-subset calibration give what ``device="cpu"`` gives on a CPU machine (it raised before)."""
@@ -160,6 +159,7 @@ def test_calibration_takes_device_auto_as_detect_does(tiny_model, make_volume):
     assert out["auto"]["tau"] == pytest.approx(out["cpu"]["tau"])
     assert out["auto"]["thresholds"] == pytest.approx(out["cpu"]["thresholds"])
     assert out["auto"]["n_slices"] == out["cpu"]["n_slices"] == 3
+
 
 # --------------------------------------------------------------------------- presets from NFE
 def test_nfe_per_slice_is_what_a_run_spends(tiny_model):
