@@ -75,6 +75,8 @@ def test_benchmark_quick_tables_and_missing(tiny_zoo, small_heldout, tmp_path):
     row = next(r for r in rep["results"] if r["method"] == "anoddpm" and r["status"] == "ok")
     assert row["preset"] == "stochastic" and row["nfe_per_slice"] == 55 and 0 <= row["tumour"] <= 1
     assert row["overhead_in_run"] > 1.0 and row["network_seconds_per_volume"] > 0
+    from uad.zoo import find_model
+    assert row["model_sha256"] == find_model(row["model"]).data["sha256"]  # which weights the row measured
     # the tiny model has no calibrated threshold: Dice@cal uses the held-out healthy volumes, said so, and their
     # false-positive volume (circular then) is not reported
     assert "held-out healthy" in row["threshold_source"] and row["healthy_fp_ml"] is None
@@ -289,6 +291,40 @@ def test_update_cards_accepts_several_runs(tmp_path):
     assert any("updated" in w for _, w in log)
     card = (models / "disyre-x/README.md").read_text()
     assert "Run 2: " in card and "uad benchmark -o full" in card and "| 2 | 2 / 2 |" in card
+
+
+def test_rows_of_replaced_weights_leave_cards_and_manifest(tmp_path):
+    """A model retrained and re-bundled under the same id: rows that recorded the old weights' sha256 are
+    left out of its card and evaluation.heldout (an older run's rows of the new weights and rows without a
+    recorded sha256 stay), so a card never shows numbers of weights it does not ship."""
+    from uad.heldout_table import current_weights, update_cards, update_manifest
+
+    models = tmp_path / "models"
+    (models / "ddpm-x").mkdir(parents=True)
+    (models / "manifest.json").write_text(json.dumps({"models": [
+        {"id": "ddpm-x", "sha256": "new", "methods": ["thor"], "card": "ddpm-x/README.md"}]}))
+    (models / "ddpm-x/README.md").write_text("# ddpm-x\n")
+    old, new = _synthetic_report(), _synthetic_report()
+    for r in old["results"][1:3]:
+        r["model_sha256"] = "old"  # both thor rows of the first run measured the replaced weights
+    new["results"] = [new["results"][0], new["results"][1]]  # floor + thor fast of the new weights
+    new["results"][1]["model_sha256"] = "new"
+    new["results"][1]["by_lesion"]["tumour"]["ap"] = 0.33
+    kept, dropped = current_weights([old, new], json.loads((models / "manifest.json").read_text())["models"])
+    assert sorted(dropped) == [("ddpm-x", 1, "thor", "fast"), ("ddpm-x", 1, "thor", "paper")]
+    assert len(old["results"]) == 5 and len(kept[0]["results"]) == 3  # the input is not changed
+    update_cards([old, new], models)
+    card = (models / "ddpm-x/README.md").read_text()
+    assert "| thor | fast (default) | ddpm-x | 2 | 2 / 2 | 0.330 |" in card
+    assert "| thor | paper |" not in card and "Run 1: " not in card
+    update_manifest([old, new], models)
+    rec = json.loads((models / "manifest.json").read_text())["models"][0]["evaluation"]["heldout"]
+    assert rec["results"]["thor"]["tumour"] == 0.33 and rec["results"]["thor"]["run"]["command"] == new["command"]
+    # without a recorded sha256 (older reports) the rows stay, and a model not in the manifest keeps its rows
+    for r in old["results"]:
+        r.pop("model_sha256", None)
+    assert current_weights(old, [{"id": "ddpm-x", "sha256": "new"}])[1] == []
+    assert current_weights(old, [])[1] == []
 
 
 def test_update_manifest_writes_the_heldout_measurements_that_selection_reads(tmp_path):

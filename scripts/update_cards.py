@@ -12,6 +12,8 @@ the README with the table of every measured model (the README must have the mark
 ``--models`` also writes each measured model's ``evaluation.heldout`` into the manifest (its default
 presets' AP per lesion type, the floor, the volume counts and the run), which ``uad detect`` reads to
 pick the best method per contrast (``uad.selection``); ``--no-manifest`` leaves the manifest alone.
+Rows measured with other weights than a model ships now (their recorded ``model_sha256`` differs from the
+manifest's: the model was retrained and re-bundled) are left out of cards, README and manifest.
 ``--print`` prints the README table.  See ``uad.heldout_table``.
 
     python scripts/update_cards.py --presets-report DIR [--models models/] [--readme README.md] [--print]
@@ -32,8 +34,8 @@ _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO / "UADExtension"))
 
 from uad import UADError  # noqa: E402
-from uad.heldout_table import (block, load_report, manifest_entries, restamp_defaults, update_cards,  # noqa: E402
-                               update_file, update_manifest)
+from uad.heldout_table import (block, current_weights, load_report, manifest_entries, restamp_defaults,  # noqa: E402
+                               update_cards, update_file, update_manifest)
 
 
 def main(argv=None) -> int:
@@ -68,6 +70,10 @@ def main(argv=None) -> int:
             if not a.as_recorded:
                 restamp_defaults(rep)
         rep = reps[0] if len(reps) == 1 else reps
+        if a.models:  # rows of weights a model no longer ships are left out everywhere
+            rep, dropped = current_weights(rep, manifest_entries(a.models))
+            for mid, i, method, preset in sorted(set(dropped), key=str):
+                print(f"{mid}: {method}/{preset} of run {i} measured other weights than the bundled ones: left out")
         # the README lists the models that are bundled now, not those a run measured then
         ids = {e.get("id") for e in manifest_entries(a.models)} if a.models else None
         text = block(rep, ids)

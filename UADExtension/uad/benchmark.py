@@ -479,6 +479,7 @@ def run_unit(unit: dict) -> dict:
     net = [r.network_seconds for r in runs if r.network_seconds]
     inrun = [r.in_run_network_seconds for r in runs if r.in_run_network_seconds]
     sm.update({"contrast": contrast, "method": method, "preset": preset, "model": entry.id,
+               "model_sha256": entry.data.get("sha256"),  # which weights: tables drop rows of replaced ones
                "status": "ok", "nfe_per_slice": max(r.nfe_per_slice for r in runs),
                "seconds_per_volume": wall, "slices_per_volume": float(np.mean([r.slices for r in runs])),
                "clock": "wall" if dev.type == "cuda" else "process CPU time",

@@ -71,6 +71,30 @@ def card_path(models_dir, entry: dict) -> Path | None:
     return path if Path(models_dir).resolve() in path.parents and path.is_file() else None
 
 
+def current_weights(report, entries) -> tuple:
+    """``report`` (one or a list) without the rows measured with weights a model no longer has.
+
+    A result row records the sha256 of the weights it ran (``model_sha256``); when a manifest entry of the
+    same id now carries other weights (the model was retrained and re-bundled), that row measured a model
+    that is no longer shipped and is left out of cards, README and ``evaluation.heldout``.  Rows without a
+    recorded sha256 (older reports) and rows of models not in ``entries`` are kept.  Returns
+    ``(report or list of reports, [(model id, run index, method, preset), ...] left out)``; the input is not
+    changed."""
+    sha = {e.get("id"): e.get("sha256") for e in entries}
+    single = not isinstance(report, (list, tuple))
+    out, dropped = [], []
+    for i, rep in enumerate(_as_reports(report), 1):
+        keep = []
+        for r in rep.get("results") or []:
+            mid, rec = r.get("model"), r.get("model_sha256")
+            if rec and sha.get(mid) and rec != sha[mid]:
+                dropped.append((mid, i, r.get("method"), r.get("preset")))
+                continue
+            keep.append(r)
+        out.append(dict(rep, results=keep))
+    return (out[0] if single else out), dropped
+
+
 def _num(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
@@ -300,6 +324,7 @@ def update_cards(report, models_dir) -> list[tuple[str, str]]:
     """Replace the held-out section of the card of every model of ``models_dir/manifest.json`` that the run
     measured; returns (model id, what happened) per model.  Every card is checked before any is written."""
     entries = manifest_entries(models_dir)
+    report, _ = current_weights(report, entries)
     measured = {r.get("model") for rep in _as_reports(report) for r in rep["results"] if r.get("status") == "ok"}
     plan, log = [], []
     for e in entries:
@@ -369,6 +394,7 @@ def update_manifest(report, models_dir) -> list[tuple[str, str]]:
     with _manifest_lock(path):
         data = _read_manifest(path)
         before = json.dumps(data, sort_keys=True)
+        report, _ = current_weights(report, data["models"])
         for e in data["models"]:
             mid = e.get("id")
             rec = heldout_measurements(report, mid)
