@@ -110,6 +110,8 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
                             heldout_dir=ho, lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
     assert {"method": "anoddpm", "contrast": "FLAIR"} in rep["missing"]
     assert len(rep["cells"]) == 4 and rep["planned_cells"] == 4
+    sha = __import__("uad.zoo", fromlist=["find_model"]).find_model("tiny-test").data["sha256"]
+    assert {c["model_sha256"] for c in rep["cells"]} == {sha}  # which weights every cell ran
     for case in ("ho_T2_tumour_0", "ho_T2_tumour_1"):
         pair = [c for c in rep["cells"] if c["case"] == case]
         assert [c["role"] for c in pair] == ["reference", "candidate"] and pair[0]["slab"] == pair[1]["slab"]
@@ -256,6 +258,32 @@ def test_preset_card_section_is_idempotent_and_local(tmp_path):
     with pytest.raises(ValueError, match="unbalanced"):
         update_preset_cards(rep, models, readme)
     assert (models / "a" / "README.md").read_text() == "# Card A\n"
+
+
+def test_preset_section_of_a_rebundled_model_says_its_weights_were_not_compared(tmp_path):
+    """Cells record the sha256 of the weights they ran; a card whose model now ships other weights gets no
+    table of the former weights' numbers but a sentence saying so, and the README names the model."""
+    from uad.benchmark import PRESET_BEGIN, PRESET_END, update_preset_cards
+
+    models = tmp_path / "models"
+    (models / "a").mkdir(parents=True)
+    (models / "a" / "README.md").write_text("# Card A\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{PRESET_BEGIN}\n{PRESET_END}\n")
+    rep = _synthetic_report()
+    for c in rep["cells"]:
+        c["model_sha256"] = "0ld" * 10
+    entry = {"id": "m-ddpm", "methods": ["anoddpm"], "card": "a/README.md", "sha256": "0ld" * 10}
+    (models / "manifest.json").write_text(json.dumps({"models": [entry]}))
+    update_preset_cards(rep, models, readme)
+    assert "| anoddpm | T2 | all | 2 | fast (default) | 25 |" in (models / "a" / "README.md").read_text()
+    assert "Re-bundled" not in readme.read_text()
+    (models / "manifest.json").write_text(json.dumps({"models": [dict(entry, sha256="n3w" * 10)]}))
+    update_preset_cards(rep, models, readme)
+    card = (models / "a" / "README.md").read_text()
+    assert "| anoddpm |" not in card and "no longer ships (sha256 0ld0ld0ld0ld...)" in card
+    assert "(n3w" in card and "Re-bundled since this run (its rows measured the former weights): `m-ddpm`" in \
+        readme.read_text()
 
 
 def test_stochastic_ddim_options_for_cheaper_presets(tiny_model):

@@ -1099,7 +1099,8 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
     n = max(len(computed), 1)
     return {"case": row["case"], "contrast": row["contrast"], "lesion": row["lesion"], "method": method,
             "preset": meth.preset, "params": dict(params or {}), "setting": setting_label(meth.preset, params or {}),
-            "model": model.id, "seed": int(seed), "slab": [int(lo), int(hi)], "run_slices": [int(x) for x in slab["run"]],
+            "model": model.id, "model_sha256": model.config.get("sha256"),
+            "seed": int(seed), "slab": [int(lo), int(hi)], "run_slices": [int(x) for x in slab["run"]],
             "slices_computed": len(computed), "slab_slices": int(hi - lo),
             "slab_lesion_voxels": int(les.sum()), "lesion_voxels": int(slab["counts"].sum()),
             "slab_brain_voxels": int(br.sum()), "prevalence": float(les.sum() / max(int(br.sum()), 1)),
@@ -1413,7 +1414,7 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
 
     entries = manifest_entries(models_dir)
     methods = set(report.get("methods") or [r["method"] for r in report["summary"]])
-    plan, log = [], []
+    plan, log, replaced = [], [], []
     for e in entries:
         mid = e.get("id")
         if not methods & set(e.get("methods") or []):
@@ -1423,14 +1424,25 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
             log.append((mid, "no card inside the models folder: skipped"))
             continue
         text = path.read_text()
-        plan.append((mid, path, text, replace_preset_section(text, presets_block(report, mid))))
+        ran = {c.get("model_sha256") for c in report["cells"] if c.get("model") == mid}
+        if ran and None not in ran and e.get("sha256") not in ran:  # the model was re-bundled since
+            content = (f"\n{presets_header(report)}\n\nThat run measured weights this model no longer ships "
+                       f"(sha256 {', '.join(sorted(str(x)[:12] for x in ran))}...); the bundled weights "
+                       f"({str(e.get('sha256'))[:12]}...) have not been compared preset against preset.\n")
+            replaced.append(mid)
+        else:
+            content = presets_block(report, mid)
+        plan.append((mid, path, text, replace_preset_section(text, content)))
     if readme is not None:
         rp = Path(readme)
         text = rp.read_text()
         if not _marker_lines(text, PRESET_BEGIN):
             raise ValueError(f"{rp} has no {PRESET_BEGIN} ... {PRESET_END} section")
-        plan.append(("README", rp, text, replace_preset_section(text, presets_block(report, lesion_rows=False),
-                                                                None)))
+        content = presets_block(report, lesion_rows=False)
+        if replaced:
+            content += (f"\nRe-bundled since this run (its rows measured the former weights): "
+                        f"{', '.join(f'`{m}`' for m in replaced)}.\n")
+        plan.append(("README", rp, text, replace_preset_section(text, content, None)))
     for mid, path, old, new in plan:
         if new != old:
             _write_atomic(path, new)
