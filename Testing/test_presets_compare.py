@@ -142,6 +142,20 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
                              log=lambda s: None)
     assert not calls and len(rep4["cells"]) == 4 and rep4["planned_cells"] == 6
     assert "Partial: 4 of 6 cells" in (out / "presets.md").read_text()
+    # cells of weights the model no longer ships (re-bundled under the same id) are not reused: computed
+    # again, the old ones kept beside as superseded; cells without a recorded sha256 (older reports) are reused
+    saved = json.loads((out / "presets.json").read_text())
+    saved["cells"][0]["model_sha256"] = "f" * 64
+    saved["cells"][1].pop("model_sha256")
+    (out / "presets.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(B, "run_slab_case", lambda row, method, *a, **k: (
+        calls.append(row["case"]), dict(saved["cells"][0], model_sha256=sha, ap=0.5))[1])
+    rep5 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
+                             lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
+    assert calls == [saved["cells"][0]["case"]] and len(rep5["cells"]) == 4
+    assert [c["ap"] for c in rep5["cells"]].count(0.5) == 1
+    assert [c.get("superseded") for c in rep5["other_cells"]] == ["other weights"]
+    assert rep5["other_cells"][0]["model_sha256"] == "f" * 64
     with pytest.raises(B.UADError, match="KEY=N"):
         B._limits(["wolleb"])
 

@@ -1203,9 +1203,15 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
     if resume and (out / "presets.json").is_file():
         try:
             prev = json.loads((out / "presets.json").read_text())
-            old = {_cell_key(c): c for c in prev.get("cells", []) + prev.get("other_cells", [])}
+            for c in prev.get("cells", []) + prev.get("other_cells", []):
+                old.setdefault(_cell_key(c), []).append(c)
         except (ValueError, KeyError, TypeError):
             old = {}
+
+    def reusable(key, sha):
+        """An earlier cell of ``key`` measured with these weights (or before cells recorded them), else None."""
+        return next((c for c in old.get(key, []) if c.get("model_sha256") in (None, sha)), None)
+
     plan, missing = [], []
     for contrast in contrasts:
         for method in methods:
@@ -1251,14 +1257,20 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
               "missing": missing, "planned_cells": len(order), "cells": cells, "summary": []}
     planned = {_cell_id(r["case"], m, e.id, lab, seed, int(slab), margin) for r, m, e, _, _, lab, _ in order}
     # cells of an earlier report that this run does not plan: kept (not summarised) so that no measurement is lost
-    report["other_cells"] = [c for k, c in old.items() if k not in planned]
+    # (and cells of weights a model no longer ships: superseded, kept as measured)
+    report["other_cells"] = [c for k, cs in old.items() for c in cs if k not in planned]
     model_cache: dict = {}
     for i, (row, method, entry, preset, params, label, role) in enumerate(order, 1):
         if entry.id not in model_cache:
             model_cache.clear()
             model_cache[entry.id] = prepare_model(entry, dev)
         model = model_cache[entry.id]
-        cached = old.get(_cell_id(row["case"], method, entry.id, label, seed, int(slab), margin))
+        key = _cell_id(row["case"], method, entry.id, label, seed, int(slab), margin)
+        cached = reusable(key, entry.data.get("sha256"))
+        stale = [c for c in old.get(key, []) if c is not cached]
+        if stale:  # measured with other weights than the bundled ones: not reused, kept beside
+            report["other_cells"] += [dict(c, superseded="other weights") for c in stale]
+            old[key] = [cached] if cached is not None else []
         if cached is None and reuse_only:
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
             continue
