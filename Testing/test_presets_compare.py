@@ -132,6 +132,9 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
     rep2 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
                              lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
     assert not calls and rep2["summary"] == rep["summary"]
+    # the header says which cells an earlier run measured (the first run: none)
+    assert "earlier run" not in B.presets_header(rep) and not any(c["reused"] for c in rep["cells"])
+    assert "4 of the 4 cells (tiny-test T2) were measured by an earlier run" in B.presets_header(rep2)
     # --volume-limits: fewer volumes for one method (or contrast)
     rep3 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
                              lesions=["tumour"], max_volumes=2, slab=3, limits={"T2/anoddpm": 1}, log=lambda s: None)

@@ -1204,6 +1204,8 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         try:
             prev = json.loads((out / "presets.json").read_text())
             for c in prev.get("cells", []) + prev.get("other_cells", []):
+                # when it was measured: cells before this field carry the date of the report they came from
+                c.setdefault("measured_utc", f"by {prev.get('date_utc', '?')}")
                 old.setdefault(_cell_key(c), []).append(c)
         except (ValueError, KeyError, TypeError):
             old = {}
@@ -1275,12 +1277,14 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
             continue
         if cached is not None:
-            cell = dict(cached, role=role)
+            cell = dict(cached, role=role, reused=True)
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: reused AP {cell['ap']:.4f}")
         else:
             cell = run_slab_case(row, method, model, preset, params, dev, slab, margin, seed, batch_size)
-            cell.update({"role": role, "k": int(slab), "margin_arg": margin,
-                         "load_average": _load_average()})
+            cell.update({"role": role, "reused": False, "k": int(slab), "margin_arg": margin,
+                         "load_average": _load_average(),
+                         "measured_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                         "hardware": report["hardware"]})
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: AP {cell['ap']:.4f} on slices "
                 f"{cell['slab'][0]}-{cell['slab'][1] - 1} (prevalence {cell['prevalence']:.3f}), "
                 f"{cell['nfe_per_slice']} NFE/slice, {cell['seconds_per_slice']:.2f} s/slice")
@@ -1331,7 +1335,19 @@ def presets_header(report: dict) -> str:
             f"voxels; AP = average precision over the brain voxels of exactly those slices, averaged over the "
             f"volumes (n) measured with every setting; ratio = AP / AP of the reference "
             f"({report['settings'][0]}); s/slice = {clk} seconds of the method call per slice; keeps >= 90 % = "
-            f"ratio >= {report.get('rule', PRESET_RULE):g} (issue 7, point 6).")
+            f"ratio >= {report.get('rule', PRESET_RULE):g} (issue 7, point 6)." + _reused_note(report))
+
+
+def _reused_note(report: dict) -> str:
+    """Which cells an earlier run measured (resumed reports): their dates, so the header does not claim them."""
+    cells = report.get("cells") or []
+    old = [c for c in cells if c.get("reused")]
+    if not old:
+        return ""
+    groups = sorted({(c.get("model"), c.get("contrast")) for c in old}, key=str)
+    dates = sorted({str(c.get("measured_utc", "?")).replace("by ", "") for c in old})
+    return (f" {len(old)} of the {len(cells)} cells ({', '.join(f'{m} {ct}' for m, ct in groups)}) were measured "
+            f"by an earlier run (by {dates[-1]}, on its machine: compare their s/slice with care) and reused.")
 
 
 def presets_table(summary: list[dict]) -> str:
