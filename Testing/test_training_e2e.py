@@ -58,8 +58,8 @@ def test_train_resume_import_detect(private_zoo, tmp_path, capsys):
     assert main(base + ["--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert f"run directory: {run} (step 2" in out and f"uad models import {run}" in out
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "log.csv", "model.json", "model.safetensors",
-                                                     "optimizer.pt", "state.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "config.json", "log.csv", "model.json",
+                                                     "model.safetensors", "optimizer.pt", "state.json"]
     rows = _log_rows(run)
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(np.isfinite(float(r["loss"])) for r in rows) and rows[0]["val_loss"] == ""

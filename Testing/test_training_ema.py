@@ -71,7 +71,8 @@ def test_ema_run_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
     train(_cfg(ema_decay=0.8), straight, device="cpu", progress=False, log=None)
     train(_cfg(ema_decay=0.8, steps=2), split, device="cpu", progress=False, log=None)
     names = sorted(p.name for p in split.iterdir())
-    assert names == ["config.json", "log.csv", "model.json", "model.safetensors", "state.json", TRAIN_STATE]
+    assert names == ["best.safetensors", "config.json", "log.csv", "model.json", "model.safetensors", "state.json",
+                     TRAIN_STATE]
     train(_cfg(ema_decay=0.8, steps=4), split, resume=True, device="cpu", progress=False, log=None)
 
     ema_a, ema_b = load_weights(straight / "model.safetensors"), load_weights(split / "model.safetensors")
@@ -88,6 +89,39 @@ def test_ema_run_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
     entry = json.loads((split / "model.json").read_text())
     assert entry["training"]["ema_decay"] == 0.8 and entry["training"]["weights"] == "ema"
     assert [r["val_loss"] for r in _rows(straight / "log.csv")] == [r["val_loss"] for r in _rows(split / "log.csv")]
+
+
+def test_best_validation_weights_are_kept_and_exported(tmp_path, monkeypatch):
+    """best.safetensors holds the validated (EMA) weights of the step with the lowest validation loss, whatever
+    came after (here a loss that rises after step 4, as a late excursion does); export_run(weights="best")
+    bundles them and records that step and loss."""
+    from uad import training
+    from uad.training import BEST_WEIGHTS, export_run
+    from uad.zoo import sha256_file
+
+    scripted = iter([0.5, 0.3, 0.4, 0.6])  # validation at steps 2, 4, 6, 8: the best is step 4
+    monkeypatch.setattr(training, "validation_loss", lambda *a, **k: next(scripted))
+    run = tmp_path / "run"
+    train(_cfg(ema_decay=0.8, steps=8), run, device="cpu", progress=False, log=None)
+    vals = {int(r["step"]): float(r["val_loss"]) for r in _rows(run / "log.csv") if r["val_loss"]}
+    assert vals == {2: 0.5, 4: 0.3, 6: 0.4, 8: 0.6}
+    best = 4
+    assert not _same(load_weights(run / BEST_WEIGHTS), load_weights(run / "model.safetensors"))
+    state = json.loads((run / "state.json").read_text())
+    assert state["best_step"] == best and state["best_val"] == pytest.approx(vals[best])
+    # the same run stopped at the best step has exactly those weights (training is deterministic)
+    short = tmp_path / "short"
+    monkeypatch.setattr(training, "validation_loss", lambda *a, **k: 1.0)  # does not change the weights
+    train(_cfg(ema_decay=0.8, steps=best), short, device="cpu", progress=False, log=None)
+    assert _same(load_weights(run / BEST_WEIGHTS), load_weights(short / "model.safetensors"))
+    models = tmp_path / "models"
+    entry = export_run(run, models, "m-best", weights="best")
+    assert entry["sha256"] == sha256_file(run / BEST_WEIGHTS) and entry["training"]["steps"] == best
+    assert entry["training"]["best_val_loss"] == pytest.approx(vals[best])
+    latest = export_run(run, models, "m-latest")
+    assert latest["sha256"] == sha256_file(run / "model.safetensors") and latest["training"]["steps"] == 8
+    with pytest.raises(UADError, match="'latest' or 'best'"):
+        export_run(run, models, "m", weights="last")
 
 
 def test_ema_run_without_train_state_is_refused(tmp_path):

@@ -380,6 +380,9 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None,
                     help="the training run folder (default runs/<id>); with --finalize-only: export a run made "
                          "with 'uad train' (e.g. a fine-tune with --init), calibrate, evaluate and write the card")
+    ap.add_argument("--weights", choices=("latest", "best"), default="latest",
+                    help="with --finalize-only: the run's latest weights or those of its lowest validation loss "
+                         "(best.safetensors)")
     ap.add_argument("--calibration-volumes", type=int, default=2)
     ap.add_argument("--calibration-geometry", choices=GEOMETRIES, default="axial",
                     help="the calibration's healthy phantoms: at 2 mm on the axial training grid (default) or "
@@ -417,7 +420,7 @@ def main() -> None:
     extra = {"license": "Apache-2.0", "description": args.description, "card": f"{args.id}/README.md",
              "normalisation": normalisation_settings(stored_cfg.get("normalisation")),
              "training": extra_training}
-    entry = export_run(run_dir, models_dir, args.id, extra)
+    entry = export_run(run_dir, models_dir, args.id, extra, weights=args.weights)
     copy_curve(run_dir, models_dir / args.id)
     verify(find_model(args.id))
     model = load_model(find_model(args.id), device="cpu")
@@ -432,12 +435,12 @@ def main() -> None:
         store(cal_entry, m, preset, backend, rec)
     calibration = cal_entry["calibration"]
     extra.update({"threshold": cal_entry["threshold"], "calibration": calibration})
-    entry = export_run(run_dir, models_dir, args.id, extra)
+    entry = export_run(run_dir, models_dir, args.id, extra, weights=args.weights)
     model = load_model(find_model(args.id), device="cpu")
     sample = evaluate_on_sample(model, methods, args.device) if args.contrast == "T2" else {}
     bench = evaluate_on_phantoms(model, methods, args.contrast, args.device, n=args.phantoms_per_type)
     extra["evaluation"] = {"sample": sample, "phantoms": bench}
-    entry = export_run(run_dir, models_dir, args.id, extra)
+    entry = export_run(run_dir, models_dir, args.id, extra, weights=args.weights)
     nparams = sum(count_parameters(n) for n in model.networks.values())
     write_card(entry, models_dir / args.id / "README.md",
                {"parameters": nparams, "hardware": _hardware(), "train_seconds": train_seconds, "calibration": calibration,

@@ -11,8 +11,10 @@ resumes.  A run directory holds:
     model.safetensors    the latest weights (one file, keys <role>.<param>)
     model.json           a manifest entry for the weights (see ``uad.zoo``; import with 'uad models import')
     optimizer.pt         optimizer state (read back only with ``torch.load(weights_only=True)``)
-    state.json           step, best validation loss, seconds, world size (EMA updates, init model)
+    state.json           step, best validation loss and its step, seconds, world size (EMA updates, init model)
     log.csv              step, loss (mean over processes), validation loss, seconds
+    best.safetensors     the validated weights (EMA with EMA) at the step of the lowest validation loss, so that
+                         a late excursion of the loss does not lose them (``export_run(..., weights="best")``)
 
 With EMA (``ema_decay`` > 0), model.safetensors holds the EMA weights (what is
 validated and exported) and ``train_state.safetensors`` replaces optimizer.pt:
@@ -777,6 +779,7 @@ class EMA:
 
 
 TRAIN_STATE = "train_state.safetensors"
+BEST_WEIGHTS = "best.safetensors"  # the validated weights at the lowest validation loss
 _TRAIN_STATE_FORMAT = "uad-train-state/1"
 
 
@@ -1245,6 +1248,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
             val = ""
             if state["step"] % cfg.val_every == 0 or last:
                 val = validation_loss(cls, evaluated, val_source, cfg, dev)
+                if val < state["best_val"]:  # keep the best validated weights beside the latest
+                    tmp = run_dir / "best.safetensors.tmp"
+                    save_weights(evaluated, tmp)
+                    os.replace(tmp, run_dir / BEST_WEIGHTS)
+                    state["best_step"] = state["step"]
                 state["best_val"] = min(state["best_val"], val)
                 state.setdefault("val_history", []).append([state["step"], val])
             state["seconds"] = seconds0 + time.time() - t0
@@ -1341,19 +1349,30 @@ def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig,
 
 # --------------------------------------------------------------------------- export / calibration
 def export_run(run_dir: str | os.PathLike, models_dir: str | os.PathLike, model_id: str,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, weights: str = "latest") -> dict:
     """Copy a run's weights into a model folder and add / replace its manifest entry.
 
+    ``weights``: "latest" (model.safetensors) or "best" (best.safetensors, the validated weights at the
+    lowest validation loss; the entry's ``training`` then records that step and loss).
     (For the per-user model folder use ``uad.zoo.import_model`` / ``uad models import``.)
     """
     import shutil
 
+    if weights not in ("latest", "best"):
+        raise UADError(f"export_run: weights must be 'latest' or 'best', not {weights!r}")
     run_dir, models_dir = Path(run_dir), Path(models_dir)
     entry = json.loads((run_dir / "model.json").read_text())
+    src = run_dir / ("model.safetensors" if weights == "latest" else BEST_WEIGHTS)
+    if not src.is_file():
+        raise UADError(f"{run_dir}: no {src.name} (runs record best weights since stop 27)")
+    if weights == "best":
+        st = json.loads((run_dir / "state.json").read_text())
+        entry.setdefault("training", {}).update({"steps": st.get("best_step"), "best_val_loss": st.get("best_val"),
+                                                 "exported": "best validation weights"})
     dest = models_dir / model_id
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / "model.safetensors.tmp"
-    shutil.copyfile(run_dir / "model.safetensors", tmp)
+    shutil.copyfile(src, tmp)
     os.replace(tmp, dest / "model.safetensors")
     entry["id"] = model_id
     entry["file"] = f"{model_id}/model.safetensors"
