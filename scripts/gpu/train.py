@@ -96,10 +96,12 @@ def join_parts(folder: Path, name: str, dst: Path) -> None:
 
 
 def _fp16_run(run: Path, dst: Path) -> None:
-    """A copy of the run folder whose model.safetensors holds the EMA weights in float16 (no optimizer state)."""
+    """A copy of the run folder whose model.safetensors holds the EMA weights in float16 (no optimizer state, no
+    best.safetensors: the bundle is the latest weights)."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in run.iterdir():
-        if f.is_file() and f.name not in ("model.safetensors", "train_state.safetensors", "optimizer.pt"):
+        if f.is_file() and f.name not in ("model.safetensors", "train_state.safetensors", "optimizer.pt",
+                                          "best.safetensors"):
             shutil.copy2(f, dst / f.name)
     to_float16(run / "model.safetensors", dst / "model.safetensors")
 
