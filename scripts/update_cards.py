@@ -70,12 +70,13 @@ def main(argv=None) -> int:
             if not a.as_recorded:
                 restamp_defaults(rep)
         rep = reps[0] if len(reps) == 1 else reps
-        if a.models:  # rows of weights a model no longer ships are left out everywhere
-            rep, dropped = current_weights(rep, manifest_entries(a.models))
+        entries = manifest_entries(a.models) if a.models else None
+        if entries is not None:  # rows of weights a model no longer ships are left out everywhere
+            rep, dropped = current_weights(rep, entries)
             for mid, i, method, preset in sorted(set(dropped), key=str):
                 print(f"{mid}: {method}/{preset} of run {i} measured other weights than the bundled ones: left out")
         # the README lists the models that are bundled now, not those a run measured then
-        ids = {e.get("id") for e in manifest_entries(a.models)} if a.models else None
+        ids = {e.get("id") for e in entries} if entries is not None else None
         text = block(rep, ids)
         if a.show or not (a.models or a.readme):
             print(text)

@@ -1185,6 +1185,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
     ``reuse_only``: only the cells of the earlier report (re-summarised with this code's default presets); the
     others are left out and the report says it is partial."""
     from .heldout import load_heldout
+    from .heldout_table import other_weights
     from .pipeline import method_class, resolve_device
 
     if heldout_dir is None or not (Path(heldout_dir) / "heldout.json").is_file():
@@ -1212,7 +1213,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
 
     def reusable(key, sha):
         """An earlier cell of ``key`` measured with these weights (or before cells recorded them), else None."""
-        return next((c for c in old.get(key, []) if c.get("model_sha256") in (None, sha)), None)
+        return next((c for c in old.get(key, []) if not other_weights(c.get("model_sha256"), sha)), None)
 
     plan, missing = [], []
     for contrast in contrasts:
@@ -1272,7 +1273,6 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         stale = [c for c in old.get(key, []) if c is not cached]
         if stale:  # measured with other weights than the bundled ones: not reused, kept beside
             report["other_cells"] += [dict(c, superseded="other weights") for c in stale]
-            old[key] = [cached] if cached is not None else []
         if cached is None and reuse_only:
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
             continue
@@ -1438,7 +1438,7 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
     """Write the preset section into the card of every model of ``models_dir/manifest.json`` that serves a
     compared method (measured or not: an unmeasured one says so) and, with ``readme``, the README's marked
     section (which must exist).  Every file is checked before any is written; atomic, idempotent."""
-    from .heldout_table import _marker_lines, _write_atomic, card_path, manifest_entries
+    from .heldout_table import _marker_lines, _write_atomic, card_path, manifest_entries, other_weights
 
     entries = manifest_entries(models_dir)
     methods = set(report.get("methods") or [r["method"] for r in report["summary"]])
@@ -1453,7 +1453,7 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
             continue
         text = path.read_text()
         ran = {c.get("model_sha256") for c in report["cells"] if c.get("model") == mid}
-        if ran and None not in ran and e.get("sha256") not in ran:  # the model was re-bundled since
+        if ran and all(other_weights(x, e.get("sha256")) for x in ran):  # the model was re-bundled since
             content = (f"\n{presets_header(report)}\n\nThat run measured weights this model no longer ships "
                        f"(sha256 {', '.join(sorted(str(x)[:12] for x in ran))}...); the bundled weights "
                        f"({str(e.get('sha256'))[:12]}...) have not been compared preset against preset.\n")

@@ -71,6 +71,12 @@ def card_path(models_dir, entry: dict) -> Path | None:
     return path if Path(models_dir).resolve() in path.parents and path.is_file() else None
 
 
+def other_weights(recorded, shipped) -> bool:
+    """A measurement recorded with weights (sha256 ``recorded``) other than those a model ships now (``shipped``);
+    False when either is unknown (reports from before rows recorded their weights)."""
+    return bool(recorded and shipped and recorded != shipped)
+
+
 def current_weights(report, entries) -> tuple:
     """``report`` (one or a list) without the rows measured with weights a model no longer has.
 
@@ -86,8 +92,8 @@ def current_weights(report, entries) -> tuple:
     for i, rep in enumerate(_as_reports(report), 1):
         keep = []
         for r in rep.get("results") or []:
-            mid, rec = r.get("model"), r.get("model_sha256")
-            if rec and sha.get(mid) and rec != sha[mid]:
+            mid = r.get("model")
+            if other_weights(r.get("model_sha256"), sha.get(mid)):
                 dropped.append((mid, i, r.get("method"), r.get("preset")))
                 continue
             keep.append(r)

@@ -1249,7 +1249,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
             if state["step"] % cfg.val_every == 0 or last:
                 val = validation_loss(cls, evaluated, val_source, cfg, dev)
                 if val < state["best_val"]:  # keep the best validated weights beside the latest
-                    tmp = run_dir / "best.safetensors.tmp"
+                    tmp = run_dir / (BEST_WEIGHTS + ".tmp")
                     save_weights(evaluated, tmp)
                     os.replace(tmp, run_dir / BEST_WEIGHTS)
                     state["best_step"] = state["step"]
