@@ -333,6 +333,23 @@ def test_plot_curve_without_ap_columns(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_long_curve_title_stays_inside_the_figure():
+    """A run's title (name, objective, EMA, timesteps, AP probe) is wrapped, not cut at the figure's edges."""
+    from uad.training import curve_figure
+
+    rows = [{"step": "0", "val_loss": "0.1", "ap_thor": "0.01", "ap_anoddpm": "0.01"},
+            {"step": "500", "val_loss": "0.06", "ap_thor": "0.1", "ap_anoddpm": "0.03"}]
+    title = ("ddpm-t1-ft: anoddpm objective, batch 32, EMA 0.999, t in [0, 400), AP: preset fast, "
+             "24 T1 tumour phantom slices")
+    fig = curve_figure(rows, prevalence=0.014, title=title)
+    renderer = fig.canvas.get_renderer()
+    box = fig._suptitle.get_window_extent(renderer)
+    width, height = fig.bbox.width, fig.bbox.height
+    assert fig._suptitle.get_text().count("\n") >= 1
+    assert box.x0 >= 0 and box.x1 <= width and box.y1 <= height
+    assert fig._suptitle.get_text().replace("\n", " ") == title
+
+
 # --------------------------------------------------------------------------- stopping
 def test_time_limit_and_signal_checkpoint_and_stop(tmp_path):
     run = tmp_path / "run"

@@ -966,11 +966,23 @@ def curve_title(run_dir: Path, cfg: TrainConfig) -> str:
 def plot_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike, prevalence: float | None = None,
                title: str = "") -> Path:
     """Validation loss and sample AP against steps, from a curve.csv, as a PNG (matplotlib, Agg canvas)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig = curve_figure(rows, prevalence, title)
+    png_path = Path(png_path)
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(str(tmp), format="png")
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def curve_figure(rows: list[dict], prevalence: float | None = None, title: str = ""):
+    """The learning-curve figure of curve.csv rows; a long title is wrapped to the figure's width."""
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows]
     ap_cols = [c for c in (rows[0].keys() if rows else []) if c.startswith("ap_")]
     fig = Figure(figsize=(9.0, 3.6), dpi=100)
@@ -991,14 +1003,10 @@ def plot_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike, prevale
         ax2.set_ylim(bottom=0)
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
+    if title:  # about 100 characters of 10-point text fit the 9-inch width
+        fig.suptitle("\n".join(textwrap.wrap(title, 100)), fontsize=10)
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(str(tmp), format="png")
-    os.replace(tmp, png_path)
-    return png_path
+    return fig
 
 
 class _StopRequest:
