@@ -10,16 +10,4 @@
 # Usage (from the repository root):  sh checkpoints/ddpm-t2-ema/run.sh MINUTES
 #   continue: RESUME=1 sh checkpoints/ddpm-t2-ema/run.sh MINUTES   (NICE=n sets the priority, default 19; THREADS=n torch threads, default 1)
 #   (a fresh start needs the old ddpm-t2-phantom weights, no longer bundled: git show 7835cb9:models/ddpm-t2-phantom/model.safetensors)
-set -e
-MIN=${1:-60}
-RUN=checkpoints/ddpm-t2-ema
-export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1} PYTHONPATH=${PYTHONPATH:-UADExtension}
-PY=${PYTHON:-python}
-if [ -n "$RESUME" ]; then
-  ARGS="--method anoddpm -o $RUN --resume --time-limit $MIN --no-progress"
-else
-  ARGS="--method anoddpm -o $RUN --init ddpm-t2-phantom --ema-decay 0.999 --t-max 400 --batch-size 32 --lr 1e-4 \
---seed 100000 --steps 100000 --curve-every 500 --curve-method thor --curve-method anoddpm --curve-slices 24 \
---time-limit $MIN --no-progress"
-fi
-exec nice -n ${NICE:-19} $PY -c "import sys, torch; torch.set_num_threads(${THREADS:-1}); from uad.cli import main; sys.exit(main(sys.argv[1:]))" train $ARGS
+RUN=checkpoints/ddpm-t2-ema CONTRAST=T2 INIT=ddpm-t2-phantom SEED=100000 exec sh checkpoints/continue_ddpm.sh "$@"
