@@ -7,16 +7,7 @@
 # default 19; PYTHON: the interpreter).
 #   sh checkpoints/ddpm-t1-ft/run.sh MINUTES            a new run (the folder must hold no checkpoint)
 #   RESUME=1 sh checkpoints/ddpm-t1-ft/run.sh MINUTES   continue it
-set -e
-MIN=${1:-60}
 : "${RUN:?}" "${CONTRAST:?}" "${INIT:?}" "${SEED:?}"
-export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1} PYTHONPATH=${PYTHONPATH:-UADExtension}
-PY=${PYTHON:-python}
-if [ -n "$RESUME" ]; then
-  ARGS="--method anoddpm -o $RUN --resume --time-limit $MIN --no-progress"
-else
-  ARGS="--method anoddpm --contrast $CONTRAST -o $RUN --init $INIT --ema-decay 0.999 --t-max 400 --batch-size 32 \
---lr 1e-4 --seed $SEED --steps 100000 --curve-every 500 --curve-method thor --curve-method anoddpm --curve-slices 24 \
---time-limit $MIN --no-progress"
-fi
-exec nice -n ${NICE:-19} $PY -c "import sys, torch; torch.set_num_threads(${THREADS:-1}); from uad.cli import main; sys.exit(main(sys.argv[1:]))" train $ARGS
+METHOD=anoddpm FRESH="--contrast $CONTRAST --init $INIT --ema-decay 0.999 --t-max 400 --batch-size 32 --lr 1e-4 \
+--seed $SEED --steps 100000 --curve-every 500 --curve-method thor --curve-method anoddpm --curve-slices 24" \
+exec sh checkpoints/train_or_resume.sh "$@"
