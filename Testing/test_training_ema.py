@@ -117,7 +117,7 @@ def test_best_validation_weights_are_kept_and_exported(tmp_path, monkeypatch):
     models = tmp_path / "models"
     entry = export_run(run, models, "m-best", weights="best")
     assert entry["sha256"] == sha256_file(run / BEST_WEIGHTS) and entry["training"]["steps"] == best
-    assert entry["training"]["best_val_loss"] == pytest.approx(vals[best])
+    assert entry["training"]["best_val_loss"] == pytest.approx(vals[best]) and entry["training"]["run_steps"] == 8
     latest = export_run(run, models, "m-latest")
     assert latest["sha256"] == sha256_file(run / "model.safetensors") and latest["training"]["steps"] == 8
     with pytest.raises(UADError, match="'latest' or 'best'"):

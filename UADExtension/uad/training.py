@@ -1361,7 +1361,7 @@ def export_run(run_dir: str | os.PathLike, models_dir: str | os.PathLike, model_
     """Copy a run's weights into a model folder and add / replace its manifest entry.
 
     ``weights``: "latest" (model.safetensors) or "best" (best.safetensors, the validated weights at the
-    lowest validation loss; the entry's ``training`` then records that step and loss).
+    lowest validation loss; the entry's ``training`` then records that step and loss, and the run's ``run_steps``).
     (For the per-user model folder use ``uad.zoo.import_model`` / ``uad models import``.)
     """
     import shutil
@@ -1376,7 +1376,7 @@ def export_run(run_dir: str | os.PathLike, models_dir: str | os.PathLike, model_
     if weights == "best":
         st = json.loads((run_dir / "state.json").read_text())
         entry.setdefault("training", {}).update({"steps": st.get("best_step"), "best_val_loss": st.get("best_val"),
-                                                 "exported": "best validation weights"})
+                                                 "run_steps": st.get("step"), "exported": "best validation weights"})
     dest = models_dir / model_id
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / "model.safetensors.tmp"
