@@ -124,6 +124,43 @@ def test_best_validation_weights_are_kept_and_exported(tmp_path, monkeypatch):
         export_run(run, models, "m", weights="last")
 
 
+def test_weights_a_run_stops_with_count_for_the_best(tmp_path, monkeypatch):
+    """A run stopped between validations (time limit, signal) validates the weights it stops with: when they
+    have the lowest loss they become best.safetensors and state.json's best step (they used to be left out,
+    so a stopped run's export of its best weights went back to an older step)."""
+    from uad import training
+    from uad.methods import get_method_class
+    from uad.training import BEST_WEIGHTS
+
+    scripted = iter([0.5, 0.3])  # validation at step 2 (val_every), then at the stop, step 3
+    monkeypatch.setattr(training, "validation_loss", lambda *a, **k: next(scripted))
+    cls = get_method_class("anoddpm")
+    loss, calls = cls.training_loss, []
+
+    def stop_after_three(model, x, mask, rng, labels=None):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # honoured before step 4
+        return loss(model, x, mask, rng, labels=labels)
+
+    monkeypatch.setattr(cls, "training_loss", stop_after_three)
+    run, msgs = tmp_path / "run", []
+    train(_cfg(ema_decay=0.8, steps=5), run, device="cpu", progress=False, log=msgs.append)
+    assert any("stopped on request at step 3 of 5" in m for m in msgs)
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == 3 and state["best_step"] == 3 and state["best_val"] == pytest.approx(0.3)
+    assert state["val_history"] == [[2, 0.5], [3, 0.3]]
+    assert _same(load_weights(run / BEST_WEIGHTS), load_weights(run / "model.safetensors"))
+    # resumed, it validates the same step no second time, and the best stays until beaten
+    scripted = iter([0.4, 0.35])  # steps 4 (val_every) and 5 (the run's last)
+    monkeypatch.setattr(training, "validation_loss", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(cls, "training_loss", loss)
+    train(_cfg(ema_decay=0.8, steps=5), run, resume=True, device="cpu", progress=False, log=None)
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == 5 and state["best_step"] == 3
+    assert state["val_history"] == [[2, 0.5], [3, 0.3], [4, 0.4], [5, 0.35]]
+
+
 def test_ema_run_without_train_state_is_refused(tmp_path):
     run = tmp_path / "run"
     train(_cfg(ema_decay=0.5, steps=2), run, device="cpu", progress=False, log=None)

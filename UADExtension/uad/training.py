@@ -1216,8 +1216,27 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
     noise_seed = _rank_seed(cfg.seed, ctx.rank)
     stopped = None
 
-    def curve_point() -> None:
+    validated = {}  # step -> validation loss at that step (validation and the curve share one evaluation)
+
+    def validate() -> float:
+        """The validation loss of the weights now; a new lowest one also keeps them as best.safetensors."""
+        if state["step"] in validated:
+            return validated[state["step"]]
         val = validation_loss(cls, evaluated, val_source, cfg, dev)
+        validated[state["step"]] = val
+        if val < state["best_val"]:  # keep the best validated weights beside the latest
+            tmp = run_dir / (BEST_WEIGHTS + ".tmp")
+            save_weights(evaluated, tmp)
+            os.replace(tmp, run_dir / BEST_WEIGHTS)
+            state["best_step"] = state["step"]
+        state["best_val"] = min(state["best_val"], val)
+        hist = state.setdefault("val_history", [])
+        if not hist or hist[-1][0] != state["step"]:
+            hist.append([state["step"], val])
+        return val
+
+    def curve_point() -> None:
+        val = validate() if state["step"] > 0 else validation_loss(cls, evaluated, val_source, cfg, dev)
         aps = curve.record(state["step"], seconds0 + time.time() - t0, val, evaluated, dev)
         say(f"curve: step {state['step']}, validation loss {val:.4f}"
             + "".join(f", {m} sample AP {v:.3f}" for m, v in aps.items()))
@@ -1255,14 +1274,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
                 continue
             val = ""
             if state["step"] % cfg.val_every == 0 or last:
-                val = validation_loss(cls, evaluated, val_source, cfg, dev)
-                if val < state["best_val"]:  # keep the best validated weights beside the latest
-                    tmp = run_dir / (BEST_WEIGHTS + ".tmp")
-                    save_weights(evaluated, tmp)
-                    os.replace(tmp, run_dir / BEST_WEIGHTS)
-                    state["best_step"] = state["step"]
-                state["best_val"] = min(state["best_val"], val)
-                state.setdefault("val_history", []).append([state["step"], val])
+                val = validate()
             state["seconds"] = seconds0 + time.time() - t0
             writer.writerow([state["step"], f"{lv:.6f}", f"{val:.6f}" if val != "" else "",
                              f"{state['seconds']:.1f}"])
@@ -1276,6 +1288,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
                 curve_point()
         if stopped is not None:
             log_f.flush()
+            if state["step"] > 0 and main:  # the weights it stops with count for the best ones too
+                validate()
             state["seconds"] = seconds0 + time.time() - t0
             _checkpoint(plain, opt, state, run_dir, cfg, ctx.world_size, ema)
             if curve is not None and not curve.has(state["step"]):
