@@ -67,7 +67,7 @@ def test_torchrun_two_processes_on_cpu(cohort, tmp_path):
     assert p.stdout.count("run directory:") == 1
     assert "data-parallel training on 2 processes (cpu); batch 3 per process, 6 per step" in p.stdout
     assert sorted(x.name for x in run.iterdir()) == ["best.safetensors", "config.json", "log.csv", "model.json",
-                                                     "model.safetensors", "optimizer.pt", "state.json"]
+                                                     "model.safetensors", "state.json", "train_state.safetensors"]
     with open(run / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2] and np.isfinite(float(rows[1]["val_loss"]))

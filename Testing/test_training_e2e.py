@@ -59,7 +59,7 @@ def test_train_resume_import_detect(private_zoo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"run directory: {run} (step 2" in out and f"uad models import {run}" in out
     assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "config.json", "log.csv", "model.json",
-                                                     "model.safetensors", "optimizer.pt", "state.json"]
+                                                     "model.safetensors", "state.json", "train_state.safetensors"]
     rows = _log_rows(run)
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(np.isfinite(float(r["loss"])) for r in rows) and rows[0]["val_loss"] == ""

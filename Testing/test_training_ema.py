@@ -91,6 +91,32 @@ def test_ema_run_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
     assert [r["val_loss"] for r in _rows(straight / "log.csv")] == [r["val_loss"] for r in _rows(split / "log.csv")]
 
 
+def test_plain_run_checkpoints_in_safetensors_and_resumes_a_legacy_optimizer_pt(tmp_path):
+    """A run without EMA keeps its optimizer state in train_state.safetensors too (no pickle in a committed
+    checkpoint) and resumes bitwise; a folder written before (optimizer.pt, torch format) still resumes,
+    identically, and its next checkpoint replaces optimizer.pt by train_state.safetensors."""
+    straight, split, legacy = tmp_path / "straight", tmp_path / "split", tmp_path / "legacy"
+    train(_cfg(), straight, device="cpu", progress=False, log=None)
+    train(_cfg(steps=2), split, device="cpu", progress=False, log=None)
+    assert sorted(p.name for p in split.iterdir()) == ["best.safetensors", "config.json", "log.csv", "model.json",
+                                                      "model.safetensors", "state.json", TRAIN_STATE]
+    online, opt_state = load_train_state(split / TRAIN_STATE)
+    assert _same(online, load_weights(split / "model.safetensors"))  # without EMA: the same weights
+    # the same folder as the code before stop 29 wrote it
+    import shutil
+    shutil.copytree(split, legacy)
+    (legacy / TRAIN_STATE).unlink()
+    torch.save(opt_state, legacy / "optimizer.pt")
+    for run in (split, legacy):
+        train(_cfg(steps=4), run, resume=True, device="cpu", progress=False, log=None)
+        assert _same(load_weights(run / "model.safetensors"), load_weights(straight / "model.safetensors"))
+        (on_a, opt_a), (on_b, opt_b) = load_train_state(straight / TRAIN_STATE), load_train_state(run / TRAIN_STATE)
+        assert _same(on_a, on_b) and opt_a["param_groups"] == opt_b["param_groups"]
+        for i in opt_a["state"]:
+            assert _same(opt_a["state"][i], opt_b["state"][i])
+    assert not (legacy / "optimizer.pt").exists()
+
+
 def test_best_validation_weights_are_kept_and_exported(tmp_path, monkeypatch):
     """best.safetensors holds the validated (EMA) weights of the step with the lowest validation loss, whatever
     came after (here a loss that rises after step 4, as a late excursion does); export_run(weights="best")

@@ -10,16 +10,18 @@ resumes.  A run directory holds:
     config.json          the TrainConfig and the model config
     model.safetensors    the latest weights (one file, keys <role>.<param>)
     model.json           a manifest entry for the weights (see ``uad.zoo``; import with 'uad models import')
-    optimizer.pt         optimizer state (read back only with ``torch.load(weights_only=True)``)
+    train_state.safetensors  the online (optimised) weights and the optimizer state (tensors; param groups as
+                         JSON metadata), so that every part of the checkpoint is safetensors; runs written
+                         before stop 29 without EMA hold optimizer.pt instead, still resumed (read back only with
+                         ``torch.load(weights_only=True)``)
     state.json           step, best validation loss and its step, seconds, world size (EMA updates, init model)
     log.csv              step, loss (mean over processes), validation loss, seconds
     best.safetensors     the validated weights (EMA with EMA) at the step of the lowest validation loss, so that
                          a late excursion of the loss does not lose them (``export_run(..., weights="best")``)
 
 With EMA (``ema_decay`` > 0), model.safetensors holds the EMA weights (what is
-validated and exported) and ``train_state.safetensors`` replaces optimizer.pt:
-the online weights plus the optimizer state (tensors; param groups as JSON
-metadata), so that every part of the checkpoint is safetensors.  With a
+validated and exported) and the online weights are those of train_state.safetensors;
+without EMA the two are the same weights.  With a
 learning curve (``curve_every``) the folder also holds curve.csv and curve.png.
 
 Converging faster
@@ -779,6 +781,7 @@ class EMA:
 
 
 TRAIN_STATE = "train_state.safetensors"
+LEGACY_OPTIMIZER = "optimizer.pt"  # the optimizer state of runs without EMA written before stop 29 (torch format)
 BEST_WEIGHTS = "best.safetensors"  # the validated weights at the lowest validation loss
 _TRAIN_STATE_FORMAT = "uad-train-state/1"
 
@@ -1070,7 +1073,7 @@ def _read_run(run_dir: Path, target_steps: int | None, method: str | None = None
     state = json.loads((run_dir / "state.json").read_text())
     out = {"cfg": asdict(cfg), "model_cfg": model_cfg, "state": state,
            "weights": load_weights(run_dir / "model.safetensors", str(run_dir)), "optimizer": None, "ema": None}
-    if (run_dir / TRAIN_STATE).is_file():  # EMA runs: model.safetensors holds the EMA weights
+    if (run_dir / TRAIN_STATE).is_file():  # with EMA, model.safetensors holds the EMA weights
         online, out["optimizer"] = load_train_state(run_dir / TRAIN_STATE)
         if cfg.ema_decay:
             out["ema"] = out["weights"]
@@ -1078,8 +1081,8 @@ def _read_run(run_dir: Path, target_steps: int | None, method: str | None = None
     elif cfg.ema_decay:
         raise UADError(f"cannot resume: {run_dir} is an EMA run but has no {TRAIN_STATE} (the online weights and "
                        f"the optimizer state)")
-    elif (run_dir / "optimizer.pt").is_file():
-        out["optimizer"] = _load_optimizer_state(run_dir / "optimizer.pt")
+    elif (run_dir / LEGACY_OPTIMIZER).is_file():  # a run written before stop 29 without EMA
+        out["optimizer"] = _load_optimizer_state(run_dir / LEGACY_OPTIMIZER)
     return out
 
 
@@ -1329,21 +1332,16 @@ def _debug_dump(ctx: DistContext, model: Model, state: dict, first_batch: str | 
 
 def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig, world_size: int = 1,
                 ema: EMA | None = None) -> None:
-    """model.safetensors (the EMA weights with EMA), the optimizer state, state.json, model.json.
-
-    Without EMA the optimizer state is optimizer.pt (torch, read back weights-only); with EMA the online
-    weights and the optimizer state are train_state.safetensors.
-    """
+    """model.safetensors (the EMA weights with EMA), train_state.safetensors (the online weights and the
+    optimizer state), state.json, model.json; a legacy optimizer.pt of the run is removed once replaced."""
     plain = _plain(model)  # the unwrapped modules' weights, never DDP's "module." names
     tmp = run_dir / "model.safetensors.tmp"
     digest = save_weights(ema.model if ema is not None else plain, tmp)
     os.replace(tmp, run_dir / "model.safetensors")
+    save_train_state(plain, opt, run_dir / TRAIN_STATE)
     if ema is not None:
-        save_train_state(plain, opt, run_dir / TRAIN_STATE)
         state["ema_updates"] = ema.updates
-    else:
-        torch.save(opt.state_dict(), run_dir / "optimizer.pt.tmp")
-        os.replace(run_dir / "optimizer.pt.tmp", run_dir / "optimizer.pt")
+    (run_dir / LEGACY_OPTIMIZER).unlink(missing_ok=True)
     (run_dir / "state.json").write_text(json.dumps(state, indent=2, default=float))
     best = state.get("best_val")
     entry = dict(model.config)
