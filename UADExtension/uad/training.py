@@ -1219,23 +1219,21 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, dev: torch.device, ctx
     noise_seed = _rank_seed(cfg.seed, ctx.rank)
     stopped = None
 
-    validated = {}  # step -> validation loss at that step (validation and the curve share one evaluation)
-
     def validate() -> float:
-        """The validation loss of the weights now; a new lowest one also keeps them as best.safetensors."""
-        if state["step"] in validated:
-            return validated[state["step"]]
+        """The validation loss of the weights now; a new lowest one also keeps them as best.safetensors.
+        A step validated already (val_history's last entry: by the curve, the stop or before a resume) is
+        not evaluated again."""
+        hist = state.setdefault("val_history", [])
+        if hist and hist[-1][0] == state["step"]:
+            return hist[-1][1]
         val = validation_loss(cls, evaluated, val_source, cfg, dev)
-        validated[state["step"]] = val
         if val < state["best_val"]:  # keep the best validated weights beside the latest
             tmp = run_dir / (BEST_WEIGHTS + ".tmp")
             save_weights(evaluated, tmp)
             os.replace(tmp, run_dir / BEST_WEIGHTS)
             state["best_step"] = state["step"]
         state["best_val"] = min(state["best_val"], val)
-        hist = state.setdefault("val_history", [])
-        if not hist or hist[-1][0] != state["step"]:
-            hist.append([state["step"], val])
+        hist.append([state["step"], val])
         return val
 
     def curve_point() -> None:
