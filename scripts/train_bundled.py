@@ -281,11 +281,11 @@ def calibrate_bundled(args) -> None:
         update_card_thresholds(entry, card)
 
 
-def update_entry_in_place(model_id: str, change) -> dict:
-    """Apply ``change(entry)`` to the bundled manifest entry ``model_id`` where it stands (order kept)."""
+def update_entry_in_place(model_id: str, change, models_dir: Path | None = None) -> dict:
+    """Apply ``change(entry)`` to the manifest entry ``model_id`` (of models/ by default) where it stands (order kept)."""
     from uad.zoo import MANIFEST, _manifest_lock, _read_manifest, _write_manifest
 
-    path = ROOT / "models" / MANIFEST
+    path = Path(models_dir or ROOT / "models") / MANIFEST
     with _manifest_lock(path):
         data = _read_manifest(path)
         for e in data["models"]:

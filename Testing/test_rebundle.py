@@ -1,0 +1,114 @@
+"""scripts/rebundle.py: re-bundling a model from a run that continued it, on a copy of a real bundled entry."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "ddpm-t2-ema"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("rebundle", ROOT / "scripts/rebundle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(method, model, sha, ap, **kw):
+    r = {"method": method, "status": "ok", "model": model, "preset": "stochastic", "tumour": ap, "stroke": ap / 2,
+         "ms": ap / 10, "best_dice": ap, "dice_calibrated": ap / 3, "healthy_fp_percent": 1.0,
+         "clock_seconds_per_volume": 80.0}
+    if sha:
+        r["model_sha256"] = sha
+    r.update(kw)
+    return r
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    from uad.zoo import sha256_file
+
+    models = tmp_path / "models"
+    (models / MODEL).mkdir(parents=True)
+    bundled = json.loads((ROOT / "models/manifest.json").read_text())
+    entry = next(e for e in bundled["models"] if e["id"] == MODEL)
+    other = dict(next(e for e in bundled["models"] if e["id"] == "ddpm-t1-phantom"), id="kept-as-is")
+    (models / "manifest.json").write_text(json.dumps({"models": [entry, other]}, indent=1))
+    shutil.copyfile(ROOT / "models" / MODEL / "model.safetensors", models / MODEL / "model.safetensors")
+    (models / MODEL / "README.md").write_text(
+        "# Model card\n\n- **sha256**: `old`\n\n## Training\n\nhand-written text\n\n## Thresholds\n\nstale\n\n"
+        "## Held-out phantom test set\n\nstale 2-volume table\n\n## Held-out benchmark\n\ntable\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    # the run's weights: another network of the same size (what a continued run exports)
+    shutil.copyfile(ROOT / "models/ddpm-t1-phantom/model.safetensors", run / "best.safetensors")
+    shutil.copyfile(ROOT / "models" / MODEL / "model.safetensors", run / "model.safetensors")
+    run_entry = {k: v for k, v in entry.items() if k not in ("threshold", "calibration", "card", "license")}
+    run_entry["training"] = {"steps": 10418, "batch_size": 32, "init": {"model": MODEL, "sha256": entry["sha256"]}}
+    run_entry["description"] = "what uad train writes"
+    (run / "model.json").write_text(json.dumps(run_entry))
+    (run / "state.json").write_text(json.dumps({"step": 10418, "best_step": 10000, "best_val": 0.055,
+                                                "seconds": 5580.25}))
+    (run / "curve.csv").write_text("step,seconds,val_loss,ap_thor\n0,0,0.06,0.1\n250,600,0.058,0.12\n")
+    return {"models": models, "run": run, "entry": entry, "new_sha": sha256_file(run / "best.safetensors"),
+            "tmp": tmp_path}
+
+
+def test_prep_installs_the_run_weights_and_drops_the_replaced_calibration(setup):
+    rb = _load()
+    old = setup["entry"]
+    e = rb.prep(MODEL, setup["run"], setup["models"], weights="best", threads=2, note="step 5,793")
+    assert (setup["models"] / MODEL / "model.safetensors").read_bytes() == (setup["run"] / "best.safetensors").read_bytes()
+    assert e["sha256"] == setup["new_sha"] != old["sha256"]
+    for k in ("license", "card", "normalisation", "description"):  # the bundled entry's, not the run's
+        assert e[k] == old[k]
+    assert "threshold" not in e and "calibration" not in e and "evaluation" not in e
+    tr = e["training"]
+    assert (tr["steps"], tr["run_steps"], tr["best_val_loss"], tr["exported"]) == (10000, 10418, 0.055,
+                                                                                  "best validation weights")
+    assert tr["replaces"] == {"sha256": old["sha256"], "steps": old["training"]["steps"], "note": "step 5,793"}
+    assert tr["threads"] == 2 and tr["wall_seconds"] == 5580.2
+    data = json.loads((setup["models"] / "manifest.json").read_text())
+    assert [x["id"] for x in data["models"]] == [MODEL, "kept-as-is"]  # order kept, the other entry untouched
+    assert (setup["models"] / MODEL / "curve.csv").is_file()
+    # the same weights twice is refused (nothing to re-bundle)
+    with pytest.raises(SystemExit, match="already"):
+        rb.prep(MODEL, setup["run"], setup["models"], weights="best")
+
+
+def test_backfill_then_card_compares_old_and_new_rows(setup):
+    rb = _load()
+    old_sha = setup["entry"]["sha256"]
+    old_dir, new_dir = setup["tmp"] / "old", setup["tmp"] / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old_rep = {"results": [_row("thor", MODEL, None, 0.2), _row("anoddpm", MODEL, None, 0.1),
+                           _row("thor", "other-model", None, 0.9)]}
+    (old_dir / "benchmark.json").write_text(json.dumps(old_rep))
+    assert rb.backfill(MODEL, old_sha, [old_dir]) == 2
+    tagged = json.loads((old_dir / "benchmark.json").read_text())["results"]
+    assert [r.get("model_sha256") for r in tagged] == [old_sha, old_sha, None]
+    assert rb.backfill(MODEL, old_sha, [old_dir]) == 0  # rows that say their weights are left alone
+
+    rb.prep(MODEL, setup["run"], setup["models"], weights="best")
+    floor = {"method": "intensity-floor", "status": "ok", "model": "-", "tumour": 0.049, "stroke": 0.18, "ms": 0.006}
+    new_rep = {"results": [floor, _row("thor", MODEL, setup["new_sha"], 0.3), _row("anoddpm", MODEL, "stale", 0.5),
+                           _row("autoddpm", MODEL, setup["new_sha"], 0.4)]}
+    (new_dir / "benchmark.json").write_text(json.dumps(new_rep))
+    card = rb.card(MODEL, setup["models"], new_dir, {"*": old_dir}).read_text()
+    assert f"- **sha256**: `{setup['new_sha']}`" in card
+    assert "hand-written text" in card and "stale" not in card and "Held-out phantom test set" not in card
+    assert "| thor | stochastic | 0.200 -> 0.300 | 0.100 -> 0.150 | 0.020 -> 0.030 | 0.200 -> 0.300 |" in card
+    # anoddpm's new row measured other weights and autoddpm has no old row: neither is compared
+    assert "| anoddpm |" not in card and "| autoddpm |" not in card
+    assert "floor = the intensity threshold (tumour / stroke / MS AP 0.049 / 0.180 / 0.006)" in card
+    assert card.index("## Compared with") < card.index("## Held-out benchmark")
+    assert "## Learning curve" in card and "| 250 | 10 | 0.0580 | 0.120 |" in card
+    with pytest.raises(SystemExit, match="no method"):
+        rb.card(MODEL, setup["models"], old_dir, {"*": old_dir})

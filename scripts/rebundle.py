@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Re-bundle a model of models/ from a training run that continued it (``uad train --init ID`` or ``--resume``).
+
+    python scripts/rebundle.py backfill --id ID DIR...          # before prep: tag the replaced weights' report rows
+    python scripts/rebundle.py prep --id ID --run-dir RUN [--weights best|latest] [--threads N] [--note TEXT]
+    python scripts/train_bundled.py --id ID --method M --calibrate-only [--presets ...]   # then calibrate
+    uad benchmark --heldout DIR --contrasts C --methods ... --presets default -o NEW      # and measure
+    python scripts/rebundle.py card --id ID --new NEW --old OLD [--old METHOD=DIR ...]
+
+``backfill`` writes the bundled weights' sha256 into the rows of committed benchmark reports that measured
+model ID without recording which weights (reports older than ``model_sha256``), so that once the weights are
+replaced ``scripts/update_cards.py`` drops those rows instead of showing them under the new weights.
+
+``prep`` copies the run's weights (``best.safetensors``: the lowest validation loss, or ``model.safetensors``)
+and learning curve into models/ID/ and rebuilds the manifest entry from the run's model.json, keeping the
+entry's id, licence, card, normalisation and description; it records the training (steps, validation loss,
+the run's steps, wall time, threads) and what it replaces (sha256, steps, note), and drops the replaced
+weights' calibration, thresholds and evaluation, which belong to other weights.
+
+``card`` rewrites the model card's sha256 line, its Thresholds and Learning curve sections and a "Compared with
+the weights it replaces" table (tumour / stroke / MS AP, best Dice, Dice at the calibrated threshold, healthy
+false positives and CPU seconds per volume, old -> new) from two benchmark reports, and drops the card's
+stale "Held-out phantom test set" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "UADExtension"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+METRICS = (("tumour", "{:.3f}"), ("stroke", "{:.3f}"), ("ms", "{:.3f}"), ("best_dice", "{:.3f}"),
+           ("dice_calibrated", "{:.3f}"), ("healthy_fp_percent", "{:.2f}"), ("clock_seconds_per_volume", "{:.0f}"))
+HEADER = ("| method | preset | tumour AP | stroke AP | MS AP | best Dice | Dice@cal | healthy FP % | CPU s/volume |",
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def _entry(models_dir: Path, model_id: str) -> dict:
+    data = json.loads((models_dir / "manifest.json").read_text())
+    for e in data["models"]:
+        if e.get("id") == model_id:
+            return e
+    raise SystemExit(f"{model_id}: not in {models_dir / 'manifest.json'}")
+
+
+def _write_report(path: Path, rep: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rep, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def backfill(model_id: str, sha: str, report_dirs: list[Path]) -> int:
+    """Record ``sha`` as ``model_sha256`` in every row of model ``model_id`` that has none; returns rows changed."""
+    changed = 0
+    for d in report_dirs:
+        p = d / "benchmark.json" if d.is_dir() else d
+        rep = json.loads(p.read_text())
+        n = 0
+        for row in rep.get("results", []):
+            if row.get("model") == model_id and not row.get("model_sha256"):
+                row["model_sha256"] = sha
+                n += 1
+        if n:
+            _write_report(p, rep)
+        changed += n
+    return changed
+
+
+def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", threads: int | None = None,
+         note: str = "", description: str | None = None) -> dict:
+    """Install the run's weights as model ``model_id`` (see the module docstring); returns the new entry."""
+    from train_bundled import update_entry_in_place
+    from uad.zoo import sha256_file
+
+    old = _entry(models_dir, model_id)
+    run_entry = json.loads((run_dir / "model.json").read_text())
+    st = json.loads((run_dir / "state.json").read_text())
+    src = run_dir / ("best.safetensors" if weights == "best" else "model.safetensors")
+    if not src.is_file():
+        raise SystemExit(f"{src}: missing (a run validates and keeps its best weights since stop 27)")
+    dest = models_dir / model_id
+    sha = sha256_file(src)
+    if sha == old.get("sha256"):
+        raise SystemExit(f"{model_id}: the run's {src.name} is the bundled file already")
+    tmp = dest / "model.safetensors.tmp"
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest / "model.safetensors")
+    for name in ("curve.csv", "curve.png"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+    old_tr = old.get("training") or {}
+    replaces = {"sha256": old.get("sha256"), "steps": old_tr.get("steps")}
+    if note:
+        replaces["note"] = note
+
+    def change(e: dict) -> None:
+        keep = {k: e[k] for k in ("id", "license", "card", "normalisation", "description") if k in e}
+        e.clear()
+        e.update({k: v for k, v in run_entry.items()
+                  if k not in ("file", "sha256", "threshold", "calibration", "evaluation")})
+        e.update(keep)
+        if description:
+            e["description"] = description
+        e["file"] = f"{model_id}/model.safetensors"
+        e["sha256"] = sha
+        tr = e.setdefault("training", {})
+        if weights == "best":
+            tr.update({"steps": int(st["best_step"]), "best_val_loss": float(st["best_val"]),
+                       "exported": "best validation weights"})
+        else:
+            tr.update({"steps": int(st["step"]), "exported": "latest weights"})
+        tr.update({"run_steps": int(st["step"]), "wall_seconds": round(float(st.get("seconds", 0.0)), 1),
+                   "replaces": replaces})
+        if threads:
+            tr["threads"] = int(threads)
+
+    return update_entry_in_place(model_id, change, models_dir=models_dir)
+
+
+def _row(rep: dict, method: str, model_id: str, sha: str | None) -> dict | None:
+    for r in rep.get("results", []):
+        if r.get("method") == method and r.get("status") == "ok" and r.get("model") == model_id:
+            if sha is None or r.get("model_sha256") in (None, sha):
+                return r
+    return None
+
+
+def compare_lines(model_id: str, entry: dict, new_dir: Path, old_dirs: dict) -> list[str]:
+    """The card section comparing the replaced weights' held-out rows with the new ones (old -> new)."""
+    from uad.heldout_table import load_report
+
+    new = load_report(new_dir)
+    rep_sha = (entry.get("training") or {}).get("replaces", {}).get("sha256")
+    floor = next((r for r in new["results"] if r.get("method") == "intensity-floor"), None)
+    contrast = entry.get("contrast")
+    lines = [f"## Compared with the weights it replaces (sha256 `{str(rep_sha)[:12]}...`)", "",
+             f"The whole held-out {contrast} set, default presets, each weight set with its own calibration"
+             + (f"; floor = the intensity threshold (tumour / stroke / MS AP {floor['tumour']:.3f} / "
+                f"{floor['stroke']:.3f} / {floor['ms']:.3f})" if floor else "")
+             + f". These weights: `{_rel(new_dir)}/`; the replaced ones: "
+             + ", ".join(sorted({f"`{_rel(p)}/`" for p in old_dirs.values()})) + ". Each cell: old -> new.", "",
+             *HEADER]
+    n_rows = 0
+    for m in entry.get("methods", []):
+        old_dir = old_dirs.get(m, old_dirs.get("*"))
+        o = _row(load_report(old_dir), m, model_id, rep_sha) if old_dir is not None else None
+        n = _row(new, m, model_id, entry.get("sha256"))
+        if o is None or n is None:
+            continue
+        cells = [" -> ".join(f.format(float(x[k])) if x.get(k) is not None else "-" for x in (o, n)) for k, f in METRICS]
+        lines.append(f"| {m} | {n.get('preset')} | " + " | ".join(cells) + " |")
+        n_rows += 1
+    if not n_rows:
+        raise SystemExit(f"{model_id}: no method has a row in both reports (new {new_dir}, old {old_dirs})")
+    return lines
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def replace_section(text: str, title: str, new_lines: list[str], after: str | None = None) -> str:
+    """Replace the card's ``## title`` section by ``new_lines`` (drop it if empty; else insert before ``after``)."""
+    lines = text.split("\n")
+    heads = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    hit = [h for h in heads if lines[h].startswith("## " + title)]
+    if not hit:
+        if not new_lines:
+            return text
+        at = next((h for h in heads if after and lines[h].startswith("## " + after)), len(lines))
+        return "\n".join(lines[:at] + new_lines + [""] + lines[at:])
+    i = hit[0]
+    j = next((h for h in heads if h > i), len(lines))
+    return "\n".join(lines[:i] + (new_lines + [""] if new_lines else []) + lines[j:])
+
+
+def card(model_id: str, models_dir: Path, new_dir: Path, old_dirs: dict) -> Path:
+    from train_bundled import curve_section, threshold_section
+
+    e = _entry(models_dir, model_id)
+    path = models_dir / model_id / "README.md"
+    text = path.read_text()
+    text = "\n".join(f"- **sha256**: `{e['sha256']}`" if line.startswith("- **sha256**") else line
+                     for line in text.split("\n"))
+    text = replace_section(text, "Thresholds", threshold_section(e))
+    text = replace_section(text, "Held-out phantom test set", [])
+    curve = curve_section(models_dir / model_id)[1:]
+    if curve:
+        text = replace_section(text, "Learning curve", curve, after="Held-out benchmark")
+    text = replace_section(text, "Compared with the weights it replaces", compare_lines(model_id, e, new_dir, old_dirs),
+                           after="Held-out benchmark")
+    path.write_text(text.rstrip("\n") + "\n")
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("backfill", help="tag the bundled weights' untagged report rows with their sha256")
+    b.add_argument("--id", required=True)
+    b.add_argument("--models", default=str(ROOT / "models"))
+    b.add_argument("reports", nargs="+")
+    p = sub.add_parser("prep", help="install a run's weights as the model (entry rebuilt, calibration dropped)")
+    p.add_argument("--id", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--models", default=str(ROOT / "models"))
+    p.add_argument("--weights", choices=("best", "latest"), default="best")
+    p.add_argument("--threads", type=int, default=None, help="torch threads the run trained with (for the card)")
+    p.add_argument("--note", default="", help="what the replaced weights were (recorded under training.replaces)")
+    p.add_argument("--description", default=None)
+    c = sub.add_parser("card", help="rewrite the card's sha256, thresholds, learning curve and comparison")
+    c.add_argument("--id", required=True)
+    c.add_argument("--models", default=str(ROOT / "models"))
+    c.add_argument("--new", required=True, help="benchmark folder of the new weights")
+    c.add_argument("--old", action="append", required=True,
+                   help="benchmark folder of the replaced weights, or METHOD=DIR (repeatable)")
+    a = ap.parse_args(argv)
+    models = Path(a.models).resolve()
+    if a.cmd == "backfill":
+        sha = _entry(models, a.id)["sha256"]
+        n = backfill(a.id, sha, [Path(x) for x in a.reports])
+        print(f"{a.id}: {n} row(s) tagged with sha256 {sha[:12]}...")
+    elif a.cmd == "prep":
+        e = prep(a.id, Path(a.run_dir).resolve(), models, a.weights, a.threads, a.note, a.description)
+        tr = e["training"]
+        print(f"{a.id}: step {tr['steps']} of {tr['run_steps']} ({tr['exported']}), sha256 {e['sha256'][:12]}...; "
+              f"calibrate next: python scripts/train_bundled.py --id {a.id} --method {e['methods'][0]} "
+              f"--calibrate-only [--presets ...]")
+    else:
+        old = {}
+        for x in a.old:
+            m, _, d = x.rpartition("=") if "=" in x else ("*", "", x)
+            old[m] = Path(d)
+        print(card(a.id, models, Path(a.new), old))
+
+
+if __name__ == "__main__":
+    main()
