@@ -112,3 +112,17 @@ def test_backfill_then_card_compares_old_and_new_rows(setup):
     assert "## Learning curve" in card and "| 250 | 10 | 0.0580 | 0.120 |" in card
     with pytest.raises(SystemExit, match="no method"):
         rb.card(MODEL, setup["models"], old_dir, {"*": old_dir})
+
+
+def test_card_command_takes_old_reports_per_method(setup, capsys):
+    rb = _load()
+    old_dir, new_dir = setup["tmp"] / "old=runs", setup["tmp"] / "new"  # an '=' inside a folder name is a path
+    old_dir.mkdir()
+    new_dir.mkdir()
+    (old_dir / "benchmark.json").write_text(json.dumps({"results": [_row("thor", MODEL, setup["entry"]["sha256"], 0.2)]}))
+    rb.prep(MODEL, setup["run"], setup["models"], weights="best")
+    (new_dir / "benchmark.json").write_text(json.dumps({"results": [_row("thor", MODEL, setup["new_sha"], 0.4)]}))
+    for old in (f"thor={old_dir}", str(old_dir)):
+        rb.main(["card", "--id", MODEL, "--models", str(setup["models"]), "--new", str(new_dir), "--old", old])
+        card = (setup["models"] / MODEL / "README.md").read_text()
+        assert "| thor | stochastic | 0.200 -> 0.400 |" in card

@@ -238,7 +238,7 @@ def main(argv=None) -> None:
     else:
         old = {}
         for x in a.old:
-            m, _, d = x.rpartition("=") if "=" in x else ("*", "", x)
+            m, _, d = x.partition("=") if "=" in x.split("/")[0] else ("*", "", x)
             old[m] = Path(d)
         print(card(a.id, models, Path(a.new), old))
 
