@@ -406,3 +406,15 @@ def test_offline_reasons():
     assert _offline_reason(urllib.error.URLError(OSError(errno.ENETUNREACH, "Network is unreachable"))) == \
         "Network is unreachable"
     assert _offline_reason(urllib.error.URLError(FileNotFoundError(2, "No such file"))) is None
+
+
+def test_upsert_replaces_an_entry_where_it_stands(tmp_path):
+    """A re-imported or re-bundled model keeps its place in the manifest; a new id is appended."""
+    from uad.zoo import upsert_manifest_entry
+
+    for i in ("a", "b", "c"):
+        upsert_manifest_entry(tmp_path, {"id": i, "v": 1})
+    upsert_manifest_entry(tmp_path, {"id": "b", "v": 2})
+    upsert_manifest_entry(tmp_path, {"id": "d", "v": 1})
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert [(m["id"], m["v"]) for m in data["models"]] == [("a", 1), ("b", 2), ("c", 1), ("d", 1)]

@@ -74,53 +74,48 @@ def backfill(model_id: str, sha: str, report_dirs: list[Path]) -> int:
 
 def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", threads: int | None = None,
          note: str = "", description: str | None = None) -> dict:
-    """Install the run's weights as model ``model_id`` (see the module docstring); returns the new entry."""
+    """Install the run's weights as model ``model_id`` (see the module docstring); returns the new entry.
+
+    ``uad.training.export_run`` copies the weights and rebuilds the entry from the run's model.json where the old
+    entry stood; this adds what a re-bundle keeps (licence, card, normalisation, description) and records (what
+    it replaces, wall time, threads), and drops what belonged to the replaced weights."""
     from train_bundled import update_entry_in_place
+    from uad.training import export_run
     from uad.zoo import sha256_file
 
     old = _entry(models_dir, model_id)
-    run_entry = json.loads((run_dir / "model.json").read_text())
     st = json.loads((run_dir / "state.json").read_text())
     src = run_dir / ("best.safetensors" if weights == "best" else "model.safetensors")
     if not src.is_file():
         raise SystemExit(f"{src}: missing (a run validates and keeps its best weights since stop 27)")
-    dest = models_dir / model_id
-    sha = sha256_file(src)
-    if sha == old.get("sha256"):
+    if sha256_file(src) == old.get("sha256"):
         raise SystemExit(f"{model_id}: the run's {src.name} is the bundled file already")
-    tmp = dest / "model.safetensors.tmp"
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest / "model.safetensors")
-    for name in ("curve.csv", "curve.png"):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, dest / name)
     old_tr = old.get("training") or {}
     replaces = {"sha256": old.get("sha256"), "steps": old_tr.get("steps")}
     if note:
         replaces["note"] = note
+    tr = {"run_steps": int(st["step"]), "wall_seconds": round(float(st.get("seconds", 0.0)), 1), "replaces": replaces}
+    if weights == "best":
+        tr.update({"steps": int(st["best_step"]), "best_val_loss": float(st["best_val"])})
+    else:
+        tr.update({"steps": int(st["step"]), "exported": "latest weights"})
+    if threads:
+        tr["threads"] = int(threads)
+    keep = {k: old[k] for k in ("license", "card", "normalisation", "description") if k in old}
+    if description:
+        keep["description"] = description
+    export_run(run_dir, models_dir, model_id, extra={"training": tr}, weights=weights)
 
     def change(e: dict) -> None:
-        keep = {k: e[k] for k in ("id", "license", "card", "normalisation", "description") if k in e}
-        e.clear()
-        e.update({k: v for k, v in run_entry.items()
-                  if k not in ("file", "sha256", "threshold", "calibration", "evaluation")})
+        for k in ("threshold", "calibration", "evaluation"):  # the replaced weights' (or none)
+            e.pop(k, None)
         e.update(keep)
-        if description:
-            e["description"] = description
-        e["file"] = f"{model_id}/model.safetensors"
-        e["sha256"] = sha
-        tr = e.setdefault("training", {})
-        if weights == "best":
-            tr.update({"steps": int(st["best_step"]), "best_val_loss": float(st["best_val"]),
-                       "exported": "best validation weights"})
-        else:
-            tr.update({"steps": int(st["step"]), "exported": "latest weights"})
-        tr.update({"run_steps": int(st["step"]), "wall_seconds": round(float(st.get("seconds", 0.0)), 1),
-                   "replaces": replaces})
-        if threads:
-            tr["threads"] = int(threads)
 
-    return update_entry_in_place(model_id, change, models_dir=models_dir)
+    e = update_entry_in_place(model_id, change, models_dir=models_dir)
+    for name in ("curve.csv", "curve.png"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, models_dir / model_id / name)
+    return e
 
 
 def _row(rep: dict, method: str, model_id: str, sha: str | None) -> dict | None:

@@ -324,7 +324,8 @@ def _write_manifest(path: Path, data: dict) -> None:
 
 
 def upsert_manifest_entry(models_dir: str | os.PathLike, entry: dict) -> None:
-    """Add ``entry`` to ``models_dir/manifest.json``, replacing an entry with the same id.
+    """Add ``entry`` to ``models_dir/manifest.json``, replacing an entry with the same id in place (same
+    position in the list, so a re-bundled model keeps its place and a diff of the manifest shows one entry).
 
     The read-modify-write holds an exclusive lock (POSIX ``flock`` on a file in the temporary
     directory named after the manifest's path) so that concurrent imports or trainings exporting
@@ -334,7 +335,10 @@ def upsert_manifest_entry(models_dir: str | os.PathLike, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _manifest_lock(path):
         data = _read_manifest(path) if path.is_file() else {"models": []}
-        data["models"] = [m for m in data["models"] if m.get("id") != entry["id"]] + [entry]
+        models = [m for m in data["models"] if m.get("id") != entry["id"]]
+        at = next((i for i, m in enumerate(data["models"]) if m.get("id") == entry["id"]), len(data["models"]))
+        models.insert(min(at, len(models)), entry)
+        data["models"] = models
         _write_manifest(path, data)
 
 
