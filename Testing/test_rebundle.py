@@ -126,3 +126,34 @@ def test_card_command_takes_old_reports_per_method(setup, capsys):
         rb.main(["card", "--id", MODEL, "--models", str(setup["models"]), "--new", str(new_dir), "--old", old])
         card = (setup["models"] / MODEL / "README.md").read_text()
         assert "| thor | stochastic | 0.200 -> 0.400 |" in card
+
+
+def test_new_bundles_a_run_beside_a_model_and_compares_with_it(setup):
+    """A run as a new model placed before another entry (the default where both serve); its card compares the two."""
+    from uad.zoo import sha256_file
+
+    rb = _load()
+    models, run = setup["models"], setup["run"]
+    (run / "config.json").write_text(json.dumps({"model": {"normalisation": {"lower": 1.0, "upper": 99.0}}}))
+    e = rb.new("ddpm-t2-new", run, models, weights="best", before=MODEL, methods=["thor", "anoddpm"],
+               description="a second T2 DDPM", threads=2)
+    data = json.loads((models / "manifest.json").read_text())
+    assert [x["id"] for x in data["models"]] == ["ddpm-t2-new", MODEL, "kept-as-is"]
+    assert e["methods"] == ["thor", "anoddpm"] and e["sha256"] == sha256_file(run / "best.safetensors")
+    assert (models / "ddpm-t2-new/model.safetensors").read_bytes() == (run / "best.safetensors").read_bytes()
+    assert e["training"]["steps"] == 10000 and e["training"]["threads"] == 2 and e["license"] == "Apache-2.0"
+    assert "threshold" not in e and e["card"] == "ddpm-t2-new/README.md"
+    text = (models / "ddpm-t2-new/README.md").read_text()
+    assert text.startswith("# Model card: ddpm-t2-new") and f"`{e['sha256']}`" in text
+    assert "lowest validation loss (0.0550) at step 10,000" in text and "## Learning curve" in text
+    with pytest.raises(SystemExit, match="already"):
+        rb.new("ddpm-t2-new", run, models)
+    old_dir, new_dir = setup["tmp"] / "old", setup["tmp"] / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old_sha = setup["entry"]["sha256"]
+    (old_dir / "benchmark.json").write_text(json.dumps({"results": [_row("thor", MODEL, old_sha, 0.2)]}))
+    (new_dir / "benchmark.json").write_text(json.dumps({"results": [_row("thor", "ddpm-t2-new", e["sha256"], 0.4)]}))
+    card = rb.card("ddpm-t2-new", models, new_dir, {"*": old_dir}, other=MODEL).read_text()
+    assert f"## Compared with `{MODEL}`" in card and f"`{MODEL}` -> this model" in card
+    assert "| thor | stochastic | 0.200 -> 0.400 |" in card

@@ -7,6 +7,10 @@
     uad benchmark --heldout DIR --contrasts C --methods ... --presets default -o NEW      # and measure
     python scripts/rebundle.py card --id ID --new NEW --old OLD [--old METHOD=DIR ...]
 
+    python scripts/rebundle.py new --id NEW_ID --run-dir RUN [--before ID] [--methods a,b] [--weights ...]
+    (calibrate, measure)
+    python scripts/rebundle.py card --id NEW_ID --new NEW --old OTHER_REPORT --compare-model ID
+
 ``backfill`` writes the bundled weights' sha256 into the rows of committed benchmark reports that measured
 model ID without recording which weights (reports older than ``model_sha256``), so that once the weights are
 replaced ``scripts/update_cards.py`` drops those rows instead of showing them under the new weights.
@@ -21,6 +25,12 @@ weights' calibration, thresholds and evaluation, which belong to other weights.
 the weights it replaces" table (tumour / stroke / MS AP, best Dice, Dice at the calibrated threshold, healthy
 false positives and CPU seconds per volume, old -> new) from two benchmark reports, and drops the card's
 stale "Held-out phantom test set" section.
+
+``new`` bundles a run as a model of its own beside the existing ones (a simplex-noise DDPM beside the Gaussian
+one): the weights, the learning curve, an entry with the licence, card, normalisation, description and training
+record, placed before ``--before`` in the manifest (so that it becomes the default model where both serve a
+method and contrast), and a card with its header, training and learning-curve sections; ``card
+--compare-model ID`` then compares it with that model's rows instead of replaced weights.
 """
 
 from __future__ import annotations
@@ -118,6 +128,78 @@ def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", 
     return e
 
 
+def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", before: str | None = None,
+        methods: list[str] | None = None, description: str = "", threads: int | None = None) -> dict:
+    """Bundle a run as a new model ``model_id``: weights, curve, entry (placed before ``before`` in the manifest, so
+    that it is the default model of its methods and contrast where both serve them: ``uad.zoo.find_model`` takes
+    the first in manifest order) and a card with its header and training section (see the module docstring)."""
+    from train_bundled import curve_section, training_details
+    from uad.networks import count_parameters
+    from uad.preprocess import normalisation_settings
+    from uad.training import export_run
+    from uad.zoo import MANIFEST, _manifest_lock, _read_manifest, _write_manifest, build_model, load_weights
+
+    data = json.loads((models_dir / "manifest.json").read_text())
+    if any(e.get("id") == model_id for e in data["models"]):
+        raise SystemExit(f"{model_id}: already in {models_dir / 'manifest.json'} (re-bundle it with 'prep')")
+    if before is not None:
+        _entry(models_dir, before)  # must exist
+    st = json.loads((run_dir / "state.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    tr = {"run_steps": int(st["step"]), "wall_seconds": round(float(st.get("seconds", 0.0)), 1)}
+    if weights == "best":
+        tr.update({"steps": int(st["best_step"]), "best_val_loss": float(st["best_val"])})
+    else:
+        tr.update({"steps": int(st["step"]), "exported": "latest weights"})
+    if threads:
+        tr["threads"] = int(threads)
+    extra = {"license": "Apache-2.0", "card": f"{model_id}/README.md", "description": description,
+             "normalisation": normalisation_settings((cfg.get("model") or {}).get("normalisation")), "training": tr}
+    if methods:
+        extra["methods"] = list(methods)
+    (models_dir / model_id).mkdir(parents=True, exist_ok=True)
+    e = export_run(run_dir, models_dir, model_id, extra=extra, weights=weights)
+    if before is not None:
+        path = models_dir / MANIFEST
+        with _manifest_lock(path):
+            d = _read_manifest(path)
+            mine = [x for x in d["models"] if x.get("id") == model_id]
+            rest = [x for x in d["models"] if x.get("id") != model_id]
+            at = next(i for i, x in enumerate(rest) if x.get("id") == before)
+            d["models"] = rest[:at] + mine + rest[at:]
+            _write_manifest(path, d)
+    for name in ("curve.csv", "curve.png"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, models_dir / model_id / name)
+    model = build_model(e, load_weights(models_dir / model_id / "model.safetensors"), model_id)
+    n_params = sum(count_parameters(n) for n in model.networks.values())
+    t = e["training"]
+    minutes = float(t.get("wall_seconds") or 0.0) / 60.0
+    lines = [f"# Model card: {model_id}", "",
+             f"- **Methods served**: {', '.join(e.get('methods', []))}",
+             f"- **Contrast**: {e.get('contrast')} · **input**: {e.get('image_size')}x{e.get('image_size')} axial slices, "
+             f"brain-cropped, percentile-normalised to [0, 1], network range {e.get('intensity_range')}",
+             f"- **Noise / schedule**: {e.get('noise')} · {json.dumps(e.get('schedule'))}",
+             "- **Networks**: " + "; ".join(f"{r}: {c.get('type')} channels={c.get('channels')} "
+                                            f"attention={c.get('attention_levels')}" for r, c in e["networks"].items()),
+             f"- **Parameters**: {n_params:,}",
+             f"- **sha256**: `{e['sha256']}`",
+             f"- **Licence**: {e.get('license')}", "",
+             "## Training", "",
+             f"Trained with `uad train` on {t.get('data')} (healthy phantoms built from the MNI152 2009a template shipped "
+             f"by nilearn: random affine + elastic deformation, randomised tissue intensities, bias field, Rician "
+             f"noise); run `{_rel(run_dir)}`, {t.get('run_steps'):,} steps, batch {t.get('batch_size')}, lr {t.get('lr')}, "
+             f"seed {t.get('seed')}; these weights: "
+             + (f"the run's lowest validation loss ({t['best_val_loss']:.4f}) at step {t['steps']:,}" if weights == "best"
+                else f"its latest step ({t['steps']:,})")
+             + f". CPU, {t.get('threads') or 1} thread(s), {minutes:.0f} min. This is the small CPU configuration, "
+             "not the paper's network: expect lower accuracy than a GPU-trained paper-size model.",
+             *training_details(t, e), ""]
+    lines += curve_section(models_dir / model_id)
+    (models_dir / model_id / "README.md").write_text("\n".join(lines).rstrip("\n") + "\n")
+    return e
+
+
 def _row(rep: dict, method: str, model_id: str, sha: str | None) -> dict | None:
     for r in rep.get("results", []):
         if r.get("method") == method and r.get("status") == "ok" and r.get("model") == model_id:
@@ -126,25 +208,30 @@ def _row(rep: dict, method: str, model_id: str, sha: str | None) -> dict | None:
     return None
 
 
-def compare_lines(model_id: str, entry: dict, new_dir: Path, old_dirs: dict) -> list[str]:
-    """The card section comparing the replaced weights' held-out rows with the new ones (old -> new)."""
+def compare_lines(model_id: str, entry: dict, new_dir: Path, old_dirs: dict, other: str | None = None,
+                  other_sha: str | None = None) -> list[str]:
+    """The card section comparing the replaced weights' held-out rows with the new ones (old -> new), or, with
+    ``other`` (a model id; ``other_sha`` its weights), another model's rows with this model's."""
     from uad.heldout_table import load_report
 
     new = load_report(new_dir)
-    rep_sha = (entry.get("training") or {}).get("replaces", {}).get("sha256")
+    rep_sha = other_sha if other else (entry.get("training") or {}).get("replaces", {}).get("sha256")
     floor = next((r for r in new["results"] if r.get("method") == "intensity-floor"), None)
     contrast = entry.get("contrast")
-    lines = [f"## Compared with the weights it replaces (sha256 `{str(rep_sha)[:12]}...`)", "",
+    title = (f"## Compared with `{other}`" + (f" (sha256 `{str(rep_sha)[:12]}...`)" if rep_sha else "") if other
+             else f"## Compared with the weights it replaces (sha256 `{str(rep_sha)[:12]}...`)")
+    lines = [title, "",
              f"The whole held-out {contrast} set, default presets, each weight set with its own calibration"
              + (f"; floor = the intensity threshold (tumour / stroke / MS AP {floor['tumour']:.3f} / "
                 f"{floor['stroke']:.3f} / {floor['ms']:.3f})" if floor else "")
-             + f". These weights: `{_rel(new_dir)}/`; the replaced ones: "
-             + ", ".join(sorted({f"`{_rel(p)}/`" for p in old_dirs.values()})) + ". Each cell: old -> new.", "",
+             + f". These weights: `{_rel(new_dir)}/`; " + (f"`{other}`: " if other else "the replaced ones: ")
+             + ", ".join(sorted({f"`{_rel(p)}/`" for p in old_dirs.values()}))
+             + f". Each cell: {'`' + other + '` -> this model' if other else 'old -> new'}.", "",
              *HEADER]
     n_rows = 0
     for m in entry.get("methods", []):
         old_dir = old_dirs.get(m, old_dirs.get("*"))
-        o = _row(load_report(old_dir), m, model_id, rep_sha) if old_dir is not None else None
+        o = _row(load_report(old_dir), m, other or model_id, rep_sha) if old_dir is not None else None
         n = _row(new, m, model_id, entry.get("sha256"))
         if o is None or n is None:
             continue
@@ -178,7 +265,8 @@ def replace_section(text: str, title: str, new_lines: list[str], after: str | No
     return "\n".join(lines[:i] + (new_lines + [""] if new_lines else []) + lines[j:])
 
 
-def card(model_id: str, models_dir: Path, new_dir: Path, old_dirs: dict) -> Path:
+def card(model_id: str, models_dir: Path, new_dir: Path, old_dirs: dict, other: str | None = None) -> Path:
+    """Rewrite the card's sha256, thresholds, learning curve and comparison (with ``other``: against that model)."""
     from train_bundled import curve_section, threshold_section
 
     e = _entry(models_dir, model_id)
@@ -191,8 +279,13 @@ def card(model_id: str, models_dir: Path, new_dir: Path, old_dirs: dict) -> Path
     curve = curve_section(models_dir / model_id)[1:]
     if curve:
         text = replace_section(text, "Learning curve", curve, after="Held-out benchmark")
-    text = replace_section(text, "Compared with the weights it replaces", compare_lines(model_id, e, new_dir, old_dirs),
-                           after="Held-out benchmark")
+    if other:
+        other_sha = _entry(models_dir, other).get("sha256")
+        text = replace_section(text, f"Compared with `{other}`",
+                               compare_lines(model_id, e, new_dir, old_dirs, other, other_sha), after="Held-out benchmark")
+    else:
+        text = replace_section(text, "Compared with the weights it replaces", compare_lines(model_id, e, new_dir, old_dirs),
+                               after="Held-out benchmark")
     path.write_text(text.rstrip("\n") + "\n")
     return path
 
@@ -212,12 +305,24 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads the run trained with (for the card)")
     p.add_argument("--note", default="", help="what the replaced weights were (recorded under training.replaces)")
     p.add_argument("--description", default=None)
+    n = sub.add_parser("new", help="bundle a run as a new model (entry before --before, card header and training)")
+    n.add_argument("--id", required=True)
+    n.add_argument("--run-dir", required=True)
+    n.add_argument("--models", default=str(ROOT / "models"))
+    n.add_argument("--weights", choices=("best", "latest"), default="best")
+    n.add_argument("--before", default=None, help="place the entry before this model's (the default where both serve)")
+    n.add_argument("--methods", default=None, help="comma-separated methods the model serves (default: the run's)")
+    n.add_argument("--threads", type=int, default=None, help="torch threads the run trained with (for the card)")
+    n.add_argument("--description", default="")
     c = sub.add_parser("card", help="rewrite the card's sha256, thresholds, learning curve and comparison")
     c.add_argument("--id", required=True)
     c.add_argument("--models", default=str(ROOT / "models"))
     c.add_argument("--new", required=True, help="benchmark folder of the new weights")
     c.add_argument("--old", action="append", required=True,
                    help="benchmark folder of the replaced weights, or METHOD=DIR (repeatable)")
+    c.add_argument("--compare-model", default=None,
+                   help="compare with this other model's rows in the --old reports (a new model against the one it "
+                        "stands beside) instead of the replaced weights")
     a = ap.parse_args(argv)
     models = Path(a.models).resolve()
     if a.cmd == "backfill":
@@ -230,12 +335,18 @@ def main(argv=None) -> None:
         print(f"{a.id}: step {tr['steps']} of {tr['run_steps']} ({tr['exported']}), sha256 {e['sha256'][:12]}...; "
               f"calibrate next: python scripts/train_bundled.py --id {a.id} --method {e['methods'][0]} "
               f"--calibrate-only [--presets ...]")
+    elif a.cmd == "new":
+        e = new(a.id, Path(a.run_dir).resolve(), models, a.weights, a.before,
+                a.methods.split(",") if a.methods else None, a.description, a.threads)
+        print(f"{a.id}: new entry, step {e['training']['steps']} of {e['training']['run_steps']}, sha256 "
+              f"{e['sha256'][:12]}...; calibrate next: python scripts/train_bundled.py --id {a.id} --method "
+              f"{e['methods'][0]} --calibrate-only [--presets ...]")
     else:
         old = {}
         for x in a.old:
             m, _, d = x.partition("=") if "=" in x.split("/")[0] else ("*", "", x)
             old[m] = Path(d)
-        print(card(a.id, models, Path(a.new), old))
+        print(card(a.id, models, Path(a.new), old, a.compare_model))
 
 
 if __name__ == "__main__":
