@@ -447,3 +447,21 @@ def test_interrupted_benchmark_keeps_the_units_it_measured(tiny_zoo, small_heldo
     row = next(r for r in saved["results"] if r["method"] == "anoddpm")
     assert row["status"] == "ok" and 0 <= row["tumour"] <= 1 and saved["speed"] == []
     assert "PARTIAL: 1 of 2 units" in (out / "benchmark.md").read_text()
+
+
+def test_verdicts_say_which_of_two_models_is_the_default(monkeypatch):
+    """Two models of one method and contrast measured: each verdict says whether 'uad detect' runs that model."""
+    import uad.heldout_table as ht
+
+    rep = _synthetic_report()
+    second = json.loads(json.dumps(rep["results"][1]))
+    second["model"] = "ddpm-y"
+    second["by_lesion"]["stroke"]["ap"] = 0.70
+    rep["results"].append(second)
+    monkeypatch.setattr(ht, "default_model_id", lambda method, contrast: "ddpm-y" if method == "thor" else None)
+    lines = [ln for ln in ht.block(rep).splitlines() if ln.startswith("- **thor**")]
+    assert len(lines) == 2
+    assert "model ddpm-x, not the default model (ddpm-y is)" in lines[0] and lines[0].endswith("NOT met.")
+    assert "model ddpm-y, the default model" in lines[1] and lines[1].endswith(" met.")
+    disyre = next(ln for ln in ht.block(rep).splitlines() if ln.startswith("- **disyre**"))
+    assert "default model" not in disyre  # one model: nothing to say

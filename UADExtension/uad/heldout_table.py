@@ -217,15 +217,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_model_id(method: str, contrast: str) -> str | None:
+    """The model ``uad detect --method METHOD`` runs on a scan of ``contrast`` (``uad.zoo.find_model``: the first
+    in manifest order), or None where the zoo cannot say."""
+    from .zoo import find_model
+
+    try:
+        return find_model(method=method, contrast=contrast).id
+    except Exception:  # no zoo, no model: the sentence just does not say
+        return None
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     """One sentence per (method, contrast) default preset on issue 7's targets (T2/FLAIR tumour and stroke
-    beat the floor; T2 tumour and stroke at least 2x the floor)."""
+    beat the floor; T2 tumour and stroke at least 2x the floor).  Where several models of one method and
+    contrast have rows, each sentence says whether its model is the one ``uad detect`` runs by default."""
     out = []
     keys = []
     for r in rows:
         k = (r["method"], r["preset"], r["contrast"], r["model"])
         if (r.get("default") in (True, None)) and k not in keys:
             keys.append(k)
+    shared = {(m, c) for m, _, c, _ in keys if len({x[3] for x in keys if (x[0], x[2]) == (m, c)}) > 1}
     for method, preset, contrast, model in keys:
         parts = []
         for lt in ("tumour", "stroke"):
@@ -245,6 +258,10 @@ def verdicts(rows: list[dict]) -> list[str]:
         met = all(("NOT" not in p and "not measured" not in p) for p in parts)
         goal = "T2/FLAIR tumour and stroke above the floor, T2 at 2x" if contrast in ("T2", "FLAIR") else \
             "no target for this contrast"
+        if (method, contrast) in shared:
+            d = default_model_id(method, contrast)
+            if d is not None:
+                model = f"{model}, {'the default model' if d == model else f'not the default model ({d} is)'}"
         out.append(f"- **{method}** ({preset}, {contrast}, model {model}): "
                    + "; ".join(parts) + (f" -- target ({goal}) {'met' if met else 'NOT met'}."
                                          if contrast in ("T2", "FLAIR") else "."))
