@@ -168,7 +168,12 @@ def training_details(tr: dict, entry: dict | None = None) -> list[str]:
             parent = find_model(init["model"]).data
         except Exception:  # the parent is no longer bundled
             parent = None
-        if entry is not None and parent is not None and str(entry.get("noise", "")).startswith("simplex"):
+        if entry is not None and parent is not None and str(entry.get("noise", "")).startswith("simplex") \
+                and not str(parent.get("noise", "gaussian")).startswith("simplex"):
+            out.append(f"Noise: `{init['model']}` was trained with {parent.get('noise', 'gaussian')} noise; this "
+                       f"fine-tune learns to predict simplex fields with {options_for(entry)} (the reference "
+                       f"amplitude and frequency, uad.noise.REFERENCE_OPTIONS) and runs with them.")
+        elif entry is not None and parent is not None and str(entry.get("noise", "")).startswith("simplex"):
             was, now = options_for(parent), options_for(entry)
             if was != now:
                 out.append(f"Simplex noise: `{init['model']}` was trained with {was}; this fine-tune trains and "
