@@ -82,6 +82,19 @@ def backfill(model_id: str, sha: str, report_dirs: list[Path]) -> int:
     return changed
 
 
+def _training_record(st: dict, weights: str, threads: int | None) -> dict:
+    """What an export records of the run (its state.json): steps of the exported weights, the run's steps, wall
+    time, threads, and the validation loss of best weights (``export_run`` adds its own "exported" note for them)."""
+    tr = {"run_steps": int(st["step"]), "wall_seconds": round(float(st.get("seconds", 0.0)), 1)}
+    if weights == "best":
+        tr.update({"steps": int(st["best_step"]), "best_val_loss": float(st["best_val"])})
+    else:
+        tr.update({"steps": int(st["step"]), "exported": "latest weights"})
+    if threads:
+        tr["threads"] = int(threads)
+    return tr
+
+
 def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", threads: int | None = None,
          note: str = "", description: str | None = None) -> dict:
     """Install the run's weights as model ``model_id`` (see the module docstring); returns the new entry.
@@ -104,13 +117,7 @@ def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", 
     replaces = {"sha256": old.get("sha256"), "steps": old_tr.get("steps")}
     if note:
         replaces["note"] = note
-    tr = {"run_steps": int(st["step"]), "wall_seconds": round(float(st.get("seconds", 0.0)), 1), "replaces": replaces}
-    if weights == "best":
-        tr.update({"steps": int(st["best_step"]), "best_val_loss": float(st["best_val"])})
-    else:
-        tr.update({"steps": int(st["step"]), "exported": "latest weights"})
-    if threads:
-        tr["threads"] = int(threads)
+    tr = dict(_training_record(st, weights, threads), replaces=replaces)
     keep = {k: old[k] for k in ("license", "card", "normalisation", "description") if k in old}
     if description:
         keep["description"] = description
@@ -146,13 +153,7 @@ def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", b
         _entry(models_dir, before)  # must exist
     st = json.loads((run_dir / "state.json").read_text())
     cfg = json.loads((run_dir / "config.json").read_text())
-    tr = {"run_steps": int(st["step"]), "wall_seconds": round(float(st.get("seconds", 0.0)), 1)}
-    if weights == "best":
-        tr.update({"steps": int(st["best_step"]), "best_val_loss": float(st["best_val"])})
-    else:
-        tr.update({"steps": int(st["step"]), "exported": "latest weights"})
-    if threads:
-        tr["threads"] = int(threads)
+    tr = _training_record(st, weights, threads)
     extra = {"license": "Apache-2.0", "card": f"{model_id}/README.md", "description": description,
              "normalisation": normalisation_settings((cfg.get("model") or {}).get("normalisation")), "training": tr}
     if methods:
