@@ -418,3 +418,9 @@ def test_upsert_replaces_an_entry_where_it_stands(tmp_path):
     upsert_manifest_entry(tmp_path, {"id": "d", "v": 1})
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert [(m["id"], m["v"]) for m in data["models"]] == [("a", 1), ("b", 2), ("c", 1), ("d", 1)]
+    upsert_manifest_entry(tmp_path, {"id": "e", "v": 1}, before="b")  # a new entry placed before another
+    upsert_manifest_entry(tmp_path, {"id": "d", "v": 2}, before="a")  # an existing one moved there
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert [(m["id"], m["v"]) for m in data["models"]] == [("d", 2), ("a", 1), ("e", 1), ("b", 2), ("c", 1)]
+    with pytest.raises(ModelError, match="no entry 'zz'"):
+        upsert_manifest_entry(tmp_path, {"id": "f"}, before="zz")

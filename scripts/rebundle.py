@@ -140,17 +140,17 @@ def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", b
     """Bundle a run as a new model ``model_id``: weights, curve, entry (placed before ``before`` in the manifest, so
     that it is the default model of its methods and contrast where both serve them: ``uad.zoo.find_model`` takes
     the first in manifest order) and a card with its header and training section (see the module docstring)."""
-    from train_bundled import curve_section, training_details
+    from train_bundled import card_header, curve_section, training_details
     from uad.networks import count_parameters
     from uad.preprocess import normalisation_settings
     from uad.training import export_run
-    from uad.zoo import MANIFEST, _manifest_lock, _read_manifest, _write_manifest, build_model, load_weights
+    from uad.zoo import build_model, load_weights
 
-    data = json.loads((models_dir / "manifest.json").read_text())
-    if any(e.get("id") == model_id for e in data["models"]):
+    ids = {x.get("id") for x in json.loads((models_dir / "manifest.json").read_text())["models"]}
+    if model_id in ids:
         raise SystemExit(f"{model_id}: already in {models_dir / 'manifest.json'} (re-bundle it with 'prep')")
-    if before is not None:
-        _entry(models_dir, before)  # must exist
+    if before is not None and before not in ids:
+        raise SystemExit(f"{before}: not in {models_dir / 'manifest.json'}")
     st = json.loads((run_dir / "state.json").read_text())
     cfg = json.loads((run_dir / "config.json").read_text())
     tr = _training_record(st, weights, threads)
@@ -158,17 +158,7 @@ def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", b
              "normalisation": normalisation_settings((cfg.get("model") or {}).get("normalisation")), "training": tr}
     if methods:
         extra["methods"] = list(methods)
-    (models_dir / model_id).mkdir(parents=True, exist_ok=True)
-    e = export_run(run_dir, models_dir, model_id, extra=extra, weights=weights)
-    if before is not None:
-        path = models_dir / MANIFEST
-        with _manifest_lock(path):
-            d = _read_manifest(path)
-            mine = [x for x in d["models"] if x.get("id") == model_id]
-            rest = [x for x in d["models"] if x.get("id") != model_id]
-            at = next(i for i, x in enumerate(rest) if x.get("id") == before)
-            d["models"] = rest[:at] + mine + rest[at:]
-            _write_manifest(path, d)
+    e = export_run(run_dir, models_dir, model_id, extra=extra, weights=weights, before=before)
     for name in ("curve.csv", "curve.png"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, models_dir / model_id / name)
@@ -176,16 +166,7 @@ def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", b
     n_params = sum(count_parameters(n) for n in model.networks.values())
     t = e["training"]
     minutes = float(t.get("wall_seconds") or 0.0) / 60.0
-    lines = [f"# Model card: {model_id}", "",
-             f"- **Methods served**: {', '.join(e.get('methods', []))}",
-             f"- **Contrast**: {e.get('contrast')} · **input**: {e.get('image_size')}x{e.get('image_size')} axial slices, "
-             f"brain-cropped, percentile-normalised to [0, 1], network range {e.get('intensity_range')}",
-             f"- **Noise / schedule**: {e.get('noise')} · {json.dumps(e.get('schedule'))}",
-             "- **Networks**: " + "; ".join(f"{r}: {c.get('type')} channels={c.get('channels')} "
-                                            f"attention={c.get('attention_levels')}" for r, c in e["networks"].items()),
-             f"- **Parameters**: {n_params:,}",
-             f"- **sha256**: `{e['sha256']}`",
-             f"- **Licence**: {e.get('license')}", "",
+    lines = [*card_header(e, n_params), "",
              "## Training", "",
              f"Trained with `uad train` on {t.get('data')} (healthy phantoms built from the MNI152 2009a template shipped "
              f"by nilearn: random affine + elastic deformation, randomised tissue intensities, bias field, Rician "

@@ -81,9 +81,10 @@ def evaluate_on_phantoms(model, methods: list[str], contrast: str, device: str, 
     return {"n_per_type": n, "contrast": contrast, "spacing_mm": 2.0, "results": out}
 
 
-def write_card(entry: dict, path: Path, extra: dict) -> None:
-    tr = entry.get("training", {})
-    lines = [
+def card_header(entry: dict, parameters: int) -> list[str]:
+    """A model card's title and its list of what the model is (methods, contrast, input, noise, networks, size,
+    checksum, licence), from its manifest entry."""
+    return [
         f"# Model card: {entry['id']}",
         "",
         f"- **Methods served**: {', '.join(entry.get('methods', []))}",
@@ -92,9 +93,16 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
         f"- **Noise / schedule**: {entry.get('noise')} · {json.dumps(entry.get('schedule'))}",
         f"- **Networks**: " + "; ".join(f"{r}: {c.get('type')} channels={c.get('channels')} "
                                         f"attention={c.get('attention_levels')}" for r, c in entry['networks'].items()),
-        f"- **Parameters**: {extra['parameters']:,}",
+        f"- **Parameters**: {parameters:,}",
         f"- **sha256**: `{entry['sha256']}`",
         f"- **Licence**: {entry.get('license', 'Apache-2.0')}",
+    ]
+
+
+def write_card(entry: dict, path: Path, extra: dict) -> None:
+    tr = entry.get("training", {})
+    lines = [
+        *card_header(entry, extra["parameters"]),
         "",
         "## Training",
         "",
@@ -168,14 +176,13 @@ def training_details(tr: dict, entry: dict | None = None) -> list[str]:
             parent = find_model(init["model"]).data
         except Exception:  # the parent is no longer bundled
             parent = None
-        if entry is not None and parent is not None and str(entry.get("noise", "")).startswith("simplex") \
-                and not str(parent.get("noise", "gaussian")).startswith("simplex"):
-            out.append(f"Noise: `{init['model']}` was trained with {parent.get('noise', 'gaussian')} noise; this "
-                       f"fine-tune learns to predict simplex fields with {options_for(entry)} (the reference "
-                       f"amplitude and frequency, uad.noise.REFERENCE_OPTIONS) and runs with them.")
-        elif entry is not None and parent is not None and str(entry.get("noise", "")).startswith("simplex"):
+        if entry is not None and parent is not None and str(entry.get("noise", "")).startswith("simplex"):
             was, now = options_for(parent), options_for(entry)
-            if was != now:
+            if not str(parent.get("noise", "gaussian")).startswith("simplex"):
+                out.append(f"Noise: `{init['model']}` was trained with {parent.get('noise', 'gaussian')} noise; this "
+                           f"fine-tune learns to predict simplex fields with {now} (the reference amplitude and "
+                           f"frequency, uad.noise.REFERENCE_OPTIONS) and runs with them.")
+            elif was != now:
                 out.append(f"Simplex noise: `{init['model']}` was trained with {was}; this fine-tune trains and "
                            f"runs with {now} (the reference amplitude and frequency, uad.noise.REFERENCE_OPTIONS).")
     if tr.get("weights") == "ema":

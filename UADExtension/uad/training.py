@@ -1367,11 +1367,12 @@ def _checkpoint(model: Model, opt, state: dict, run_dir: Path, cfg: TrainConfig,
 
 # --------------------------------------------------------------------------- export / calibration
 def export_run(run_dir: str | os.PathLike, models_dir: str | os.PathLike, model_id: str,
-               extra: dict | None = None, weights: str = "latest") -> dict:
+               extra: dict | None = None, weights: str = "latest", before: str | None = None) -> dict:
     """Copy a run's weights into a model folder and add / replace its manifest entry.
 
     ``weights``: "latest" (model.safetensors) or "best" (best.safetensors, the validated weights at the
     lowest validation loss; the entry's ``training`` then records that step and loss, and the run's ``run_steps``).
+    ``before``: place the entry before that model's in the manifest (``uad.zoo.upsert_manifest_entry``).
     (For the per-user model folder use ``uad.zoo.import_model`` / ``uad models import``.)
     """
     import shutil
@@ -1397,7 +1398,7 @@ def export_run(run_dir: str | os.PathLike, models_dir: str | os.PathLike, model_
     entry["sha256"] = sha256_file(dest / "model.safetensors")
     if extra:
         _deep_update(entry, extra)
-    upsert_manifest_entry(models_dir, entry)
+    upsert_manifest_entry(models_dir, entry, before=before)
     return entry
 
 

@@ -323,9 +323,11 @@ def _write_manifest(path: Path, data: dict) -> None:
         raise
 
 
-def upsert_manifest_entry(models_dir: str | os.PathLike, entry: dict) -> None:
+def upsert_manifest_entry(models_dir: str | os.PathLike, entry: dict, before: str | None = None) -> None:
     """Add ``entry`` to ``models_dir/manifest.json``, replacing an entry with the same id in place (same
     position in the list, so a re-bundled model keeps its place and a diff of the manifest shows one entry).
+    With ``before`` (the id of another entry, which must exist) the entry is placed just before that one instead:
+    ``find_model`` takes the first in manifest order, so it becomes the default where both serve a method.
 
     The read-modify-write holds an exclusive lock (POSIX ``flock`` on a file in the temporary
     directory named after the manifest's path) so that concurrent imports or trainings exporting
@@ -335,9 +337,14 @@ def upsert_manifest_entry(models_dir: str | os.PathLike, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _manifest_lock(path):
         data = _read_manifest(path) if path.is_file() else {"models": []}
+        ids = [m.get("id") for m in data["models"]]
+        if before is not None and before not in ids:
+            raise ModelError(f"{path}: no entry {before!r} to place {entry['id']!r} before")
+        at = ids.index(entry["id"]) if entry["id"] in ids else len(ids)
         models = [m for m in data["models"] if m.get("id") != entry["id"]]
-        at = next((i for i, m in enumerate(data["models"]) if m.get("id") == entry["id"]), len(data["models"]))
-        models.insert(min(at, len(models)), entry)
+        if before is not None:
+            at = [m.get("id") for m in models].index(before)
+        models.insert(at, entry)
         data["models"] = models
         _write_manifest(path, data)
 
