@@ -278,3 +278,25 @@ def test_calibrations_of_an_older_method_version_are_stale():
     cfg["calibration"]["autoddpm"]["presets"]["fast"]["ssim-fallback"]["method_version"] = 2
     assert lookup_threshold(cfg, "autoddpm", "fast", "ssim-fallback", 0.01)[0] == 0.3
     assert lookup_tau(cfg, "fast", "ssim-fallback") == 0.2
+
+
+def test_calibrations_of_another_preset_definition_are_stale():
+    """A record measured under another definition of its preset (THOR's stochastic preset before its map
+    became the raw masks' harmonic mean) is not used: the lookup says why and falls back; records without
+    the definition (older ones) and records of today's definition are used."""
+    from uad.calibration import lookup_tau, lookup_threshold, preset_values
+
+    now = preset_values("thor", "stochastic")
+    assert now == {"eta": 1.0, "map_norm": "none", "sampler": "ddim", "steps": 50}
+    rec = {"thresholds": {"0.01": 0.3}, "tau": 0.2, "sha256": "ab", "method_version": 2,
+           "preset_values": {"eta": 1.0, "sampler": "ddim", "steps": 50}}
+    cfg = {"sha256": "ab", "calibration": {"thor": {"presets": {"stochastic": {"ssim-fallback": dict(rec)}}},
+                                           "autoddpm": {"presets": {"fast": {"ssim-fallback": dict(
+                                               rec, preset_values={"steps": 3})}}}}}
+    thr, _, msg = lookup_threshold(cfg, "thor", "stochastic", "ssim-fallback", 0.01)
+    assert thr is None and "another definition of the stochastic preset" in msg and "map_norm" in msg
+    assert lookup_tau(cfg, "fast", "ssim-fallback") is None
+    cfg["calibration"]["thor"]["presets"]["stochastic"]["ssim-fallback"]["preset_values"] = now
+    assert lookup_threshold(cfg, "thor", "stochastic", "ssim-fallback", 0.01)[0] == 0.3
+    cfg["calibration"]["autoddpm"]["presets"]["fast"]["ssim-fallback"].pop("preset_values")
+    assert lookup_tau(cfg, "fast", "ssim-fallback") == 0.2

@@ -465,3 +465,34 @@ def test_verdicts_say_which_of_two_models_is_the_default(monkeypatch):
     assert "model ddpm-y, the default model" in lines[1] and lines[1].endswith(" met.")
     disyre = next(ln for ln in ht.block(rep).splitlines() if ln.startswith("- **disyre**"))
     assert "default model" not in disyre  # one model: nothing to say
+
+
+def test_rows_of_an_earlier_preset_definition_are_marked_and_not_judged():
+    """A row measured under another definition of its preset (recorded ``preset_values``) is shown as such,
+    is not the default, gets no verdict and is not what the method selection reads; a later run's row of the
+    same preset and model replaces it."""
+    import uad.heldout_table as ht
+    from uad.methods import get_method_class
+
+    rep = _synthetic_report()
+    thor_fast = next(r for r in rep["results"] if r.get("method") == "thor" and r.get("preset") == "fast")
+    thor_fast["preset_values"] = {"sampler": "ddim", "steps": 7}  # not THOR's fast preset today
+    rows = ht.table_rows(rep)
+    fast = [r for r in rows if (r["method"], r["preset"]) == ("thor", "fast")]
+    assert fast and all(r["earlier_definition"] and r["default"] is False for r in fast)
+    text = ht.block(rep)
+    assert "| thor | fast (earlier definition) |" in text and "(earlier definition)*: measured under" in text
+    assert not any(ln.startswith("- **thor**") for ln in text.splitlines())
+    assert "thor" not in (ht.heldout_measurements(rep, "ddpm-x") or {}).get("results", {})
+    # today's definition (or no record, older reports) is current
+    thor_fast["preset_values"] = get_method_class("thor").preset_values("fast")
+    assert not any(r["earlier_definition"] for r in ht.table_rows(rep))
+    thor_fast.pop("preset_values")
+    assert any(r["default"] for r in ht.table_rows(rep) if r["method"] == "thor")
+    # merged with a later run of the same preset and model: the later row replaces the earlier one
+    old = json.loads(json.dumps(rep))
+    next(r for r in old["results"] if r.get("method") == "thor" and r.get("preset") == "fast")["preset_values"] = \
+        {"steps": 7}
+    merged = ht.merged_rows([old, rep])
+    assert [r["run"] for r in merged if (r["method"], r["preset"]) == ("thor", "fast")] == [2, 2, 2]
+    assert get_method_class("thor").preset_values("stochastic", {"steps": 10})["steps"] == 10

@@ -159,6 +159,20 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
     assert [c["ap"] for c in rep5["cells"]].count(0.5) == 1
     assert [c.get("superseded") for c in rep5["other_cells"]] == ["other weights"]
     assert rep5["other_cells"][0]["model_sha256"] == "f" * 64
+    # every measured cell records its preset's values; a cell measured under another definition of the preset
+    # (the preset changed since) is measured again and kept beside as superseded; cells without the record reuse
+    assert rep["cells"][0]["preset_values"] == B.preset_values("anoddpm", "fast", {"level": 20, "steps": 4})
+    assert B.preset_values("thor", "stochastic")["map_norm"] == "none"
+    saved = json.loads((out / "presets.json").read_text())
+    saved["other_cells"] = []
+    saved["cells"][2]["preset_values"] = dict(saved["cells"][2].get("preset_values") or {}, steps=99)
+    saved["cells"][3].pop("preset_values", None)
+    (out / "presets.json").write_text(json.dumps(saved))
+    calls.clear()
+    rep6 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
+                             lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
+    assert calls == [saved["cells"][2]["case"]] and len(rep6["cells"]) == 4
+    assert [c.get("superseded") for c in rep6["other_cells"]] == ["other preset definition"]
     with pytest.raises(B.UADError, match="KEY=N"):
         B._limits(["wolleb"])
 

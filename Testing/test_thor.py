@@ -120,6 +120,37 @@ def test_final_map_is_harmonic_mean_of_saved_maps(model):
     assert np.allclose(harmonic_mean(torch.tensor([[0.0, 0.5], [0.2, 0.4]])).numpy(), [0.0, 4 / 9])
 
 
+def test_raw_map_norm_keeps_the_chain_and_drops_the_per_slice_scaling(model):
+    """map_norm="none" (the stochastic preset): the same chain and restoration as the paper's per-slice
+    normalisation; the output map is the harmonic mean of the raw masks, so a slice whose residual is
+    weak scores low instead of being stretched to 1."""
+    x, mask = slices()
+    _, norm = run(model, x, mask, [4, 5, 6])
+    _, raw = run(model, x, mask, [4, 5, 6], map_norm="none")
+    assert torch.equal(norm.restoration, raw.restoration)  # R (harmonization) uses the normalised mask
+    maps = raw.extras["maps"].double()
+    per_max = maps.reshape(maps.shape[0], 3, -1).amax(-1)
+    assert float(per_max.max()) < 0.999 and raw.extras["map_norm"] == "none"
+    # the raw masks, max-normalised per image, are the paper's masks
+    again = (maps / (per_max[:, :, None, None, None] + 1e-8)).clamp(0, 1)
+    assert torch.allclose(again, norm.extras["maps"].double(), atol=1e-5)
+    expected = np.clip(stats.hmean(maps.numpy(), axis=0), 0, 0.999) * mask.numpy()
+    assert np.allclose(raw.anomaly.double().numpy(), expected, atol=1e-6)
+    # one slice's map no longer depends on the other slices' or its own maximum: halving the residual
+    # everywhere halves the raw score but leaves the per-slice normalised score unchanged
+    m_n, _ = thor_masks(x, x * 0.9, lambda a, b: torch.ones_like(a), 3, 0.0)
+    m_n2, _ = thor_masks(x, x * 0.95, lambda a, b: torch.ones_like(a), 3, 0.0)
+    r1, _ = thor_masks(x, x * 0.9, lambda a, b: torch.ones_like(a), 3, 0.0, raw=True)
+    r2, _ = thor_masks(x, x * 0.95, lambda a, b: torch.ones_like(a), 3, 0.0, raw=True)
+    assert torch.allclose(m_n, m_n2, atol=1e-5)
+    assert torch.allclose(r2, r1 / 2, atol=1e-6)
+    assert build_method("thor", model, preset="stochastic").params.map_norm == "none"
+    assert build_method("thor", model, preset="paper").params.map_norm == "slice"
+    assert build_method("thor", model, preset="fast").params.map_norm == "slice"
+    with pytest.raises(ValueError, match="map_norm"):
+        build_method("thor", model, map_norm="volume")
+
+
 def test_deterministic_and_batch_independent(model):
     x, mask = slices()
     _, a = run(model, x, mask, [7, 8, 9])

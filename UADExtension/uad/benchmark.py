@@ -480,6 +480,7 @@ def run_unit(unit: dict) -> dict:
     inrun = [r.in_run_network_seconds for r in runs if r.in_run_network_seconds]
     sm.update({"contrast": contrast, "method": method, "preset": preset, "model": entry.id,
                "model_sha256": entry.data.get("sha256"),  # which weights: tables drop rows of replaced ones
+               "preset_values": preset_values(method, preset),  # which definition of the preset: tables mark older ones
                "status": "ok", "nfe_per_slice": max(r.nfe_per_slice for r in runs),
                "seconds_per_volume": wall, "slices_per_volume": float(np.mean([r.slices for r in runs])),
                "clock": "wall" if dev.type == "cuda" else "process CPU time",
@@ -1112,6 +1113,14 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
             "slices_match": computed == ks}
 
 
+def preset_values(method: str, preset: str, params: dict | None = None) -> dict:
+    """What a setting sets: the preset's parameter values, the setting's own on top (JSON-comparable).  A cell
+    measured under another definition of its preset (a preset changed since) is not reused."""
+    from .pipeline import method_class
+
+    return method_class(method).preset_values(preset, params)
+
+
 def _cell_id(case: str, method: str, model: str, setting: str, seed: int, k, margin) -> tuple:
     """What makes an earlier cell reusable: the volume, method, model, setting, seed, K and margin asked for."""
     return (case, method, model, setting, int(seed), k, margin)
@@ -1211,9 +1220,11 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         except (ValueError, KeyError, TypeError):
             old = {}
 
-    def reusable(key, sha):
-        """An earlier cell of ``key`` measured with these weights (or before cells recorded them), else None."""
-        return next((c for c in old.get(key, []) if not other_weights(c.get("model_sha256"), sha)), None)
+    def reusable(key, sha, values):
+        """An earlier cell of ``key`` measured with these weights (or before cells recorded them) and this
+        definition of the preset (or before cells recorded it), else None."""
+        return next((c for c in old.get(key, []) if not other_weights(c.get("model_sha256"), sha)
+                     and c.get("preset_values", values) == values), None)
 
     plan, missing = [], []
     for contrast in contrasts:
@@ -1269,10 +1280,12 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             model_cache[entry.id] = prepare_model(entry, dev)
         model = model_cache[entry.id]
         key = _cell_id(row["case"], method, entry.id, label, seed, int(slab), margin)
-        cached = reusable(key, entry.data.get("sha256"))
+        values = preset_values(method, preset, params)
+        cached = reusable(key, entry.data.get("sha256"), values)
         stale = [c for c in old.get(key, []) if c is not cached]
-        if stale:  # measured with other weights than the bundled ones: not reused, kept beside
-            report["other_cells"] += [dict(c, superseded="other weights") for c in stale]
+        if stale:  # measured with other weights or another definition of the preset: not reused, kept beside
+            report["other_cells"] += [dict(c, superseded="other weights" if other_weights(
+                c.get("model_sha256"), entry.data.get("sha256")) else "other preset definition") for c in stale]
         if cached is None and reuse_only:
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
             continue
@@ -1281,7 +1294,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: reused AP {cell['ap']:.4f}")
         else:
             cell = run_slab_case(row, method, model, preset, params, dev, slab, margin, seed, batch_size)
-            cell.update({"role": role, "reused": False, "k": int(slab), "margin_arg": margin,
+            cell.update({"role": role, "reused": False, "k": int(slab), "margin_arg": margin, "preset_values": values,
                          "load_average": _load_average(),
                          "measured_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                          "hardware": report["hardware"]})

@@ -84,13 +84,35 @@ def method_version(method: str) -> int:
         return 1
 
 
-def stale(config: dict, record: dict, method: str | None = None) -> bool:
-    """True when the record was measured on weights other than the entry's (both sha256 known), or by
-    an older version of ``method`` than this one (records without a version count as version 1)."""
+def preset_values(method: str, preset: str) -> dict | None:
+    """``Method.preset_values`` of ``method`` / ``preset`` (None for an unknown method)."""
+    try:
+        from .methods import get_method_class
+
+        return get_method_class(method).preset_values(preset)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def other_definition(record: dict, method: str | None, preset: str | None) -> bool:
+    """True when the record was measured under another definition of ``preset`` than the method's today (its
+    ``preset_values``); records without them (older ones) count as current."""
+    if method is None or preset is None or record.get("preset_values") is None:
+        return False
+    now = preset_values(method, preset)
+    return now is not None and record["preset_values"] != now
+
+
+def stale(config: dict, record: dict, method: str | None = None, preset: str | None = None) -> bool:
+    """True when the record was measured on weights other than the entry's (both sha256 known), by
+    an older version of ``method`` than this one (records without a version count as version 1), or under
+    another definition of ``preset``."""
     a, b = record.get("sha256"), config.get("sha256")
     if a and b and str(a).lower() != str(b).lower():
         return True
-    return method is not None and int(record.get("method_version") or 1) < method_version(method)
+    if method is not None and int(record.get("method_version") or 1) < method_version(method):
+        return True
+    return other_definition(record, method, preset)
 
 
 def available(config: dict, method: str) -> list[str]:
@@ -154,6 +176,10 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
         return None, "", (f"the {method}/{preset}/{backend} calibration was measured with version "
                           f"{int(rec.get('method_version') or 1)} of {method}, whose maps differ from this "
                           f"version's ({method_version(method)}); recalibrate")
+    if rec is not None and other_definition(rec, method, preset):
+        return None, "", (f"the {method}/{preset}/{backend} calibration was measured under another definition "
+                          f"of the {preset} preset ({rec.get('preset_values')}; now {preset_values(method, preset)}); "
+                          f"recalibrate")
     if rec is not None:
         thr = (rec.get("thresholds") or {}).get(key)
         if thr is not None:
@@ -184,7 +210,7 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
 def lookup_tau(config: dict, preset: str, backend: str) -> float | None:
     """AutoDDPM's calibrated stage-1 threshold for (preset, backend), or None."""
     rec = calibration_record(config, "autoddpm", preset, backend)
-    if rec is None or rec.get("tau") is None or stale(config, rec, "autoddpm"):
+    if rec is None or rec.get("tau") is None or stale(config, rec, "autoddpm", preset):
         return None
     return float(rec["tau"])
 
@@ -438,7 +464,8 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
         "geometry": None if volumes is not None else geometry,
         "seeds": [seed + i for i in range(len(vols))] if volumes is None else None,
         "nfe_per_slice": nfe, "postprocess": post, "sha256": model.config.get("sha256"),
-        "method_version": method_version(method), "date": datetime.date.today().isoformat(),
+        "method_version": method_version(method), "preset_values": preset_values(method, preset),
+        "date": datetime.date.today().isoformat(),
     })
     if acquisitions is not None:
         record["acquisitions"] = acquisitions

@@ -115,6 +115,21 @@ def _lesion_stats(r: dict, lt: str) -> dict:
     return d
 
 
+def earlier_definition(row: dict) -> bool:
+    """Whether a result row was measured under another definition of its preset than the method's today
+    (the row's ``preset_values`` differ from ``Method.preset_values``): such a row is shown as such and not
+    judged, or selected, as the default.  Rows without the record (older reports) count as current."""
+    recorded = row.get("preset_values")
+    if recorded is None or row.get("method") in (None, "intensity-floor"):
+        return False
+    from .methods import get_method_class
+
+    try:
+        return recorded != get_method_class(row["method"]).preset_values(row["preset"])
+    except (ValueError, KeyError):
+        return False
+
+
 def table_rows(report: dict, model_ids=None) -> list[dict]:
     """One dict per (contrast, method, preset, lesion type) with a measured AP (``model_ids``: only rows of
     those models).  The floor of the same contrast and lesion type is in ``floor_ap``."""
@@ -136,10 +151,12 @@ def table_rows(report: dict, model_ids=None) -> list[dict]:
             f_ap = _num(_lesion_stats(fl, lt).get("ap")) if fl else None
             secs = r.get("clock_seconds_per_volume") if cpu and r.get("clock_seconds_per_volume") is not None \
                 else r.get("seconds_per_volume")
+            earlier = earlier_definition(r)
             out.append({
                 "contrast": r["contrast"], "lesion": lt, "method": r["method"], "preset": r["preset"],
-                "model": r.get("model"),
-                "default": None if r.get("default_preset") is None else r["preset"] == r["default_preset"],
+                "model": r.get("model"), "earlier_definition": earlier,
+                "default": None if r.get("default_preset") is None else
+                (r["preset"] == r["default_preset"] and not earlier),
                 "n": d.get("n"), "n_healthy": r.get("n_healthy", (r.get("volumes") or {}).get("healthy")),
                 "ap": ap, "floor_ap": f_ap, "prevalence": _num(d.get("prevalence")),
                 "ratio": ap / f_ap if f_ap else None,
@@ -203,7 +220,8 @@ def markdown_table(rows: list[dict]) -> str:
              "best Dice | Dice@cal | healthy FP % | NFE/slice | s/volume | beats floor | >= 2x floor |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if runs else "")]
     for r in rows:
-        preset = r["preset"] + (" (default)" if r.get("default") else "")
+        preset = r["preset"] + (" (default)" if r.get("default") else "") + (
+            " (earlier definition)" if r.get("earlier_definition") else "")
         vols = f"{r['n'] if r['n'] is not None else '?'} / {r['n_healthy'] if r['n_healthy'] is not None else '?'}"
         ratio = "-" if r["ratio"] is None else f"x{r['ratio']:.2f}"
         lines.append(
@@ -268,6 +286,13 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def _values(method: str, preset: str) -> str:
+    from .methods import get_method_class
+
+    vals = get_method_class(method).preset_values(preset)
+    return ", ".join(f"{k}={v}" for k, v in vals.items()) or "nothing"
+
+
 def block(report, model_ids=None) -> str:
     """The text between the markers: header, table, verdicts (``model_ids``: rows of those models only).
     ``report``: one report, or a list of them (``merged_rows``: a ``run`` column says which run a row is from,
@@ -284,6 +309,11 @@ def block(report, model_ids=None) -> str:
         return "\n" + head + "\n\nNo held-out measurement of this model in that run.\n"
     v = verdicts(rows)
     text = "\n" + head + "\n\n" + markdown_table(rows) + "\n"
+    earlier = list(dict.fromkeys((r["method"], r["preset"]) for r in rows if r.get("earlier_definition")))
+    if earlier:
+        text += ("\n*(earlier definition)*: measured under a definition of the preset that has changed since ("
+                 + "; ".join(f"{m} {p} now sets {_values(m, p)}" for m, p in earlier)
+                 + "); not judged as the default.\n")
     if v:
         text += ("\nDefault presets against issue 7's target (beat the floor on tumour and stroke for T2 and "
                  "FLAIR; at least twice the floor on T2 tumour and T2 stroke):\n\n" + "\n".join(v) + "\n")

@@ -99,6 +99,16 @@ class Method:
         return Model(f"nominal-{cls.name}", cfg, {role: None for role in cls.roles})
 
     @classmethod
+    def preset_values(cls, preset: str, params: dict | None = None) -> dict:
+        """What a preset (with ``params`` on top) sets, JSON-comparable.  Measurements record it, so that one
+        made under another definition of a preset (the preset changed since) is recognised as such."""
+        import json
+
+        values = dict(cls.presets.get(preset, {}))
+        values.update(params or {})
+        return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+    @classmethod
     def preset_costs(cls, model: Model | None = None) -> dict[str, int]:
         """{preset: network evaluations per slice} on ``model`` (default: the nominal model)."""
         import warnings
