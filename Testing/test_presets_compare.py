@@ -341,3 +341,28 @@ def test_stochastic_ddim_options_for_cheaper_presets(tiny_model):
             uad.pipeline.build(method, tiny_model, "paper", {key: 1.0})
         with pytest.raises(UADError, match=f"{key} must be in"):
             uad.pipeline.build(method, tiny_model, "fast", {key: 1.5})
+
+
+def test_preset_section_of_a_model_measured_only_by_earlier_runs_is_kept(tmp_path):
+    """A model whose cells are all from earlier runs (kept in ``other_cells``, e.g. no longer the contrast's
+    default model) keeps the section its card has instead of getting "no measurement"."""
+    from uad.benchmark import PRESET_BEGIN, PRESET_END, update_preset_cards
+
+    models = tmp_path / "models"
+    (models / "a").mkdir(parents=True)
+    (models / "b").mkdir()
+    kept = f"# Card B\n\n{PRESET_BEGIN}\nthe earlier run's table\n{PRESET_END}\n"
+    (models / "a" / "README.md").write_text("# Card A\n")
+    (models / "b" / "README.md").write_text(kept)
+    (models / "manifest.json").write_text(json.dumps({"models": [
+        {"id": "m-ddpm", "methods": ["anoddpm"], "card": "a/README.md"},
+        {"id": "m-old", "methods": ["anoddpm"], "card": "b/README.md"}]}))
+    rep = _synthetic_report()
+    rep["other_cells"] = [dict(rep["cells"][0], model="m-old")]
+    log = dict(update_preset_cards(rep, models))
+    assert (models / "b" / "README.md").read_text() == kept and "kept" in log["m-old"]
+    assert "| anoddpm | T2 | all | 2 | fast (default) | 25 |" in (models / "a" / "README.md").read_text()
+    # without a section yet, it says that this run did not measure it
+    (models / "b" / "README.md").write_text("# Card B\n")
+    update_preset_cards(rep, models)
+    assert "No paired preset measurement" in (models / "b" / "README.md").read_text()

@@ -1466,6 +1466,11 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
             continue
         text = path.read_text()
         ran = {c.get("model_sha256") for c in report["cells"] if c.get("model") == mid}
+        if not ran and _marker_lines(text, PRESET_BEGIN) and any(
+                c.get("model") == mid for c in report.get("other_cells") or []):
+            # measured by an earlier run only (e.g. no longer the contrast's default model): its section stays
+            log.append((mid, f"{path}: unchanged (only cells of earlier runs; their section is kept)"))
+            continue
         if ran and all(other_weights(x, e.get("sha256")) for x in ran):  # the model was re-bundled since
             content = (f"\n{presets_header(report)}\n\nThat run measured weights this model no longer ships "
                        f"(sha256 {', '.join(sorted(str(x)[:12] for x in ran))}...); the bundled weights "
