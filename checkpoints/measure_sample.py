@@ -3,7 +3,8 @@
 
     python checkpoints/measure_sample.py MODEL [--methods thor,anoddpm,autoddpm] [--preset fast] [--out FILE]
 
-MODEL: a model id (bundled / $UAD_MODELS_DIR) or a training run folder (its model.json + model.safetensors).
+MODEL: a model id (bundled / $UAD_MODELS_DIR), a training run folder (its model.json + model.safetensors) or a
+.safetensors file with its .json entry beside it (uad.training.resolve_init).
 The whole sample volume is used, with its brain mask; AP over brain voxels, as in the bundled model cards
 (scripts/train_bundled.py: evaluate_on_sample), with the preset named explicitly.
 """
@@ -20,14 +21,17 @@ import numpy as np
 import SimpleITK as sitk
 
 
-def load(spec: str):
-    from uad.zoo import ModelEntry, build_model, find_model, load_model, load_weights
+def load(spec: str, method: str):
+    """A model id, a run folder or a .safetensors file with its .json entry (``uad.training.resolve_init``, as
+    ``uad train --init`` and benchmarks/slab_models.py take them; a model id is verified against its sha256)."""
+    from uad.training import resolve_init
+    from uad.zoo import build_model
 
-    p = Path(spec)
-    if p.is_dir():
-        entry = json.loads((p / "model.json").read_text())
-        return build_model(entry, load_weights(p / "model.safetensors"), entry.get("id") or p.name)
-    return load_model(find_model(spec))
+    got = resolve_init(spec, method)
+    if got["config"] is None:
+        raise SystemExit(f"{spec}: no manifest entry beside the weights (give a model id or a run folder)")
+    config = dict(got["config"], sha256=got["info"]["sha256"])
+    return build_model(config, got["weights"], config.get("id") or Path(spec).name)
 
 
 def main(argv=None) -> int:
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
     img, bm = read_image(sp["image"]), read_image(sp["brain_mask"])
     lesion = sitk.GetArrayFromImage(read_image(sp["lesion"])) > 0
     brain = sitk.GetArrayFromImage(bm) > 0
-    model = load(a.model)
+    model = load(a.model, a.methods.split(",")[0])
     out = {"model": a.model, "preset": a.preset, "results": {}}
     for m in a.methods.split(","):
         t0 = time.time()
