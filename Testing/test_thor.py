@@ -280,3 +280,25 @@ def test_morphology_matches_scipy():
 def test_kernel_scaling():
     assert [scaled_kernel(13, s) for s in (32, 64, 96, 128, 256)] == [3, 7, 9, 13, 27]
     assert [scaled_kernel(3, s, minimum=3) for s in (32, 64, 128, 256)] == [3, 3, 3, 7]
+
+
+def test_map_norm_benchmark_forms_the_paper_map_from_the_raw_masks(model):
+    """benchmarks/thor_map_norm.py: from one raw-mask run, its 'slice' map is THOR's per-slice map and its 'raw'
+    map THOR's map_norm='none' output (so one chain measures both); 'volume' divides by the volume maximum."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "thor_map_norm", Path(__file__).resolve().parents[1] / "benchmarks" / "thor_map_norm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, mask = slices()
+    _, norm = run(model, x, mask, [4, 5, 6])
+    _, raw = run(model, x, mask, [4, 5, 6], map_norm="none")
+    maps = bench.three_maps(raw.extras["maps"][:, :, 0].double().numpy())
+    m = mask[:, 0].numpy()
+    assert np.allclose(maps["slice"] * m, norm.anomaly[:, 0].numpy(), atol=1e-5)
+    assert np.allclose(maps["raw"] * m, raw.anomaly[:, 0].numpy(), atol=1e-5)
+    vol = raw.extras["maps"][:, :, 0].double().numpy()
+    vol = vol / vol.reshape(vol.shape[0], -1).max(1)[:, None, None, None]
+    assert np.allclose(maps["volume"], np.clip(stats.hmean(vol, axis=0), 0, 0.999), atol=1e-5)

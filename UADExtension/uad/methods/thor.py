@@ -48,7 +48,8 @@ map R of the harmonization) but not in the output.  Normalised per slice, as the
 slice at a time, every lesion-free slice of a volume reaches 1 somewhere, and a scan's lesion competes
 with the brightest residual of each healthy slice: on the first three held-out T2 tumour and stroke
 volumes (ddpm-t2-simplex) the raw map's AP is 0.503 / 0.130 where the per-slice one has 0.229 / 0.100.
-(The compai-lab code normalised over the batch; over the whole volume it measured 0.481 / 0.120.)
+(The compai-lab code normalised over the batch; over the whole volume it measured 0.481 / 0.120;
+``benchmarks/thor_map_norm.py`` forms the three maps from one chain.)
 A user-given ``level`` without ``harmonization`` keeps the default H steps <= L.
 """
 
