@@ -29,9 +29,12 @@ MAPS = ("slice", "raw", "volume")
 
 
 def harmonic(m: np.ndarray) -> np.ndarray:
-    """Harmonic mean over axis 0 (0 wherever one value is 0, as THOR's ``harmonic_mean``)."""
-    with np.errstate(divide="ignore"):
-        return m.shape[0] / (1.0 / m).sum(0)
+    """Harmonic mean over axis 0: THOR's ``harmonic_mean`` (0 wherever one value is 0)."""
+    import torch
+
+    from uad.methods.thor import harmonic_mean
+
+    return harmonic_mean(torch.from_numpy(m), 0).numpy()
 
 
 def three_maps(masks: np.ndarray) -> dict:

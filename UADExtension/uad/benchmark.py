@@ -59,6 +59,7 @@ import SimpleITK as sitk
 import torch
 
 from . import UADError
+from .calibration import other_definition, preset_values
 # reduced precision lives in uad.precision (shared with uad detect); re-exported here
 from .precision import (PRECISION_CHOICES, PRECISIONS, AutocastNetwork, autocast, autocast_model,  # noqa: F401
                         copy_model, normalise_precision, with_precision)
@@ -1113,14 +1114,6 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
             "slices_match": computed == ks}
 
 
-def preset_values(method: str, preset: str, params: dict | None = None) -> dict:
-    """What a setting sets: the preset's parameter values, the setting's own on top (JSON-comparable).  A cell
-    measured under another definition of its preset (a preset changed since) is not reused."""
-    from .pipeline import method_class
-
-    return method_class(method).preset_values(preset, params)
-
-
 def _cell_id(case: str, method: str, model: str, setting: str, seed: int, k, margin) -> tuple:
     """What makes an earlier cell reusable: the volume, method, model, setting, seed, K and margin asked for."""
     return (case, method, model, setting, int(seed), k, margin)
@@ -1220,11 +1213,11 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         except (ValueError, KeyError, TypeError):
             old = {}
 
-    def reusable(key, sha, values):
+    def reusable(key, sha, method, preset, params):
         """An earlier cell of ``key`` measured with these weights (or before cells recorded them) and this
         definition of the preset (or before cells recorded it), else None."""
         return next((c for c in old.get(key, []) if not other_weights(c.get("model_sha256"), sha)
-                     and c.get("preset_values", values) == values), None)
+                     and not other_definition(c, method, preset, params)), None)
 
     plan, missing = [], []
     for contrast in contrasts:
@@ -1280,8 +1273,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             model_cache[entry.id] = prepare_model(entry, dev)
         model = model_cache[entry.id]
         key = _cell_id(row["case"], method, entry.id, label, seed, int(slab), margin)
-        values = preset_values(method, preset, params)
-        cached = reusable(key, entry.data.get("sha256"), values)
+        cached = reusable(key, entry.data.get("sha256"), method, preset, params)
         stale = [c for c in old.get(key, []) if c is not cached]
         if stale:  # measured with other weights or another definition of the preset: not reused, kept beside
             report["other_cells"] += [dict(c, superseded="other weights" if other_weights(
@@ -1294,7 +1286,8 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: reused AP {cell['ap']:.4f}")
         else:
             cell = run_slab_case(row, method, model, preset, params, dev, slab, margin, seed, batch_size)
-            cell.update({"role": role, "reused": False, "k": int(slab), "margin_arg": margin, "preset_values": values,
+            cell.update({"role": role, "reused": False, "k": int(slab), "margin_arg": margin,
+                         "preset_values": preset_values(method, preset, params),
                          "load_average": _load_average(),
                          "measured_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                          "hardware": report["hardware"]})

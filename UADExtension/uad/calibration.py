@@ -84,22 +84,23 @@ def method_version(method: str) -> int:
         return 1
 
 
-def preset_values(method: str, preset: str) -> dict | None:
-    """``Method.preset_values`` of ``method`` / ``preset`` (None for an unknown method)."""
+def preset_values(method: str, preset: str, params: dict | None = None) -> dict | None:
+    """``Method.preset_values`` of ``method`` / ``preset`` (``params`` on top; None for an unknown method)."""
     try:
         from .methods import get_method_class
 
-        return get_method_class(method).preset_values(preset)
+        return get_method_class(method).preset_values(preset, params)
     except (KeyError, ValueError, TypeError):
         return None
 
 
-def other_definition(record: dict, method: str | None, preset: str | None) -> bool:
-    """True when the record was measured under another definition of ``preset`` than the method's today (its
+def other_definition(record: dict, method: str | None, preset: str | None, params: dict | None = None) -> bool:
+    """True when ``record`` (a calibration record, a benchmark result row or a preset-comparison cell) was
+    measured under another definition of ``preset`` (+ ``params``) than the method's today (its
     ``preset_values``); records without them (older ones) count as current."""
     if method is None or preset is None or record.get("preset_values") is None:
         return False
-    now = preset_values(method, preset)
+    now = preset_values(method, preset, params)
     return now is not None and record["preset_values"] != now
 
 

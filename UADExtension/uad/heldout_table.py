@@ -119,15 +119,9 @@ def earlier_definition(row: dict) -> bool:
     """Whether a result row was measured under another definition of its preset than the method's today
     (the row's ``preset_values`` differ from ``Method.preset_values``): such a row is shown as such and not
     judged, or selected, as the default.  Rows without the record (older reports) count as current."""
-    recorded = row.get("preset_values")
-    if recorded is None or row.get("method") in (None, "intensity-floor"):
-        return False
-    from .methods import get_method_class
+    from .calibration import other_definition
 
-    try:
-        return recorded != get_method_class(row["method"]).preset_values(row["preset"])
-    except (ValueError, KeyError):
-        return False
+    return row.get("method") != "intensity-floor" and other_definition(row, row.get("method"), row.get("preset"))
 
 
 def table_rows(report: dict, model_ids=None) -> list[dict]:
@@ -287,10 +281,9 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def _values(method: str, preset: str) -> str:
-    from .methods import get_method_class
+    from .calibration import preset_values
 
-    vals = get_method_class(method).preset_values(preset)
-    return ", ".join(f"{k}={v}" for k, v in vals.items()) or "nothing"
+    return ", ".join(f"{k}={v}" for k, v in (preset_values(method, preset) or {}).items()) or "nothing"
 
 
 def block(report, model_ids=None) -> str:
