@@ -424,3 +424,29 @@ def test_upsert_replaces_an_entry_where_it_stands(tmp_path):
     assert [(m["id"], m["v"]) for m in data["models"]] == [("d", 2), ("a", 1), ("e", 1), ("b", 2), ("c", 1)]
     with pytest.raises(ModelError, match="no entry 'zz'"):
         upsert_manifest_entry(tmp_path, {"id": "f"}, before="zz")
+
+
+def test_default_model_is_the_best_measured_of_its_contrast(zoo_env):
+    """``find_model(method=, contrast=)``: manifest order while nothing is measured; then the model of that
+    contrast whose held-out measurements for the method are best, wherever it stands; a model measured only for
+    another method does not count for this one."""
+    bundled, _ = zoo_env
+    path = bundled / "manifest.json"
+    data = json.loads(path.read_text())
+    assert find_model(method="anoddpm", contrast="T2").id == "tiny-a"  # nothing measured: manifest order
+
+    def held(**aps):
+        return {"heldout": {"n_per_type": 5, "results": {
+            m: {"preset": "stochastic", "tumour": ap, "stroke": ap, "ms": ap} for m, ap in aps.items()}}}
+
+    data["models"][0]["evaluation"] = held(anoddpm=0.20, thor=0.50)
+    data["models"][1]["evaluation"] = held(anoddpm=0.30)
+    path.write_text(json.dumps(data))
+    assert find_model(method="anoddpm", contrast="T2").id == "tiny-b"  # measured better, second in the manifest
+    assert find_model(method="thor", contrast="T2").id == "tiny-a"  # only tiny-a measured for THOR
+    assert find_model(method="autoddpm", contrast="T2").id == "tiny-a"  # neither: manifest order
+    assert find_model(method="anoddpm").id == "tiny-a"  # no contrast given: manifest order
+    data["models"][1]["contrast"] = "FLAIR"  # another contrast's measurement never competes
+    path.write_text(json.dumps(data))
+    assert find_model(method="anoddpm", contrast="T2").id == "tiny-a"
+    assert find_model(method="anoddpm", contrast="FLAIR").id == "tiny-b"

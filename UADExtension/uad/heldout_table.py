@@ -230,8 +230,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def default_model_id(method: str, contrast: str) -> str | None:
-    """The model ``uad detect --method METHOD`` runs on a scan of ``contrast`` (``uad.zoo.find_model``: the first
-    in manifest order), or None where the zoo cannot say."""
+    """The model ``uad detect --method METHOD`` runs on a scan of ``contrast`` (``uad.zoo.find_model``: the one of
+    that contrast that measured best for the method), or None where the zoo cannot say."""
     from .zoo import find_model
 
     try:

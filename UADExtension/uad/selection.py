@@ -237,6 +237,12 @@ def _measurements(entry) -> list[tuple[str, str | None, float, str]]:
     return out
 
 
+def measured_ap(entry, method: str) -> float | None:
+    """The best mean AP measured for ``method`` with ``entry`` (its manifest measurements), or None."""
+    aps = [ap for m, _, ap, _ in _measurements(entry) if m == method]
+    return max(aps) if aps else None
+
+
 def best_method(contrast: str, models=None) -> MethodChoice:
     """The best measured (method, model, preset) for ``contrast`` (module doc)."""
     from .zoo import list_models
@@ -264,7 +270,7 @@ def best_method(contrast: str, models=None) -> MethodChoice:
     return MethodChoice(method, mid, preset, reason, ap)
 
 
-__all__ = ["CONTRASTS", "UNSURE", "ContrastGuess", "MethodChoice", "guess_contrast", "best_method"]
+__all__ = ["CONTRASTS", "UNSURE", "ContrastGuess", "MethodChoice", "guess_contrast", "best_method", "measured_ap"]
 
 
 def default_choice(image: sitk.Image | None = None, contrast: str | None = None, model: str | None = None,

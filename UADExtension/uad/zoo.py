@@ -327,7 +327,8 @@ def upsert_manifest_entry(models_dir: str | os.PathLike, entry: dict, before: st
     """Add ``entry`` to ``models_dir/manifest.json``, replacing an entry with the same id in place (same
     position in the list, so a re-bundled model keeps its place and a diff of the manifest shows one entry).
     With ``before`` (the id of another entry, which must exist) the entry is placed just before that one instead:
-    ``find_model`` takes the first in manifest order, so it becomes the default where both serve a method.
+    ``find_model`` takes the first in manifest order where neither has a measurement for a method, so it
+    becomes the default there until the held-out measurements say otherwise.
 
     The read-modify-write holds an exclusive lock (POSIX ``flock`` on a file in the temporary
     directory named after the manifest's path) so that concurrent imports or trainings exporting
@@ -400,7 +401,12 @@ def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
 
 
 def find_model(model_id: str | None = None, method: str | None = None, contrast: str | None = None) -> ModelEntry:
-    """Entry by id, or the first model serving ``method`` (preferring ``contrast``, then models on disk)."""
+    """Entry by id, or the default model serving ``method`` (preferring ``contrast``, then models on disk).
+
+    Among the models on disk of the same contrast that serve ``method``, the default is the one whose
+    manifest entry measured the best mean AP for ``method`` (``uad.selection.measured_ap``: its held-out
+    measurements); models without a measurement for it follow, in manifest order, as do all models when
+    none was measured."""
     entries = list_models()
     if model_id:
         for e in entries:
@@ -418,6 +424,14 @@ def find_model(model_id: str | None = None, method: str | None = None, contrast:
         raise ModelError(f"no model is available for method {method!r}; train one with 'uad train' "
                          f"or import one with 'uad models import'")
     cands.sort(key=lambda e: not e.available)  # stable: manifest order among models on disk
+    if method is not None and contrast and len(cands) > 1 and cands[0].available:
+        from .selection import measured_ap
+
+        top = [e for e in cands if e.available and (e.contrast or "").upper() == contrast.upper()]
+        aps = [measured_ap(e, method) for e in top]
+        if any(a is not None for a in aps):
+            best = max(range(len(top)), key=lambda i: (aps[i] is not None, aps[i] or 0.0, -i))
+            return top[best]
     return cands[0]
 
 
