@@ -28,8 +28,8 @@ stale "Held-out phantom test set" section.
 
 ``new`` bundles a run as a model of its own beside the existing ones (a simplex-noise DDPM beside the Gaussian
 one): the weights, the learning curve, an entry with the licence, card, normalisation, description and training
-record, placed before ``--before`` in the manifest (so that it becomes the default model where both serve a
-method and contrast), and a card with its header, training and learning-curve sections; ``card
+record, placed before ``--before`` in the manifest (so that ``uad benchmark`` measures it; once measured, ``uad detect``
+takes whichever of the two measured better as the default model of a method and contrast), and a card with its header, training and learning-curve sections; ``card
 --compare-model ID`` then compares it with that model's rows instead of replaced weights.
 """
 
@@ -138,8 +138,9 @@ def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", 
 def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", before: str | None = None,
         methods: list[str] | None = None, description: str = "", threads: int | None = None) -> dict:
     """Bundle a run as a new model ``model_id``: weights, curve, entry (placed before ``before`` in the manifest, so
-    that it is the default model of its methods and contrast where both serve them: ``uad.zoo.find_model`` takes
-    the first in manifest order) and a card with its header and training section (see the module docstring)."""
+    that ``uad benchmark`` measures it where both serve a method and contrast; ``uad.zoo.find_model`` then takes
+    the better measured as the default) and a card with its header and training section (see the module
+    docstring)."""
     from train_bundled import card_header, curve_section, training_details
     from uad.networks import count_parameters
     from uad.preprocess import normalisation_settings
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
     n.add_argument("--run-dir", required=True)
     n.add_argument("--models", default=str(ROOT / "models"))
     n.add_argument("--weights", choices=("best", "latest"), default="best")
-    n.add_argument("--before", default=None, help="place the entry before this model's (the default where both serve)")
+    n.add_argument("--before", default=None, help="place the entry before this model's (the one uad benchmark measures where both serve)")
     n.add_argument("--methods", default=None, help="comma-separated methods the model serves (default: the run's)")
     n.add_argument("--threads", type=int, default=None, help="torch threads the run trained with (for the card)")
     n.add_argument("--description", default="")

@@ -205,7 +205,10 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------- models and presets
 def model_for(method: str, contrast: str):
-    """The zoo entry serving ``method`` trained on ``contrast`` (on disk), or None (missing)."""
+    """The zoo entry serving ``method`` trained on ``contrast`` (on disk), or None (missing): the first in manifest
+    order, which is the one a re-bundle placed there (``rebundle.py new --before``), measured or not.  ``uad
+    detect``'s default model (``uad.zoo.find_model``) is instead the best measured one, so a benchmark of newly
+    bundled weights is what decides whether they become the default."""
     from .zoo import list_models
 
     for e in list_models():
