@@ -52,6 +52,7 @@ def setup(tmp_path):
     run_entry = {k: v for k, v in entry.items() if k not in ("threshold", "calibration", "card", "license")}
     run_entry["training"] = {"steps": 10418, "batch_size": 32, "init": {"model": MODEL, "sha256": entry["sha256"]}}
     run_entry["description"] = "what uad train writes"
+    run_entry["methods"] = ["anoddpm", "thor"]  # a run trained for fewer methods than the bundled entry serves
     (run / "model.json").write_text(json.dumps(run_entry))
     (run / "state.json").write_text(json.dumps({"step": 10418, "best_step": 10000, "best_val": 0.055,
                                                 "seconds": 5580.25}))
@@ -66,8 +67,9 @@ def test_prep_installs_the_run_weights_and_drops_the_replaced_calibration(setup)
     e = rb.prep(MODEL, setup["run"], setup["models"], weights="best", threads=2, note="step 5,793")
     assert (setup["models"] / MODEL / "model.safetensors").read_bytes() == (setup["run"] / "best.safetensors").read_bytes()
     assert e["sha256"] == setup["new_sha"] != old["sha256"]
-    for k in ("license", "card", "normalisation", "description"):  # the bundled entry's, not the run's
+    for k in ("license", "card", "normalisation", "description", "methods"):  # the bundled entry's, not the run's
         assert e[k] == old[k]
+    assert e["methods"] == ["anoddpm", "thor", "autoddpm"]
     assert "threshold" not in e and "calibration" not in e and "evaluation" not in e
     tr = e["training"]
     assert (tr["steps"], tr["run_steps"], tr["best_val_loss"], tr["exported"]) == (10000, 10418, 0.055,
