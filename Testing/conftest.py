@@ -82,6 +82,17 @@ def tiny_model(tiny_zoo):
     return load_model(TINY_ID)
 
 
+def load_script(relpath: str):
+    """A script of the repository (``benchmarks/...py``, ``scripts/...py``) imported as a module by its path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def one_error_line(capsys, rc) -> str:
     """A failed CLI call (exit 1) printed exactly one 'uad: error: ' line and no traceback; that line."""
     out, err = capsys.readouterr()

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-from conftest import FAST_PARAMS, TINY_ID
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("slab_models", ROOT / "benchmarks/slab_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import FAST_PARAMS, TINY_ID, load_script
 
 
 def test_weights_compared_on_the_same_slabs(tiny_zoo, tmp_path, monkeypatch, capsys):
@@ -39,7 +28,7 @@ def test_weights_compared_on_the_same_slabs(tiny_zoo, tmp_path, monkeypatch, cap
     entry = {k: v for k, v in model.config.items() if k not in ("id", "file", "sha256")}
     (run / "model.json").write_text(json.dumps(entry))
     out = tmp_path / "cells.json"
-    rc = _load().main(["--heldout", str(ho), "--method", "anoddpm", "--models", TINY_ID, str(run),
+    rc = load_script("benchmarks/slab_models.py").main(["--heldout", str(ho), "--method", "anoddpm", "--models", TINY_ID, str(run),
                        "--preset", "fast", "--params", json.dumps(FAST_PARAMS), "--lesions", "tumour", "--n", "1",
                        "--slab", "3", "-o", str(out)])
     assert rc == 0

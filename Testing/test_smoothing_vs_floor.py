@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import FAST_PARAMS, TINY_ID
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("smoothing_vs_floor", ROOT / "benchmarks/smoothing_vs_floor.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import FAST_PARAMS, TINY_ID, load_script
 
 
 def test_method_and_floor_scored_raw_and_filtered_alike(tiny_zoo, tmp_path, monkeypatch):
@@ -31,7 +20,7 @@ def test_method_and_floor_scored_raw_and_filtered_alike(tiny_zoo, tmp_path, monk
     ho = tmp_path / "ho"
     heldout.generate_heldout(ho, contrasts=["T2"], lesions=["tumour"], n=1, n_healthy=1, quick=True)
     out = tmp_path / "rows.json"
-    rc = _load().main(["--heldout", str(ho), "--method", "anoddpm", "--model", TINY_ID, "--preset", "fast",
+    rc = load_script("benchmarks/smoothing_vs_floor.py").main(["--heldout", str(ho), "--method", "anoddpm", "--model", TINY_ID, "--preset", "fast",
                        "--params", json.dumps(FAST_PARAMS), "--lesion", "tumour", "--n", "1", "--sizes", "3",
                        "-o", str(out)])
     assert rc == 0
