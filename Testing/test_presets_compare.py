@@ -135,6 +135,22 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
     # the header says which cells an earlier run measured (the first run: none)
     assert "earlier run" not in B.presets_header(rep) and not any(c["reused"] for c in rep["cells"])
     assert "4 of the 4 cells (tiny-test T2) were measured by an earlier run" in B.presets_header(rep2)
+    # a run interrupted before it reaches every earlier cell loses none of them: the cells it has not reached yet
+    # are written beside each intermediate report, and the next run reuses them all
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "run_slab_case", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP, "fast:level=20,steps=1"],
+                          heldout_dir=ho, lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
+    saved = json.loads((out / "presets.json").read_text())
+    kept = sorted((c["case"], c["setting"], c["ap"]) for c in saved["cells"] + saved["other_cells"])
+    assert kept == sorted((c["case"], c["setting"], c["ap"]) for c in rep["cells"])
+    monkeypatch.setattr(B, "run_slab_case", lambda *a, **k: calls.append(a))
+    rep2 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
+                             lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
+    assert not calls and rep2["summary"] == rep["summary"]
     # --volume-limits: fewer volumes for one method (or contrast)
     rep3 = B.compare_presets(out, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
                              lesions=["tumour"], max_volumes=2, slab=3, limits={"T2/anoddpm": 1}, log=lambda s: None)

@@ -1269,6 +1269,9 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
     # cells of an earlier report that this run does not plan: kept (not summarised) so that no measurement is lost
     # (and cells of weights a model no longer ships: superseded, kept as measured)
     report["other_cells"] = [c for k, cs in old.items() for c in cs if k not in planned]
+    # cells of the earlier report that this run plans but has not reached yet: written beside every intermediate
+    # report (in other_cells, as they were), so that an interrupted run loses none of them
+    pending = {k: old[k] for k in planned if k in old}
     model_cache: dict = {}
     for i, (row, method, entry, preset, params, label, role) in enumerate(order, 1):
         if entry.id not in model_cache:
@@ -1276,6 +1279,7 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
             model_cache[entry.id] = prepare_model(entry, dev)
         model = model_cache[entry.id]
         key = _cell_id(row["case"], method, entry.id, label, seed, int(slab), margin)
+        pending.pop(key, None)
         cached = reusable(key, entry.data.get("sha256"), method, preset, params)
         stale = [c for c in old.get(key, []) if c is not cached]
         if stale:  # measured with other weights or another definition of the preset: not reused, kept beside
@@ -1301,7 +1305,8 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         report["summary"] = summarise_presets(cells)
         report["wall_seconds"] = time.time() - t_start
         report["load_average"] = _load_average()
-        write_presets_report(report, out)
+        write_presets_report(dict(report, other_cells=report["other_cells"] + [c for cs in pending.values() for c in cs]),
+                             out)
     model_cache.clear()
     return report
 
