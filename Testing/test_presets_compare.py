@@ -189,6 +189,18 @@ def test_compare_presets_report_and_resume(tiny_zoo, make_volume, tmp_path, monk
                              lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
     assert calls == [saved["cells"][2]["case"]] and len(rep6["cells"]) == 4
     assert [c.get("superseded") for c in rep6["other_cells"]] == ["other preset definition"]
+    # a cell measured twice (same weights and definition, e.g. after an interrupted run): one is reused, the
+    # other kept beside and said to be a second measurement, not another definition
+    out2 = tmp_path / "cmp2"
+    out2.mkdir()
+    B.write_presets_report(dict(rep, other_cells=[dict(rep["cells"][0], ap=0.25)]), out2)
+    calls.clear()
+    monkeypatch.setattr(B, "run_slab_case", lambda *a, **k: calls.append(a))
+    rep7 = B.compare_presets(out2, methods=["anoddpm"], contrasts=["T2"], settings=[REF, CHEAP], heldout_dir=ho,
+                             lesions=["tumour"], max_volumes=2, slab=3, log=lambda s: None)
+    assert not calls and [c["ap"] for c in rep7["cells"]] == [c["ap"] for c in rep["cells"]]
+    assert [(c["superseded"], c["ap"]) for c in rep7["other_cells"]] == [
+        ("measured twice (same weights and preset; the reused copy is in cells)", 0.25)]
     with pytest.raises(B.UADError, match="KEY=N"):
         B._limits(["wolleb"])
 

@@ -1222,6 +1222,14 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         return next((c for c in old.get(key, []) if not other_weights(c.get("model_sha256"), sha)
                      and not other_definition(c, method, preset, params)), None)
 
+    def superseded(c, sha, method, preset, params):
+        """Why an earlier cell of a planned key is not the one reused."""
+        if other_weights(c.get("model_sha256"), sha):
+            return "other weights"
+        if other_definition(c, method, preset, params):
+            return "other preset definition"
+        return "measured twice (same weights and preset; the reused copy is in cells)"
+
     plan, missing = [], []
     for contrast in contrasts:
         for method in methods:
@@ -1282,9 +1290,9 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         pending.pop(key, None)
         cached = reusable(key, entry.data.get("sha256"), method, preset, params)
         stale = [c for c in old.get(key, []) if c is not cached]
-        if stale:  # measured with other weights or another definition of the preset: not reused, kept beside
-            report["other_cells"] += [dict(c, superseded="other weights" if other_weights(
-                c.get("model_sha256"), entry.data.get("sha256")) else "other preset definition") for c in stale]
+        if stale:  # measured with other weights, another definition of the preset, or twice: not reused, kept beside
+            report["other_cells"] += [dict(c, superseded=superseded(c, entry.data.get("sha256"), method, preset,
+                                                                    params)) for c in stale]
         if cached is None and reuse_only:
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")
             continue
@@ -1305,8 +1313,8 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         report["summary"] = summarise_presets(cells)
         report["wall_seconds"] = time.time() - t_start
         report["load_average"] = _load_average()
-        write_presets_report(dict(report, other_cells=report["other_cells"] + [c for cs in pending.values() for c in cs]),
-                             out)
+        unreached = [c for cs in pending.values() for c in cs]
+        write_presets_report(dict(report, other_cells=report["other_cells"] + unreached), out)
     model_cache.clear()
     return report
 
