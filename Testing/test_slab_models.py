@@ -28,9 +28,9 @@ def test_weights_compared_on_the_same_slabs(tiny_zoo, tmp_path, monkeypatch, cap
     entry = {k: v for k, v in model.config.items() if k not in ("id", "file", "sha256")}
     (run / "model.json").write_text(json.dumps(entry))
     out = tmp_path / "cells.json"
-    rc = load_script("benchmarks/slab_models.py").main(["--heldout", str(ho), "--method", "anoddpm", "--models", TINY_ID, str(run),
-                       "--preset", "fast", "--params", json.dumps(FAST_PARAMS), "--lesions", "tumour", "--n", "1",
-                       "--slab", "3", "-o", str(out)])
+    rc = load_script("benchmarks/slab_models.py").main([
+        "--heldout", str(ho), "--method", "anoddpm", "--models", TINY_ID, str(run), "--preset", "fast",
+        "--params", json.dumps(FAST_PARAMS), "--lesions", "tumour", "--n", "1", "--slab", "3", "-o", str(out)])
     assert rc == 0
     cells = json.loads(out.read_text())
     assert len(cells) == 2 and cells[0]["case"] == cells[1]["case"] and cells[0]["slab"] == cells[1]["slab"]

@@ -20,9 +20,9 @@ def test_method_and_floor_scored_raw_and_filtered_alike(tiny_zoo, tmp_path, monk
     ho = tmp_path / "ho"
     heldout.generate_heldout(ho, contrasts=["T2"], lesions=["tumour"], n=1, n_healthy=1, quick=True)
     out = tmp_path / "rows.json"
-    rc = load_script("benchmarks/smoothing_vs_floor.py").main(["--heldout", str(ho), "--method", "anoddpm", "--model", TINY_ID, "--preset", "fast",
-                       "--params", json.dumps(FAST_PARAMS), "--lesion", "tumour", "--n", "1", "--sizes", "3",
-                       "-o", str(out)])
+    rc = load_script("benchmarks/smoothing_vs_floor.py").main([
+        "--heldout", str(ho), "--method", "anoddpm", "--model", TINY_ID, "--preset", "fast",
+        "--params", json.dumps(FAST_PARAMS), "--lesion", "tumour", "--n", "1", "--sizes", "3", "-o", str(out)])
     assert rc == 0
     (row,) = json.loads(out.read_text())
     assert set(row) >= {"anoddpm_raw", "anoddpm_median3", "floor_raw", "floor_median3"}

@@ -17,8 +17,8 @@ replaced ``scripts/update_cards.py`` drops those rows instead of showing them un
 
 ``prep`` copies the run's weights (``best.safetensors``: the lowest validation loss, or ``model.safetensors``)
 and learning curve into models/ID/ and rebuilds the manifest entry from the run's model.json, keeping the
-entry's id, licence, card, normalisation, description and methods; it records the training (steps, validation loss,
-the run's steps, wall time, threads) and what it replaces (sha256, steps, note), and drops the replaced
+entry's id, licence, card, normalisation, description and methods; it records the training (steps, validation
+loss, the run's steps, wall time, threads) and what it replaces (sha256, steps, note), and drops the replaced
 weights' calibration, thresholds and evaluation, which belong to other weights.
 
 ``card`` rewrites the model card's sha256 line, its Thresholds and Learning curve sections and a "Compared with
@@ -28,9 +28,10 @@ stale "Held-out phantom test set" section.
 
 ``new`` bundles a run as a model of its own beside the existing ones (a simplex-noise DDPM beside the Gaussian
 one): the weights, the learning curve, an entry with the licence, card, normalisation, description and training
-record, placed before ``--before`` in the manifest (so that ``uad benchmark`` measures it; once measured, ``uad detect``
-takes whichever of the two measured better as the default model of a method and contrast), and a card with its header, training and learning-curve sections; ``card
---compare-model ID`` then compares it with that model's rows instead of replaced weights.
+record, placed before ``--before`` in the manifest (so that ``uad benchmark`` measures it; once measured, ``uad
+detect`` takes whichever of the two measured better as the default model of a method and contrast), and a card
+with its header, training and learning-curve sections; ``card --compare-model ID`` then compares it with that
+model's rows instead of replaced weights.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", 
     """Install the run's weights as model ``model_id`` (see the module docstring); returns the new entry.
 
     ``uad.training.export_run`` copies the weights and rebuilds the entry from the run's model.json where the old
-    entry stood; this adds what a re-bundle keeps (licence, card, normalisation, description, methods) and records (what
-    it replaces, wall time, threads), and drops what belonged to the replaced weights."""
+    entry stood; this adds what a re-bundle keeps (licence, card, normalisation, description, methods) and records
+    (what it replaces, wall time, threads), and drops what belonged to the replaced weights."""
     from train_bundled import update_entry_in_place
     from uad.training import export_run
     from uad.zoo import sha256_file
@@ -295,7 +296,8 @@ def main(argv=None) -> None:
     n.add_argument("--run-dir", required=True)
     n.add_argument("--models", default=str(ROOT / "models"))
     n.add_argument("--weights", choices=("best", "latest"), default="best")
-    n.add_argument("--before", default=None, help="place the entry before this model's (the one uad benchmark measures where both serve)")
+    n.add_argument("--before", default=None,
+                   help="place the entry before this model's (the one uad benchmark measures where both serve)")
     n.add_argument("--methods", default=None, help="comma-separated methods the model serves (default: the run's)")
     n.add_argument("--threads", type=int, default=None, help="torch threads the run trained with (for the card)")
     n.add_argument("--description", default="")
