@@ -199,8 +199,13 @@ def _guessed(image, brain_mask=None) -> tuple[str, str]:
     return str(g.contrast), text
 
 
-def _measurements(entry) -> list[tuple[str, str | None, float, str]]:
-    """(method, preset, mean AP, where) measured for a manifest entry."""
+# How much a measurement counts when models are compared: the whole held-out set, then its quick subset (one
+# volume per lesion type), then the 2-volume phantom measurements of the training script.
+TIER_HELDOUT, TIER_QUICK, TIER_PHANTOMS = 2, 1, 0
+
+
+def _measurements(entry) -> list[tuple[str, str | None, float, str, int]]:
+    """(method, preset, mean AP, where, tier) measured for a manifest entry (tier: ``TIER_*``)."""
     data = entry.data if hasattr(entry, "data") else entry
     ev = data.get("evaluation") or {}
     out = []
@@ -219,9 +224,11 @@ def _measurements(entry) -> list[tuple[str, str | None, float, str]]:
                 ap = float(np.mean(aps))
             k = r.get("n_per_type", n)
             run = r.get("run") if isinstance(r.get("run"), dict) else {}
-            sub = "quick subset of the held-out set" if run.get("subset") == "quick" else "held-out set"
+            quick = run.get("subset") == "quick"
+            sub = "quick subset of the held-out set" if quick else "held-out set"
             out.append((m, r.get("preset"), ap, f"{sub}{f' ({k} per lesion type)' if k else ''}"
-                        + (f", {run['date_utc']}" if run.get("date_utc") else "")))
+                        + (f", {run['date_utc']}" if run.get("date_utc") else ""),
+                        TIER_QUICK if quick else TIER_HELDOUT))
         if out:
             return out
     ph = ev.get("phantoms")
@@ -233,14 +240,24 @@ def _measurements(entry) -> list[tuple[str, str | None, float, str]]:
             aps = [float(r[k]) for k in ("tumour", "stroke", "ms") if isinstance(r.get(k), (int, float))]
             if aps:
                 out.append((m, r.get("preset"), float(np.mean(aps)),
-                            f"held-out phantoms{f' ({n} per lesion type)' if n else ''}"))
+                            f"held-out phantoms{f' ({n} per lesion type)' if n else ''}", TIER_PHANTOMS))
     return out
 
 
 def measured_ap(entry, method: str) -> float | None:
     """The best mean AP measured for ``method`` with ``entry`` (its manifest measurements), or None."""
-    aps = [ap for m, _, ap, _ in _measurements(entry) if m == method]
-    return max(aps) if aps else None
+    rank = measured_rank(entry, method)
+    return rank[1] if rank else None
+
+
+def measured_rank(entry, method: str) -> tuple[int, float] | None:
+    """(tier, best mean AP) measured for ``method`` with ``entry``, or None: the key that compares models.
+
+    A model measured on the whole held-out set ranks above one measured only on its quick subset, and both
+    above one measured only on the training script's phantoms, whatever the APs: different test sets give
+    numbers that cannot be compared."""
+    ranks = [(tier, ap) for m, _, ap, _, tier in _measurements(entry) if m == method]
+    return max(ranks) if ranks else None
 
 
 def best_method(contrast: str, models=None) -> MethodChoice:
@@ -258,19 +275,19 @@ def best_method(contrast: str, models=None) -> MethodChoice:
             continue
         if hasattr(e, "available") and not e.available:
             continue
-        for method, preset, ap, where in _measurements(e):
-            if best is None or ap > best[2]:
-                best = (method, preset, ap, where, data.get("id"))
+        for method, preset, ap, where, tier in _measurements(e):
+            if best is None or (tier, ap) > (best[5], best[2]):
+                best = (method, preset, ap, where, data.get("id"), tier)
     if best is None:
         raise ModelError(f"no model for contrast {c} has held-out measurements in its manifest entry; "
                          f"give --method (and --model)")
-    method, preset, ap, where, mid = best
+    method, preset, ap, where, mid, _ = best
     reason = (f"best mean AP ({ap:.3f}, tumour/stroke/MS) of the {c} models on the {where}, "
               f"measured with model {mid}" + (f", preset {preset}" if preset else ""))
     return MethodChoice(method, mid, preset, reason, ap)
 
 
-__all__ = ["CONTRASTS", "UNSURE", "ContrastGuess", "MethodChoice", "guess_contrast", "best_method", "measured_ap"]
+__all__ = ["CONTRASTS", "UNSURE", "ContrastGuess", "MethodChoice", "guess_contrast", "best_method", "measured_ap", "measured_rank"]
 
 
 def default_choice(image: sitk.Image | None = None, contrast: str | None = None, model: str | None = None,

@@ -404,9 +404,9 @@ def find_model(model_id: str | None = None, method: str | None = None, contrast:
     """Entry by id, or the default model serving ``method`` (preferring ``contrast``, then models on disk).
 
     Among the models on disk of the same contrast that serve ``method``, the default is the one whose
-    manifest entry measured the best mean AP for ``method`` (``uad.selection.measured_ap``: its held-out
-    measurements); models without a measurement for it follow, in manifest order, as do all models when
-    none was measured."""
+    manifest entry measured the best mean AP for ``method`` (``uad.selection.measured_rank``: a measurement
+    on the whole held-out set outranks one on its quick subset, which outranks one on phantoms); models
+    without a measurement for it follow, in manifest order, as do all models when none was measured."""
     entries = list_models()
     if model_id:
         for e in entries:
@@ -425,12 +425,12 @@ def find_model(model_id: str | None = None, method: str | None = None, contrast:
                          f"or import one with 'uad models import'")
     cands.sort(key=lambda e: not e.available)  # stable: manifest order among models on disk
     if method is not None and contrast and len(cands) > 1 and cands[0].available:
-        from .selection import measured_ap
+        from .selection import measured_rank
 
         top = [e for e in cands if e.available and (e.contrast or "").upper() == contrast.upper()]
-        aps = [measured_ap(e, method) for e in top]
-        if any(a is not None for a in aps):
-            best = max(range(len(top)), key=lambda i: (aps[i] is not None, aps[i] or 0.0, -i))
+        ranks = [measured_rank(e, method) for e in top]
+        if any(r is not None for r in ranks):
+            best = max(range(len(top)), key=lambda i: (ranks[i] is not None, ranks[i] or (0, 0.0), -i))
             return top[best]
     return cands[0]
 
