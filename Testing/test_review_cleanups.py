@@ -145,3 +145,20 @@ def test_card_threshold_rewrite_keeps_the_notes_after_the_table(tmp_path):
     bare.write_text("# Model card\n\n## Thresholds\n\n| a |\n|---|\n\n## Next\n")
     tb.update_card_thresholds(entry, bare)
     assert "|\n\n## Next\n" in bare.read_text()  # no note: one blank line before the next section
+
+
+def test_card_header_says_the_models_normalisation():
+    """A model card's input line was hard-coded 'percentile-normalised to [0, 1]', wrong for a model that keeps
+    intensities up to clip_max 2 (the FLAIR models); it now follows the manifest entry's normalisation."""
+    from conftest import load_script
+
+    tb = load_script("scripts/train_bundled.py")
+    entry = {"id": "m", "methods": ["thor"], "contrast": "FLAIR", "image_size": 64, "intensity_range": [-1.0, 1.0],
+             "noise": "simplex", "schedule": {}, "networks": {"denoiser": {"type": "DiffusionModelUNet"}},
+             "sha256": "0" * 64}
+    line = tb.card_header(dict(entry, normalisation={"lower": 1.0, "upper": 99.0, "clip_max": 2.0}), 10)[3]
+    assert "clipped to [0, 2]" in line and "`clip_max` 2" in line and "99th percentile" in line
+    line = tb.card_header(entry, 10)[3]  # no normalisation given: the preprocessing defaults (1 / 99, clip at 1)
+    assert "clipped to [0, 1]" in line and "clip_max" not in line
+    line = tb.card_header(dict(entry, normalisation={"lower": 0.5, "upper": 99.5, "clip": False}), 10)[3]
+    assert "0.5th / 99.5th" in line and "not clipped" in line

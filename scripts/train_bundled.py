@@ -81,6 +81,21 @@ def evaluate_on_phantoms(model, methods: list[str], contrast: str, device: str, 
     return {"n_per_type": n, "contrast": contrast, "spacing_mm": 2.0, "results": out}
 
 
+def _normalisation_text(entry: dict) -> str:
+    """The card's words for the entry's intensity normalisation (``uad.preprocess``: the brain's lower / upper
+    percentiles -> 0 / 1, clipped at 0 and at ``clip_max``)."""
+    n = entry.get("normalisation") or {}
+    lo, hi = n.get("lower", 1.0), n.get("upper", 99.0)
+    top = float(n.get("clip_max", 1.0)) if n.get("clip", True) else None
+    text = f"percentile-normalised (brain's {lo:g}th / {hi:g}th percentiles -> 0 / 1)"
+    if top is None:
+        return text + ", not clipped"
+    text += f", clipped to [0, {top:g}]"
+    if top > 1.0:
+        text += f" (`clip_max` {top:g}: intensities above the brain's {hi:g}th percentile, such as FLAIR hyperintensities, are kept)"
+    return text
+
+
 def card_header(entry: dict, parameters: int) -> list[str]:
     """A model card's title and its list of what the model is (methods, contrast, input, noise, networks, size,
     checksum, licence), from its manifest entry."""
@@ -89,7 +104,7 @@ def card_header(entry: dict, parameters: int) -> list[str]:
         "",
         f"- **Methods served**: {', '.join(entry.get('methods', []))}",
         f"- **Contrast**: {entry.get('contrast')} · **input**: {entry.get('image_size')}x{entry.get('image_size')} "
-        f"axial slices, brain-cropped, percentile-normalised to [0, 1], network range {entry.get('intensity_range')}",
+        f"axial slices, brain-cropped, {_normalisation_text(entry)}, network range {entry.get('intensity_range')}",
         f"- **Noise / schedule**: {entry.get('noise')} · {json.dumps(entry.get('schedule'))}",
         f"- **Networks**: " + "; ".join(f"{r}: {c.get('type')} channels={c.get('channels')} "
                                         f"attention={c.get('attention_levels')}" for r, c in entry['networks'].items()),
