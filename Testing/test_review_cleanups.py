@@ -157,7 +157,7 @@ def test_card_header_says_the_models_normalisation():
              "noise": "simplex", "schedule": {}, "networks": {"denoiser": {"type": "DiffusionModelUNet"}},
              "sha256": "0" * 64}
     line = tb.card_header(dict(entry, normalisation={"lower": 1.0, "upper": 99.0, "clip_max": 2.0}), 10)[3]
-    assert "clipped to [0, 2]" in line and "`clip_max` 2" in line and "99th percentile" in line
+    assert "1st / 99th percentiles" in line and "clipped to [0, 2]" in line and "`clip_max` 2" in line
     line = tb.card_header(entry, 10)[3]  # no normalisation given: the preprocessing defaults (1 / 99, clip at 1)
     assert "clipped to [0, 1]" in line and "clip_max" not in line
     line = tb.card_header(dict(entry, normalisation={"lower": 0.5, "upper": 99.5, "clip": False}), 10)[3]

@@ -81,18 +81,27 @@ def evaluate_on_phantoms(model, methods: list[str], contrast: str, device: str, 
     return {"n_per_type": n, "contrast": contrast, "spacing_mm": 2.0, "results": out}
 
 
+def _ordinal(v: float) -> str:
+    """1 -> '1st', 99 -> '99th', 0.5 -> '0.5th'."""
+    t = f"{v:g}"
+    if float(v) != int(v) or 11 <= int(v) % 100 <= 13:
+        return t + "th"
+    return t + {1: "st", 2: "nd", 3: "rd"}.get(int(v) % 10, "th")
+
+
 def _normalisation_text(entry: dict) -> str:
     """The card's words for the entry's intensity normalisation (``uad.preprocess``: the brain's lower / upper
     percentiles -> 0 / 1, clipped at 0 and at ``clip_max``)."""
     n = entry.get("normalisation") or {}
     lo, hi = n.get("lower", 1.0), n.get("upper", 99.0)
     top = float(n.get("clip_max", 1.0)) if n.get("clip", True) else None
-    text = f"percentile-normalised (brain's {lo:g}th / {hi:g}th percentiles -> 0 / 1)"
+    text = f"percentile-normalised (brain's {_ordinal(lo)} / {_ordinal(hi)} percentiles -> 0 / 1)"
     if top is None:
         return text + ", not clipped"
     text += f", clipped to [0, {top:g}]"
     if top > 1.0:
-        text += f" (`clip_max` {top:g}: intensities above the brain's {hi:g}th percentile, such as FLAIR hyperintensities, are kept)"
+        text += (f" (`clip_max` {top:g}: intensities above the brain's {_ordinal(hi)} percentile, such as FLAIR "
+                 f"hyperintensities, are kept)")
     return text
 
 
