@@ -136,3 +136,24 @@ def test_cli_registers_heldout_evaluate_benchmark():
     a = p.parse_args(["benchmark", "-o", "o", "--methods", "disyre", "--contrasts", "T2", "FLAIR", "--quick",
                       "--precision", "bf16"])
     assert a.methods == ["disyre"] and a.contrasts == ["T2", "FLAIR"] and a.precision == "bf16"
+
+
+def test_validation_set_has_its_own_seeds():
+    """``uad heldout --validation``: the same construction (geometry per index) from seeds disjoint from the
+    held-out set and from every training stream, cases named validation_..., so that a setting can be chosen
+    without the test set."""
+    from uad.cli import build_parser
+    from uad.heldout import VALIDATION_SEEDS
+
+    held, val = case_specs(), case_specs(validation=True)
+    assert len(val) == len(held) and all(v.case.startswith("validation_") for v in val)
+    assert all(VALIDATION_SEEDS[0] <= v.seed < VALIDATION_SEEDS[1] for v in val)
+    assert not {v.seed for v in val} & {h.seed for h in held}
+    assert VALIDATION_SEEDS[1] <= HELDOUT_SEEDS[0] or VALIDATION_SEEDS[0] >= HELDOUT_SEEDS[1]
+    for lo, hi in _training_seed_ranges():
+        assert hi <= VALIDATION_SEEDS[0] or lo >= VALIDATION_SEEDS[1], (lo, hi)
+    # the same kinds of acquisition, case by case (orientation and slice ranges come from the index)
+    assert [v.geometry.orientation for v in val] == [h.geometry.orientation for h in held]
+    assert [(v.contrast, v.lesion) for v in val] == [(h.contrast, h.lesion) for h in held]
+    args = build_parser().parse_args(["heldout", "out", "--validation", "--contrasts", "FLAIR"])
+    assert args.validation and args.contrasts == ["FLAIR"]

@@ -16,7 +16,9 @@ training validation stream adds ``HOLDOUT_SEED_OFFSET`` (1,000,000), the
 threshold calibration starts at 2,000,000, ``uad.evaluation.phantom_cases`` at
 3,000,000 and ``healthy_reference`` at 4,000,000 (a test asserts that the
 ranges are disjoint).  Case ``i`` of lesion ``L`` in contrast ``C`` has seed
-``9,000,000 + 10,000 * code(C) + 1,000 * code(L) + i``.
+``9,000,000 + 10,000 * code(C) + 1,000 * code(L) + i``.  ``uad heldout --validation`` builds the same
+set from ``VALIDATION_SEEDS`` (8,500,000 + the same offsets; cases ``validation_...``): a validation set
+for choosing settings (a normalisation, a checkpoint) so that the held-out numbers stay a test.
 
 **Geometry** the training never saw: training phantoms are 2 mm isotropic on
 the template's axial grid.  Held-out volumes are acquired (resampled from a
@@ -48,6 +50,9 @@ import SimpleITK as sitk
 
 #: The seed range of the held-out set (half-open).  Nothing else in uad draws phantoms from it.
 HELDOUT_SEEDS = (9_000_000, 9_100_000)
+#: A validation set built the same way from other seeds (``uad heldout --validation``): for choosing a setting (a
+#: normalisation, a checkpoint) without looking at the held-out test set.
+VALIDATION_SEEDS = (8_500_000, 8_600_000)
 HELDOUT_CONTRASTS = ("T1", "T2", "FLAIR")
 HELDOUT_LESIONS = ("tumour", "stroke", "ms")
 _CODE_C = {"T1": 1, "T2": 2, "FLAIR": 3}
@@ -117,10 +122,10 @@ class CaseSpec:
     geometry: Geometry
 
 
-def case_seed(contrast: str, lesion: str, index: int) -> int:
-    s = HELDOUT_SEEDS[0] + 10_000 * _CODE_C[contrast] + 1_000 * _CODE_L[lesion] + int(index)
-    if not (HELDOUT_SEEDS[0] <= s < HELDOUT_SEEDS[1]) or index >= 1000:
-        raise ValueError(f"case index {index} is outside the held-out seed range")
+def case_seed(contrast: str, lesion: str, index: int, seeds: tuple = HELDOUT_SEEDS) -> int:
+    s = seeds[0] + 10_000 * _CODE_C[contrast] + 1_000 * _CODE_L[lesion] + int(index)
+    if not (seeds[0] <= s < seeds[1]) or index >= 1000:
+        raise ValueError(f"case index {index} is outside the seed range {seeds}")
     return s
 
 
@@ -137,8 +142,10 @@ def _geometry(seed: int, index: int, quick: bool) -> Geometry:
 
 
 def case_specs(contrasts: Iterable[str] = HELDOUT_CONTRASTS, lesions: Iterable[str] = HELDOUT_LESIONS,
-               n: int = 5, n_healthy: int | None = None, quick: bool = False) -> list[CaseSpec]:
-    """The cases of the held-out set (``quick``: one per lesion type plus one healthy, axial 5 mm)."""
+               n: int = 5, n_healthy: int | None = None, quick: bool = False,
+               validation: bool = False) -> list[CaseSpec]:
+    """The cases of the held-out set (``quick``: one per lesion type plus one healthy, axial 5 mm;
+    ``validation``: the validation set, ``VALIDATION_SEEDS``, cases named ``validation_...``)."""
     from .phantoms import _check_contrast, _check_lesion
 
     if quick:
@@ -153,8 +160,8 @@ def case_specs(contrasts: Iterable[str] = HELDOUT_CONTRASTS, lesions: Iterable[s
         for lt in list(lesions) + ["none"]:
             lt = _check_lesion(lt)
             for i in range(n_healthy if lt == "none" else n):
-                s = case_seed(c, lt, i)
-                name = f"heldout_{c}_{'healthy' if lt == 'none' else lt}_{s}"
+                s = case_seed(c, lt, i, VALIDATION_SEEDS if validation else HELDOUT_SEEDS)
+                name = f"{'validation' if validation else 'heldout'}_{c}_{'healthy' if lt == 'none' else lt}_{s}"
                 out.append(CaseSpec(name, c, lt, s, _geometry(s, i, quick)))
     return out
 
@@ -247,7 +254,7 @@ _COLUMNS = ["case", "contrast", "lesion", "seed", "spacing_mm", "orientation", "
 def generate_heldout(outdir: str | os.PathLike, contrasts: Iterable[str] = HELDOUT_CONTRASTS,
                      lesions: Iterable[str] = HELDOUT_LESIONS, n: int = 5, n_healthy: int | None = None,
                      quick: bool = False, progress: Callable[[int, int, dict], None] | None = None,
-                     reuse: bool = True) -> list[dict]:
+                     reuse: bool = True, validation: bool = False) -> list[dict]:
     """Write the held-out set into ``outdir`` (see the module docstring); returns the manifest rows.
 
     With ``reuse``, a case whose three files already exist with the manifest's
@@ -257,7 +264,7 @@ def generate_heldout(outdir: str | os.PathLike, contrasts: Iterable[str] = HELDO
     from .phantoms import write_phantom
 
     out = Path(outdir)
-    specs = case_specs(contrasts, lesions, n, n_healthy, quick)
+    specs = case_specs(contrasts, lesions, n, n_healthy, quick, validation)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +300,8 @@ def generate_heldout(outdir: str | os.PathLike, contrasts: Iterable[str] = HELDO
         w = csv.DictWriter(f, fieldnames=_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    info = {"seed_range": list(HELDOUT_SEEDS), "source_spacing_mm": SOURCE_SPACING, "quick": bool(quick),
+    info = {"seed_range": list(VALIDATION_SEEDS if validation else HELDOUT_SEEDS), "validation": bool(validation),
+            "source_spacing_mm": SOURCE_SPACING, "quick": bool(quick),
             "n_per_lesion": 1 if quick else int(n), "contrasts": sorted({r["contrast"] for r in rows}),
             "cases": rows}
     (out / MANIFEST_JSON).write_text(json.dumps(info, indent=1))
@@ -325,10 +333,11 @@ def _cli(args) -> int:
 
     return run_writer(
         lambda progress: generate_heldout(args.outdir, args.contrasts, args.lesions, n=args.n,
-                                          n_healthy=args.n_healthy, quick=args.quick, progress=progress),
+                                          n_healthy=args.n_healthy, quick=args.quick, progress=progress,
+                                          validation=args.validation),
         lambda row: (f"{row['case']}: {row['orientation']} {row['spacing_mm']} mm ({row['storage_order']}), "
                      f"lesion {row['lesion_ml']} ml"),
-        lambda rows: f"wrote {len(rows)} held-out volume(s), {MANIFEST_CSV} and {MANIFEST_JSON} to {args.outdir}")
+        lambda rows: f"wrote {len(rows)} {'validation' if args.validation else 'held-out'} volume(s), {MANIFEST_CSV} and {MANIFEST_JSON} to {args.outdir}")
 
 
 def add_cli(subparsers) -> None:
@@ -345,4 +354,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lesions", nargs="+", default=list(HELDOUT_LESIONS), help="default: tumour stroke ms")
     p.add_argument("--quick", action="store_true",
                    help="one volume per lesion type + one healthy per contrast, axial 5 mm (quick benchmark)")
+    p.add_argument("--validation", action="store_true",
+                   help="the validation set instead: the same construction from seeds 8,500,000-8,599,999, for "
+                        "choosing settings (normalisation, checkpoints) without the held-out test set")
     p.set_defaults(func=_cli)
