@@ -513,6 +513,26 @@ def run_unit(unit: dict) -> dict:
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # one torch thread per worker process: ``jobs`` workers use ``jobs`` cores
+    _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """In a spawned worker: exit as soon as the parent process is gone.  Killing ``uad benchmark`` (SIGTERM,
+    SIGKILL) used to leave its workers computing their units for up to an hour, holding the cores (found in
+    stop 34); a daemon thread waits on the parent's sentinel (``multiprocessing.parent_process``, any OS)."""
+    import multiprocessing as mp
+    import os
+    import threading
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent has exited
+        os._exit(1)
+
+    threading.Thread(target=watch, name="uad-exit-with-parent", daemon=True).start()
 
 
 def default_jobs(device="cpu") -> int:
