@@ -75,6 +75,11 @@ def main(argv=None) -> int:
             rep, dropped = current_weights(rep, entries)
             for mid, i, method, preset in sorted(set(dropped), key=str):
                 print(f"{mid}: {method}/{preset} of run {i} measured other weights than the bundled ones: left out")
+        # the manifest's measurements first: they decide which model is a method's default, which the tables say
+        # (written after them, the first run following a new model's benchmark named the old model the default)
+        if a.models and not a.no_manifest:
+            for mid, what in update_manifest(rep, a.models):
+                print(f"{mid}: {what}")
         # the README lists the models that are bundled now, not those a run measured then
         ids = {e.get("id") for e in entries} if entries is not None else None
         text = block(rep, ids)
@@ -83,9 +88,6 @@ def main(argv=None) -> int:
         if a.models:
             for mid, what in update_cards(rep, a.models):
                 print(f"{mid}: {what}")
-            if not a.no_manifest:
-                for mid, what in update_manifest(rep, a.models):
-                    print(f"{mid}: {what}")
         if a.readme:
             changed = update_file(a.readme, text, heading=None, require_markers=True)
             print(f"{a.readme}: {'updated' if changed else 'unchanged (same table)'}")
