@@ -46,7 +46,8 @@ def test_given_method_gets_its_model_for_the_scan_contrast(bundled_zoo, contrast
     thor_model = cli._choose_method(_args(), "thor", None, "s.nii.gz", None, said.append,
                                     ("FLAIR", "--contrast", "FLAIR (given)"))[1]
     assert thor_model in ("ddpm-flair-phantom", "ddpm-flair-simplex")
-    assert find_model(thor_model).contrast == "FLAIR" and thor_model == find_model(method="thor", contrast="FLAIR").id
+    assert find_model(thor_model).contrast == "FLAIR"
+    assert thor_model == find_model(method="thor", contrast="FLAIR").id
 
 
 def test_given_model_and_unknown_contrast_keep_the_old_choice(bundled_zoo):

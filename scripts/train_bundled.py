@@ -91,10 +91,12 @@ def _ordinal(v: float) -> str:
 
 def _normalisation_text(entry: dict) -> str:
     """The card's words for the entry's intensity normalisation (``uad.preprocess``: the brain's lower / upper
-    percentiles -> 0 / 1, clipped at 0 and at ``clip_max``)."""
-    n = entry.get("normalisation") or {}
-    lo, hi = n.get("lower", 1.0), n.get("upper", 99.0)
-    top = float(n.get("clip_max", 1.0)) if n.get("clip", True) else None
+    percentiles -> 0 / 1, clipped at 0 and at ``clip_max``), resolved as the preprocessing resolves it."""
+    from uad.preprocess import normalisation_settings
+
+    n = normalisation_settings(entry.get("normalisation"))
+    lo, hi = n["lower"], n["upper"]
+    top = n["clip_max"] if n["clip"] else None
     text = f"percentile-normalised (brain's {_ordinal(lo)} / {_ordinal(hi)} percentiles -> 0 / 1)"
     if top is None:
         return text + ", not clipped"

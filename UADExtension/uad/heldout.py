@@ -337,7 +337,8 @@ def _cli(args) -> int:
                                           validation=args.validation),
         lambda row: (f"{row['case']}: {row['orientation']} {row['spacing_mm']} mm ({row['storage_order']}), "
                      f"lesion {row['lesion_ml']} ml"),
-        lambda rows: f"wrote {len(rows)} {'validation' if args.validation else 'held-out'} volume(s), {MANIFEST_CSV} and {MANIFEST_JSON} to {args.outdir}")
+        lambda rows: (f"wrote {len(rows)} {'validation' if args.validation else 'held-out'} volume(s), "
+                      f"{MANIFEST_CSV} and {MANIFEST_JSON} to {args.outdir}"))
 
 
 def add_cli(subparsers) -> None:

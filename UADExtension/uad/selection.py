@@ -244,12 +244,6 @@ def _measurements(entry) -> list[tuple[str, str | None, float, str, int]]:
     return out
 
 
-def measured_ap(entry, method: str) -> float | None:
-    """The best mean AP measured for ``method`` with ``entry`` (its manifest measurements), or None."""
-    rank = measured_rank(entry, method)
-    return rank[1] if rank else None
-
-
 def measured_rank(entry, method: str) -> tuple[int, float] | None:
     """(tier, best mean AP) measured for ``method`` with ``entry``, or None: the key that compares models.
 
@@ -276,18 +270,19 @@ def best_method(contrast: str, models=None) -> MethodChoice:
         if hasattr(e, "available") and not e.available:
             continue
         for method, preset, ap, where, tier in _measurements(e):
-            if best is None or (tier, ap) > (best[5], best[2]):
-                best = (method, preset, ap, where, data.get("id"), tier)
+            if best is None or (tier, ap) > best[0]:
+                best = ((tier, ap), method, preset, where, data.get("id"))
     if best is None:
         raise ModelError(f"no model for contrast {c} has held-out measurements in its manifest entry; "
                          f"give --method (and --model)")
-    method, preset, ap, where, mid, _ = best
+    (_, ap), method, preset, where, mid = best
     reason = (f"best mean AP ({ap:.3f}, tumour/stroke/MS) of the {c} models on the {where}, "
               f"measured with model {mid}" + (f", preset {preset}" if preset else ""))
     return MethodChoice(method, mid, preset, reason, ap)
 
 
-__all__ = ["CONTRASTS", "UNSURE", "ContrastGuess", "MethodChoice", "guess_contrast", "best_method", "measured_ap", "measured_rank"]
+__all__ = ["CONTRASTS", "UNSURE", "ContrastGuess", "MethodChoice", "guess_contrast", "best_method",
+           "measured_rank"]
 
 
 def default_choice(image: sitk.Image | None = None, contrast: str | None = None, model: str | None = None,
