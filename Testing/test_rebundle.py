@@ -159,3 +159,27 @@ def test_new_bundles_a_run_beside_a_model_and_compares_with_it(setup):
     card = rb.card("ddpm-t2-new", models, new_dir, {"*": old_dir}, other=MODEL).read_text()
     assert f"## Compared with `{MODEL}`" in card and f"`{MODEL}` -> this model" in card
     assert "| thor | stochastic | 0.200 -> 0.400 |" in card
+
+
+def test_new_lists_the_model_files_in_module_models(setup):
+    """'new' adds the model's files to MODULE_MODELS of the CMake file (before --before's lines), so the extension
+    installs them; a second registration adds nothing; the real CMake file lists every bundled model's files."""
+    rb = _load()
+    models, run = setup["models"], setup["run"]
+    (run / "config.json").write_text(json.dumps({"model": {"normalisation": {"lower": 1.0, "upper": 99.0}}}))
+    cmake = setup["tmp"] / "CMakeLists.txt"
+    cmake.write_text("set(X\n  a\n  )\n\nset(MODULE_MODELS\n  manifest.json\n"
+                     f"  {MODEL}/README.md\n  {MODEL}/model.safetensors\n  kept-as-is/README.md\n  )\n")
+    rb.new("ddpm-t2-new", run, models, weights="best", before=MODEL, cmake=cmake)
+    body = cmake.read_text().split("set(MODULE_MODELS\n")[1].split(")")[0].split()
+    assert body == ["manifest.json", "ddpm-t2-new/README.md", "ddpm-t2-new/curve.csv",
+                    "ddpm-t2-new/model.safetensors", f"{MODEL}/README.md", f"{MODEL}/model.safetensors",
+                    "kept-as-is/README.md"]
+    assert rb.register_module_files("ddpm-t2-new", models, cmake, MODEL) == []
+    assert rb.register_module_files("ddpm-t2-new", models, cmake) == []
+    # the repository's own list is complete (what a model bundled by hand would miss)
+    repo = (ROOT / "UADExtension/CMakeLists.txt").read_text().split("set(MODULE_MODELS\n")[1].split(")")[0].split()
+    for e in json.loads((ROOT / "models/manifest.json").read_text())["models"]:
+        for name in rb.MODEL_FILES:
+            if (ROOT / "models" / e["id"] / name).is_file():
+                assert f"{e['id']}/{name}" in repo

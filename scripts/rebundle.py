@@ -29,9 +29,10 @@ stale "Held-out phantom test set" section.
 ``new`` bundles a run as a model of its own beside the existing ones (a simplex-noise DDPM beside the Gaussian
 one): the weights, the learning curve, an entry with the licence, card, normalisation, description and training
 record, placed before ``--before`` in the manifest (so that ``uad benchmark`` measures it; once measured, ``uad
-detect`` takes whichever of the two measured better as the default model of a method and contrast), and a card
-with its header, training and learning-curve sections; ``card --compare-model ID`` then compares it with that
-model's rows instead of replaced weights.
+detect`` takes whichever of the two measured better as the default model of a method and contrast), a card
+with its header, training and learning-curve sections, and its files in ``MODULE_MODELS`` of
+UADExtension/CMakeLists.txt (what the Slicer extension installs; when ``--models`` is the repository's
+models/); ``card --compare-model ID`` then compares it with that model's rows instead of replaced weights.
 """
 
 from __future__ import annotations
@@ -139,11 +140,13 @@ def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", 
 
 
 def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", before: str | None = None,
-        methods: list[str] | None = None, description: str = "", threads: int | None = None) -> dict:
+        methods: list[str] | None = None, description: str = "", threads: int | None = None,
+        cmake: Path | None = None) -> dict:
     """Bundle a run as a new model ``model_id``: weights, curve, entry (placed before ``before`` in the manifest, so
     that ``uad benchmark`` measures it where both serve a method and contrast; ``uad.zoo.find_model`` then takes
-    the better measured as the default) and a card with its header and training section (see the module
-    docstring)."""
+    the better measured as the default), a card with its header and training section, and its files listed in
+    ``cmake``'s MODULE_MODELS (default: UADExtension/CMakeLists.txt when models_dir is the repository's models/;
+    see the module docstring)."""
     from train_bundled import card_header, curve_section, training_details
     from uad.networks import count_parameters
     from uad.preprocess import normalisation_settings
@@ -183,7 +186,37 @@ def new(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", b
              *training_details(t, e), ""]
     lines += curve_section(models_dir / model_id)
     (models_dir / model_id / "README.md").write_text("\n".join(lines).rstrip("\n") + "\n")
+    if cmake is None and models_dir.resolve() == (ROOT / "models").resolve():
+        cmake = ROOT / "UADExtension" / "CMakeLists.txt"
+    if cmake is not None:
+        register_module_files(model_id, models_dir, cmake, before)
     return e
+
+
+MODEL_FILES = ("README.md", "curve.csv", "curve.png", "model.safetensors")
+
+
+def register_module_files(model_id: str, models_dir: Path, cmake: Path, before: str | None = None) -> list[str]:
+    """Add ``model_id``'s files (those of MODEL_FILES present in models_dir/model_id) to the MODULE_MODELS list of
+    ``cmake`` (the extension installs only what is listed there): before ``before``'s first line, else at the end
+    of the list. Lines already listed are kept once. Returns the lines added."""
+    lines = cmake.read_text().split("\n")
+    try:
+        start = next(i for i, x in enumerate(lines) if x.strip() == "set(MODULE_MODELS")
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == ")")
+    except StopIteration:
+        raise SystemExit(f"{cmake}: no MODULE_MODELS list") from None
+    listed = {x.strip() for x in lines[start + 1:end]}
+    new_lines = [f"{model_id}/{n}" for n in MODEL_FILES if (models_dir / model_id / n).is_file()]
+    new_lines = [x for x in new_lines if x not in listed]
+    at = end
+    if before is not None:
+        at = next((i for i in range(start + 1, end) if lines[i].strip().startswith(f"{before}/")), end)
+    indent = next((x[:len(x) - len(x.lstrip())] for x in lines[start + 1:end] if x.strip()), "  ")
+    lines[at:at] = [indent + x for x in new_lines]
+    if new_lines:
+        cmake.write_text("\n".join(lines))
+    return new_lines
 
 
 def _row(rep: dict, method: str, model_id: str, sha: str | None) -> dict | None:
