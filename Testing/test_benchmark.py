@@ -496,3 +496,52 @@ def test_rows_of_an_earlier_preset_definition_are_marked_and_not_judged():
     merged = ht.merged_rows([old, rep])
     assert [r["run"] for r in merged if (r["method"], r["preset"]) == ("thor", "fast")] == [2, 2, 2]
     assert get_method_class("thor").preset_values("stochastic", {"steps": 10})["steps"] == 10
+
+
+def test_update_cards_names_the_new_default_model_on_its_first_run(tmp_path, monkeypatch):
+    """A new model measured better than the one beside it: the first update_cards run already says it is the
+    default model (the manifest's measurements are written before the tables, which ask the zoo; with the
+    tables first, the verdict named the old model until a second run)."""
+    import importlib.util
+    from pathlib import Path
+
+    import uad.zoo as zoo
+    from uad.heldout_table import BEGIN, END
+
+    models = tmp_path / "models"
+    for mid in ("ddpm-new", "ddpm-old"):
+        (models / mid).mkdir(parents=True)
+        (models / mid / "model.safetensors").write_bytes(b"x")
+        (models / mid / "README.md").write_text(f"# {mid}\n")
+    old_eval = {"heldout": {"thor": {"preset": "fast", "tumour": 0.2, "stroke": 0.2, "ms": 0.2}}}
+    (models / "manifest.json").write_text(json.dumps({"models": [
+        {"id": "ddpm-new", "file": "ddpm-new/model.safetensors", "contrast": "T2", "methods": ["thor"],
+         "card": "ddpm-new/README.md"},
+        {"id": "ddpm-old", "file": "ddpm-old/model.safetensors", "contrast": "T2", "methods": ["thor"],
+         "card": "ddpm-old/README.md", "evaluation": old_eval}]}))
+    monkeypatch.setenv(zoo.MODELS_DIR_ENV, str(models))
+    monkeypatch.setattr(zoo, "bundled_dirs", lambda: [])
+    monkeypatch.setattr(zoo, "user_models_dir", lambda: tmp_path / "no-cache")
+    rep = _synthetic_report()
+    new_row = rep["results"][1]  # thor fast, ddpm-x: tumour 0.25, stroke 0.40
+    new_row["model"] = "ddpm-new"
+    old_row = json.loads(json.dumps(new_row))
+    old_row["model"] = "ddpm-old"
+    for lt, d in old_row["by_lesion"].items():
+        d["ap"] = d["ap"] / 4
+    rep["results"] = [rep["results"][0], new_row, old_row]
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "benchmark.json").write_text(json.dumps(rep))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    assert zoo.find_model(method="thor", contrast="T2").id == "ddpm-old"  # the only one measured so far
+    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(bench), "--models", str(models), "--readme", str(readme), "--as-recorded"]) == 0
+    assert zoo.find_model(method="thor", contrast="T2").id == "ddpm-new"
+    lines = [ln for ln in readme.read_text().splitlines() if ln.startswith("- **thor**")]
+    assert len(lines) == 2
+    assert "model ddpm-new, the default model)" in lines[0]
+    assert "model ddpm-old, not the default model (ddpm-new is))" in lines[1]
