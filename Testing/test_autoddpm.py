@@ -300,3 +300,22 @@ def test_calibrations_of_another_preset_definition_are_stale():
     assert lookup_threshold(cfg, "thor", "stochastic", "ssim-fallback", 0.01)[0] == 0.3
     cfg["calibration"]["autoddpm"]["presets"]["fast"]["ssim-fallback"].pop("preset_values")
     assert lookup_tau(cfg, "fast", "ssim-fallback") == 0.2
+
+
+def test_calibrations_of_another_normalisation_are_stale():
+    """A record calibrated before the entry's normalisation changed (clip_max 1 -> 2) is not used: the lookup
+    says why; records without a recorded normalisation (older ones) and records of today's are used."""
+    from uad.calibration import lookup_threshold, normalisation_of, other_normalisation, stale
+
+    cfg = {"sha256": "ab", "normalisation": {"clip_max": 2.0}}
+    rec = {"thresholds": {"0.01": 0.3}, "sha256": "ab", "normalisation": normalisation_of({})}
+    cfg["calibration"] = {"thor": {"presets": {"fast": {"ssim-fallback": rec}}}}
+    assert normalisation_of({})["clip_max"] == 1.0 and normalisation_of(cfg)["clip_max"] == 2.0
+    assert stale(cfg, rec) and other_normalisation(rec["normalisation"], cfg)
+    thr, _, msg = lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)
+    assert thr is None and "another intensity normalisation" in msg and "clip_max 1" in msg and "clip_max 2" in msg
+    rec["normalisation"] = normalisation_of(cfg)
+    assert not stale(cfg, rec) and lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)[0] == 0.3
+    rec.pop("normalisation")
+    assert not stale(cfg, rec) and lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)[0] == 0.3
+    assert other_normalisation({"lower": 50.0, "upper": 10.0}, cfg)  # unreadable record: not trusted

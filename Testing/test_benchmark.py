@@ -545,3 +545,19 @@ def test_update_cards_names_the_new_default_model_on_its_first_run(tmp_path, mon
     assert len(lines) == 2
     assert "model ddpm-new, the default model)" in lines[0]
     assert "model ddpm-old, not the default model (ddpm-new is))" in lines[1]
+
+
+def test_rows_of_another_normalisation_leave_cards_and_manifest():
+    """A model whose manifest normalisation changed (clip_max 1 -> 2) without new weights: rows that recorded
+    the old normalisation are left out like rows of replaced weights; rows without one (older reports) stay."""
+    from uad.calibration import normalisation_of
+    from uad.heldout_table import current_weights
+
+    entry = {"id": "ddpm-x", "sha256": "same", "normalisation": {"clip_max": 2.0}}
+    old, new = _synthetic_report(), _synthetic_report()
+    for r in old["results"][1:3]:
+        r["model_normalisation"] = normalisation_of({})
+    new["results"][1]["model_normalisation"] = normalisation_of(entry)
+    kept, dropped = current_weights([old, new], [entry])
+    assert sorted(dropped) == [("ddpm-x", 1, "thor", "fast"), ("ddpm-x", 1, "thor", "paper")]
+    assert kept[1]["results"] == new["results"]  # today's and unrecorded rows stay

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         if entries is not None:  # rows of weights a model no longer ships are left out everywhere
             rep, dropped = current_weights(rep, entries)
             for mid, i, method, preset in sorted(set(dropped), key=str):
-                print(f"{mid}: {method}/{preset} of run {i} measured other weights than the bundled ones: left out")
+                print(f"{mid}: {method}/{preset} of run {i} measured other weights (or another normalisation) than "
+                      f"the bundled model: left out")
         # the manifest's measurements first: they decide which model is a method's default, which the tables say
         # (written after them, the first run following a new model's benchmark named the old model the default)
         if a.models and not a.no_manifest:

@@ -59,7 +59,7 @@ import SimpleITK as sitk
 import torch
 
 from . import UADError
-from .calibration import other_definition, preset_values
+from .calibration import normalisation_of, other_definition, other_normalisation, preset_values
 # reduced precision lives in uad.precision (shared with uad detect); re-exported here
 from .precision import (PRECISION_CHOICES, PRECISIONS, AutocastNetwork, autocast, autocast_model,  # noqa: F401
                         copy_model, normalise_precision, with_precision)
@@ -484,6 +484,7 @@ def run_unit(unit: dict) -> dict:
     inrun = [r.in_run_network_seconds for r in runs if r.in_run_network_seconds]
     sm.update({"contrast": contrast, "method": method, "preset": preset, "model": entry.id,
                "model_sha256": entry.data.get("sha256"),  # which weights: tables drop rows of replaced ones
+               "model_normalisation": normalisation_of(entry.data),  # and rows of another normalisation
                "preset_values": preset_values(method, preset),  # which definition of the preset: tables mark older ones
                "status": "ok", "nfe_per_slice": max(r.nfe_per_slice for r in runs),
                "seconds_per_volume": wall, "slices_per_volume": float(np.mean([r.slices for r in runs])),
@@ -1125,6 +1126,7 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
     return {"case": row["case"], "contrast": row["contrast"], "lesion": row["lesion"], "method": method,
             "preset": meth.preset, "params": dict(params or {}), "setting": setting_label(meth.preset, params or {}),
             "model": model.id, "model_sha256": model.config.get("sha256"),
+            "model_normalisation": normalisation_of(model.config),
             "seed": int(seed), "slab": [int(lo), int(hi)], "run_slices": [int(x) for x in slab["run"]],
             "slices_computed": len(computed), "slab_slices": int(hi - lo),
             "slab_lesion_voxels": int(les.sum()), "lesion_voxels": int(slab["counts"].sum()),
@@ -1236,16 +1238,20 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         except (ValueError, KeyError, TypeError):
             old = {}
 
-    def reusable(key, sha, method, preset, params):
-        """An earlier cell of ``key`` measured with these weights (or before cells recorded them) and this
-        definition of the preset (or before cells recorded it), else None."""
+    def reusable(key, entry, method, preset, params):
+        """An earlier cell of ``key`` measured with the weights and normalisation of ``entry`` (or before cells
+        recorded them) and this definition of the preset (or before cells recorded it), else None."""
+        sha = entry.data.get("sha256")
         return next((c for c in old.get(key, []) if not other_weights(c.get("model_sha256"), sha)
+                     and not other_normalisation(c.get("model_normalisation"), entry.data)
                      and not other_definition(c, method, preset, params)), None)
 
-    def superseded(c, sha, method, preset, params):
+    def superseded(c, entry, method, preset, params):
         """Why an earlier cell of a planned key is not the one reused."""
-        if other_weights(c.get("model_sha256"), sha):
+        if other_weights(c.get("model_sha256"), entry.data.get("sha256")):
             return "other weights"
+        if other_normalisation(c.get("model_normalisation"), entry.data):
+            return "other intensity normalisation"
         if other_definition(c, method, preset, params):
             return "other preset definition"
         return "measured twice (same weights and preset; the reused copy is in cells)"
@@ -1308,10 +1314,10 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         model = model_cache[entry.id]
         key = _cell_id(row["case"], method, entry.id, label, seed, int(slab), margin)
         pending.pop(key, None)
-        cached = reusable(key, entry.data.get("sha256"), method, preset, params)
+        cached = reusable(key, entry, method, preset, params)
         stale = [c for c in old.get(key, []) if c is not cached]
         if stale:  # measured with other weights, another definition of the preset, or twice: not reused, kept beside
-            report["other_cells"] += [dict(c, superseded=superseded(c, entry.data.get("sha256"), method, preset,
+            report["other_cells"] += [dict(c, superseded=superseded(c, entry, method, preset,
                                                                     params)) for c in stale]
         if cached is None and reuse_only:
             log(f"  [{i}/{len(order)}] {row['case']} {method} {label}: not in the earlier report, left out")

@@ -104,12 +104,39 @@ def other_definition(record: dict, method: str | None, preset: str | None, param
     return now is not None and record["preset_values"] != now
 
 
+def normalisation_of(config: dict | None) -> dict:
+    """The intensity normalisation a model entry runs with (``uad.preprocess.normalisation_settings``: the
+    defaults updated with the entry's ``normalisation``): what calibration records and benchmark rows record,
+    since a threshold or an AP measured under one normalisation does not hold under another."""
+    from .preprocess import normalisation_settings
+
+    return normalisation_settings((config or {}).get("normalisation"))
+
+
+def other_normalisation(recorded: dict | None, config: dict | None) -> bool:
+    """True when ``recorded`` (the ``normalisation`` of a calibration record, the ``model_normalisation`` of a
+    benchmark row or preset cell) differs from the one the entry ``config`` runs with today (its manifest
+    ``normalisation`` was changed since, e.g. ``clip_max``); False when nothing was recorded (older records)."""
+    if not isinstance(recorded, dict):
+        return False
+    from .preprocess import normalisation_settings
+
+    try:
+        was = normalisation_settings(recorded)
+    except (TypeError, ValueError):
+        return True
+    return was != normalisation_of(config)
+
+
 def stale(config: dict, record: dict, method: str | None = None, preset: str | None = None) -> bool:
-    """True when the record was measured on weights other than the entry's (both sha256 known), by
-    an older version of ``method`` than this one (records without a version count as version 1), or under
-    another definition of ``preset``."""
+    """True when the record was measured on weights other than the entry's (both sha256 known), under
+    another intensity normalisation than the entry's (where the record says which), by an older version of
+    ``method`` than this one (records without a version count as version 1), or under another definition of
+    ``preset``."""
     a, b = record.get("sha256"), config.get("sha256")
     if a and b and str(a).lower() != str(b).lower():
+        return True
+    if other_normalisation(record.get("normalisation"), config):
         return True
     if method is not None and int(record.get("method_version") or 1) < method_version(method):
         return True
@@ -159,6 +186,11 @@ def _legacy(config: dict, method: str):
         return None
 
 
+def _norm_text(n) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in n.items()) \
+        if isinstance(n, dict) else str(n)
+
+
 def lookup_threshold(config: dict, method: str, preset: str, backend: str,
                      fpr: float = DEFAULT_FPR) -> tuple[float | None, str, str | None]:
     """(threshold or None, source text, warning or None) for the map in use.
@@ -170,6 +202,10 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
     """
     key = fpr_key(fpr)
     rec = calibration_record(config, method, preset, backend)
+    if rec is not None and other_normalisation(rec.get("normalisation"), config):
+        return None, "", (f"the {method}/{preset}/{backend} calibration was measured under another intensity "
+                          f"normalisation ({_norm_text(rec.get('normalisation'))}) than the model's "
+                          f"({_norm_text(normalisation_of(config))}); recalibrate")
     if rec is not None and stale(config, rec):
         return None, "", (f"the {method}/{preset}/{backend} calibration was measured on other weights (sha256 "
                           f"{str(rec.get('sha256'))[:12]}... vs {str(config.get('sha256'))[:12]}...); recalibrate")
@@ -465,6 +501,7 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
         "geometry": None if volumes is not None else geometry,
         "seeds": [seed + i for i in range(len(vols))] if volumes is None else None,
         "nfe_per_slice": nfe, "postprocess": post, "sha256": model.config.get("sha256"),
+        "normalisation": normalisation_of(model.config),
         "method_version": method_version(method), "preset_values": preset_values(method, preset),
         "date": datetime.date.today().isoformat(),
     })
@@ -503,7 +540,6 @@ def warn(message: str) -> None:
 
 
 __all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
-           "legacy_threshold",
-           "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
+           "normalisation_of", "other_normalisation", "legacy_threshold", "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
            "AXIAL_SEED", "ACQUIRED_SEED", "GEOMETRIES", "acquired_specs", "acquired_healthy_volumes",
            "autoddpm_stage1_values"]

@@ -122,6 +122,11 @@ class CaseSpec:
     geometry: Geometry
 
 
+def seed_range(validation: bool = False) -> tuple:
+    """The seed range of the set: ``VALIDATION_SEEDS`` for the validation set, else ``HELDOUT_SEEDS``."""
+    return VALIDATION_SEEDS if validation else HELDOUT_SEEDS
+
+
 def case_seed(contrast: str, lesion: str, index: int, seeds: tuple = HELDOUT_SEEDS) -> int:
     s = seeds[0] + 10_000 * _CODE_C[contrast] + 1_000 * _CODE_L[lesion] + int(index)
     if not (seeds[0] <= s < seeds[1]) or index >= 1000:
@@ -160,7 +165,7 @@ def case_specs(contrasts: Iterable[str] = HELDOUT_CONTRASTS, lesions: Iterable[s
         for lt in list(lesions) + ["none"]:
             lt = _check_lesion(lt)
             for i in range(n_healthy if lt == "none" else n):
-                s = case_seed(c, lt, i, VALIDATION_SEEDS if validation else HELDOUT_SEEDS)
+                s = case_seed(c, lt, i, seed_range(validation))
                 name = f"{'validation' if validation else 'heldout'}_{c}_{'healthy' if lt == 'none' else lt}_{s}"
                 out.append(CaseSpec(name, c, lt, s, _geometry(s, i, quick)))
     return out
@@ -300,7 +305,7 @@ def generate_heldout(outdir: str | os.PathLike, contrasts: Iterable[str] = HELDO
         w = csv.DictWriter(f, fieldnames=_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    info = {"seed_range": list(VALIDATION_SEEDS if validation else HELDOUT_SEEDS), "validation": bool(validation),
+    info = {"seed_range": list(seed_range(validation)), "validation": bool(validation),
             "source_spacing_mm": SOURCE_SPACING, "quick": bool(quick),
             "n_per_lesion": 1 if quick else int(n), "contrasts": sorted({r["contrast"] for r in rows}),
             "cases": rows}

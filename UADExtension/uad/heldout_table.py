@@ -82,18 +82,24 @@ def current_weights(report, entries) -> tuple:
 
     A result row records the sha256 of the weights it ran (``model_sha256``); when a manifest entry of the
     same id now carries other weights (the model was retrained and re-bundled), that row measured a model
-    that is no longer shipped and is left out of cards, README and ``evaluation.heldout``.  Rows without a
-    recorded sha256 (older reports) and rows of models not in ``entries`` are kept.  Returns
+    that is no longer shipped and is left out of cards, README and ``evaluation.heldout``; so is a row whose
+    recorded intensity normalisation (``model_normalisation``) differs from the entry's today (its
+    ``normalisation`` was changed since, e.g. ``clip_max``).  Rows without a recorded sha256 or normalisation
+    (older reports) and rows of models not in ``entries`` are kept.  Returns
     ``(report or list of reports, [(model id, run index, method, preset), ...] left out)``; the input is not
     changed."""
+    from .calibration import other_normalisation
+
     sha = {e.get("id"): e.get("sha256") for e in entries}
+    by_id = {e.get("id"): e for e in entries}
     single = not isinstance(report, (list, tuple))
     out, dropped = [], []
     for i, rep in enumerate(_as_reports(report), 1):
         keep = []
         for r in rep.get("results") or []:
             mid = r.get("model")
-            if other_weights(r.get("model_sha256"), sha.get(mid)):
+            if other_weights(r.get("model_sha256"), sha.get(mid)) or (
+                    mid in by_id and other_normalisation(r.get("model_normalisation"), by_id[mid])):
                 dropped.append((mid, i, r.get("method"), r.get("preset")))
                 continue
             keep.append(r)
