@@ -162,3 +162,29 @@ def test_card_header_says_the_models_normalisation():
     assert "clipped to [0, 1]" in line and "clip_max" not in line
     line = tb.card_header(dict(entry, normalisation={"lower": 0.5, "upper": 99.5, "clip": False}), 10)[3]
     assert "0.5th / 99.5th" in line and "not clipped" in line
+
+
+def test_card_counts_the_steps_behind_a_fine_tune_of_a_fine_tune(monkeypatch):
+    """'N steps in all' on a card counted only the init model's own run; it now follows the chain of bundled
+    inits while each entry still holds the weights that were continued (same sha256 and steps)."""
+    from types import SimpleNamespace
+
+    from conftest import load_script
+
+    tb = load_script("scripts/train_bundled.py")
+    zoo = {"b": {"sha256": "sb", "training": {"steps": 800, "init": {"model": "a", "sha256": "sa", "steps": 500}}},
+           "a": {"sha256": "sa", "training": {"steps": 500, "init": {"model": "gone", "sha256": "s0", "steps": 70}}},
+           "c": {"sha256": "new", "training": {"steps": 900, "init": {"model": "a", "sha256": "sa", "steps": 500}}}}
+
+    def find(mid):
+        if mid not in zoo:
+            raise KeyError(mid)
+        return SimpleNamespace(data=zoo[mid])
+
+    monkeypatch.setattr(tb, "find_model", find)
+    assert tb.lineage_steps({"model": "b", "sha256": "sb", "steps": 800}) == 800 + 500 + 70
+    assert tb.lineage_steps({"model": "c", "sha256": "old", "steps": 400}) == 400  # re-bundled since: its own only
+    assert tb.lineage_steps({"model": "gone", "steps": 70}) == 70
+    line = " ".join(tb.training_details({"steps": 100, "contrast": "T1",
+                                         "init": {"model": "b", "sha256": "sb", "steps": 800}}))
+    assert "100 further steps on T1 phantoms, 1,470 steps in all" in line

@@ -186,6 +186,24 @@ def write_card(entry: dict, path: Path, extra: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def lineage_steps(init: dict, depth: int = 0) -> int:
+    """Training steps behind a fine-tune's starting weights: ``init['steps']`` plus, where the init model is
+    itself a fine-tune whose bundled entry still holds those weights (same sha256 and steps), the steps behind
+    its own init, and so on (``ddpm-t1-simplex`` <- ``ddpm-t2-simplex`` <- ``ddpm-t2-ema``)."""
+    steps = int(init.get("steps") or 0)
+    if depth > 10:
+        return steps
+    try:
+        parent = find_model(init["model"]).data
+    except Exception:  # the parent is no longer bundled
+        return steps
+    tr = parent.get("training") or {}
+    same = str(parent.get("sha256") or "") == str(init.get("sha256") or "") and int(tr.get("steps") or -1) == steps
+    if same and isinstance(tr.get("init"), dict) and tr["init"].get("steps"):
+        steps += lineage_steps(tr["init"], depth + 1)
+    return steps
+
+
 def training_details(tr: dict, entry: dict | None = None) -> list[str]:
     """Card lines for a fine-tune (``init``), EMA weights and a restricted timestep range."""
     from uad.noise import options_for
@@ -194,7 +212,7 @@ def training_details(tr: dict, entry: dict | None = None) -> list[str]:
     init = tr.get("init")
     if init:
         before = f" ({init['steps']} steps)" if init.get("steps") else ""
-        total = f", {int(init['steps']) + int(tr['steps'])} steps in all" if init.get("steps") else ""
+        total = f", {lineage_steps(init) + int(tr['steps']):,} steps in all" if init.get("steps") else ""
         out.append(f"This is a **fine-tune of `{init['model']}`**{before} (sha256 `{str(init.get('sha256'))[:12]}...`): "
                    f"{tr.get('steps')} further steps on {tr.get('contrast')} phantoms{total}. The phantoms share "
                    f"the anatomy generator across contrasts; only the tissue contrast differs.")
