@@ -145,6 +145,10 @@ def test_card_threshold_rewrite_keeps_the_notes_after_the_table(tmp_path):
     bare.write_text("# Model card\n\n## Thresholds\n\n| a |\n|---|\n\n## Next\n")
     tb.update_card_thresholds(entry, bare)
     assert "|\n\n## Next\n" in bare.read_text()  # no note: one blank line before the next section
+    fresh = tmp_path / "fresh.md"  # a card without the section (a new model's): appended after one blank line
+    fresh.write_text("# Model card\n\n| step | AP |\n|---|---|\n| 0 | 0.1 |\n")
+    tb.update_card_thresholds(entry, fresh)
+    assert "| 0 | 0.1 |\n\n## Thresholds\n" in fresh.read_text()
 
 
 def test_card_header_says_the_models_normalisation():

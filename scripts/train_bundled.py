@@ -399,9 +399,11 @@ def update_card_thresholds(entry: dict, card: Path) -> None:
     text = card.read_text().splitlines()
     try:
         start = next(i for i, ln in enumerate(text) if ln.startswith("## Thresholds"))
-    except StopIteration:
-        start = len(text)
+    except StopIteration:  # appended after one blank line
+        while text and not text[-1].strip():
+            text.pop()
         text.append("")
+        start = len(text)
     end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
     table = next((i for i in range(start, end) if text[i].startswith("|")), end)
     generated_end = next((i for i in range(table, end) if not text[i].startswith("|")), end)
