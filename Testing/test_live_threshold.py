@@ -125,3 +125,23 @@ def test_rethreshold_rejects_foreign_nodes(mrml, logic, volume_file):
     node = mrml.load(volume_file)
     with pytest.raises(ValueError, match="not an anomaly heatmap"):
         logic.updateThreshold(node, 0.5)
+
+
+def test_live_threshold_ignores_calibrations_of_other_weights_or_normalisation():
+    """The Slicer side's calibrated threshold and healthy-FPR table refuse a record the engine refuses (other
+    weights, or another intensity normalisation than the entry's), without falling back to the entry's
+    older one-number threshold."""
+    from uad.calibration import normalisation_of
+
+    from UADExtensionLib.thresholding import calibrated_threshold, fpr_for_threshold, healthy_quantiles
+
+    rec = {"thresholds": {"0.01": 0.5, "0.05": 0.2}, "sha256": "ab", "normalisation": normalisation_of({})}
+    entry = {"id": "m", "sha256": "ab", "threshold": {"thor": {"fast": 0.5}},
+             "calibration": {"thor": {"presets": {"fast": {"ssim-fallback": rec}}}}}
+    assert calibrated_threshold(entry, "thor", "fast", "ssim-fallback") == 0.5
+    assert fpr_for_threshold(entry, "thor", 0.2, "fast", "ssim-fallback") == pytest.approx(0.05)
+    for changed in ({"normalisation": {"clip_max": 2.0}}, {"sha256": "cd"}):
+        e = dict(entry, **changed)
+        assert calibrated_threshold(e, "thor", "fast", "ssim-fallback") is None
+        assert calibrated_threshold(e, "thor", "fast") is None  # the preset's only record, also refused
+        assert healthy_quantiles(e, "thor", "fast", "ssim-fallback") == []

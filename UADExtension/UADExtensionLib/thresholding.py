@@ -58,6 +58,15 @@ def calibration_record(entry: dict, method: str, preset: str | None, backend: st
     return recs[0] if len(recs) == 1 else None
 
 
+def outdated(entry: dict, rec: dict) -> bool:
+    """Whether a calibration record was measured on other weights or under another intensity normalisation than
+    the entry's today (``uad.calibration.stale`` without a method, which needs no torch): the engine refuses
+    such a record, and so does the live threshold (no fall-back to the entry's older ``threshold`` either)."""
+    from uad import calibration  # numpy only: no torch needed
+
+    return calibration.stale(entry or {}, rec)
+
+
 def calibrated_threshold(entry: dict, method: str, preset: str | None = None,
                          backend: str | None = None) -> float | None:
     """The manifest entry's calibrated threshold for ``method`` / ``preset`` (None if it has none).
@@ -67,6 +76,8 @@ def calibrated_threshold(entry: dict, method: str, preset: str | None = None,
     """
     rec = calibration_record(entry, method, preset, backend)
     if rec is not None:
+        if outdated(entry, rec):
+            return None
         v = (rec.get("thresholds") or {}).get(DEFAULT_FPR_KEY)
         return float(v) if v is not None and math.isfinite(float(v)) else None
     from uad.calibration import legacy_threshold  # numpy only: no torch needed
@@ -83,6 +94,8 @@ def healthy_quantiles(entry: dict, method: str, preset: str | None = None,
     """[(quantile, score), ...] sorted by quantile, from the entry's healthy calibration of ``method``
     (the run's preset / backend record where the entry has per-preset records)."""
     rec = calibration_record(entry, method, preset, backend)
+    if rec is not None and outdated(entry, rec):
+        return []
     if rec is not None:
         cal = {"quantiles": {1.0 - float(k): v for k, v in (rec.get("thresholds") or {}).items()}}
     else:

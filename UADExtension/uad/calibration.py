@@ -540,6 +540,7 @@ def warn(message: str) -> None:
 
 
 __all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
-           "normalisation_of", "other_normalisation", "legacy_threshold", "lookup_threshold", "lookup_tau", "store", "thresholds_at", "healthy_volumes", "calibrate",
+           "normalisation_of", "other_normalisation", "legacy_threshold", "lookup_threshold", "lookup_tau", "store",
+           "thresholds_at", "healthy_volumes", "calibrate",
            "AXIAL_SEED", "ACQUIRED_SEED", "GEOMETRIES", "acquired_specs", "acquired_healthy_volumes",
            "autoddpm_stage1_values"]
