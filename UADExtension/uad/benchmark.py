@@ -1238,23 +1238,26 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         except (ValueError, KeyError, TypeError):
             old = {}
 
-    def reusable(key, entry, method, preset, params):
-        """An earlier cell of ``key`` measured with the weights and normalisation of ``entry`` (or before cells
-        recorded them) and this definition of the preset (or before cells recorded it), else None."""
-        sha = entry.data.get("sha256")
-        return next((c for c in old.get(key, []) if not other_weights(c.get("model_sha256"), sha)
-                     and not other_normalisation(c.get("model_normalisation"), entry.data)
-                     and not other_definition(c, method, preset, params)), None)
-
-    def superseded(c, entry, method, preset, params):
-        """Why an earlier cell of a planned key is not the one reused."""
+    def measured_otherwise(c, entry, method, preset, params):
+        """Why an earlier cell cannot stand for ``entry`` / ``preset`` today (other weights, intensity
+        normalisation or preset definition; cells from before a field was recorded pass that check), else None."""
         if other_weights(c.get("model_sha256"), entry.data.get("sha256")):
             return "other weights"
         if other_normalisation(c.get("model_normalisation"), entry.data):
             return "other intensity normalisation"
         if other_definition(c, method, preset, params):
             return "other preset definition"
-        return "measured twice (same weights and preset; the reused copy is in cells)"
+        return None
+
+    def reusable(key, entry, method, preset, params):
+        """The first earlier cell of ``key`` that still stands for ``entry`` and this preset, else None."""
+        return next((c for c in old.get(key, []) if measured_otherwise(c, entry, method, preset, params) is None),
+                    None)
+
+    def superseded(c, entry, method, preset, params):
+        """Why an earlier cell of a planned key is not the one reused."""
+        return (measured_otherwise(c, entry, method, preset, params)
+                or "measured twice (same weights and preset; the reused copy is in cells)")
 
     plan, missing = [], []
     for contrast in contrasts:

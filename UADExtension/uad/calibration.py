@@ -119,10 +119,8 @@ def other_normalisation(recorded: dict | None, config: dict | None) -> bool:
     ``normalisation`` was changed since, e.g. ``clip_max``); False when nothing was recorded (older records)."""
     if not isinstance(recorded, dict):
         return False
-    from .preprocess import normalisation_settings
-
     try:
-        was = normalisation_settings(recorded)
+        was = normalisation_of({"normalisation": recorded})
     except (TypeError, ValueError):
         return True
     return was != normalisation_of(config)

@@ -90,17 +90,16 @@ def current_weights(report, entries) -> tuple:
     changed."""
     from .calibration import other_normalisation
 
-    sha = {e.get("id"): e.get("sha256") for e in entries}
     by_id = {e.get("id"): e for e in entries}
     single = not isinstance(report, (list, tuple))
     out, dropped = [], []
     for i, rep in enumerate(_as_reports(report), 1):
         keep = []
         for r in rep.get("results") or []:
-            mid = r.get("model")
-            if other_weights(r.get("model_sha256"), sha.get(mid)) or (
-                    mid in by_id and other_normalisation(r.get("model_normalisation"), by_id[mid])):
-                dropped.append((mid, i, r.get("method"), r.get("preset")))
+            e = by_id.get(r.get("model"))
+            if e is not None and (other_weights(r.get("model_sha256"), e.get("sha256"))
+                                  or other_normalisation(r.get("model_normalisation"), e)):
+                dropped.append((r.get("model"), i, r.get("method"), r.get("preset")))
                 continue
             keep.append(r)
         out.append(dict(rep, results=keep))
