@@ -1,5 +1,7 @@
 """AutoDDPM on a tiny random network: masks, thresholds, stitching, RePaint NFE, determinism."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -319,3 +321,26 @@ def test_calibrations_of_another_normalisation_are_stale():
     rec.pop("normalisation")
     assert not stale(cfg, rec) and lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)[0] == 0.3
     assert other_normalisation({"lower": 50.0, "upper": 10.0}, cfg)  # unreadable record: not trusted
+
+
+def test_calibrations_of_another_preprocessing_profile_are_stale():
+    """A record calibrated before the entry's preprocessing profile changed (a skull-stripped input registered to
+    MNI152 at 2 mm instead of taken on its own grid) is not used: the lookup names the keys that changed;
+    records without a recorded profile (older ones) and records of today's profile are used; an unreadable
+    recorded profile is not trusted."""
+    from uad.calibration import lookup_threshold, other_preprocessing, preprocessing_of, stale
+
+    cfg = {"sha256": "ab", "preprocessing": {"registration": "mni152", "spacing_mm": 2}}
+    rec = {"thresholds": {"0.01": 0.3}, "sha256": "ab", "preprocessing": preprocessing_of({})}
+    cfg["calibration"] = {"thor": {"presets": {"fast": {"ssim-fallback": rec}}}}
+    assert preprocessing_of({})["registration"] == "auto" and preprocessing_of(cfg)["spacing_mm"] == 2.0
+    assert stale(cfg, rec) and other_preprocessing(rec["preprocessing"], cfg)
+    thr, _, msg = lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)
+    assert thr is None and "another preprocessing profile" in msg
+    assert "registration 'auto' -> 'mni152'" in msg and "spacing_mm None -> 2.0" in msg
+    rec["preprocessing"] = json.loads(json.dumps(preprocessing_of(cfg)))  # as stored in the manifest
+    assert not stale(cfg, rec) and lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)[0] == 0.3
+    rec.pop("preprocessing")
+    assert not stale(cfg, rec) and lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)[0] == 0.3
+    assert other_preprocessing({"registration": "sideways"}, cfg)  # unreadable record: not trusted
+    assert not other_preprocessing(None, cfg)

@@ -561,3 +561,20 @@ def test_rows_of_another_normalisation_leave_cards_and_manifest():
     kept, dropped = current_weights([old, new], [entry])
     assert sorted(dropped) == [("ddpm-x", 1, "thor", "fast"), ("ddpm-x", 1, "thor", "paper")]
     assert kept[1]["results"] == new["results"]  # today's and unrecorded rows stay
+
+
+def test_rows_of_another_preprocessing_profile_leave_cards_and_manifest():
+    """A model whose manifest preprocessing profile changed (skull-stripped inputs now registered to MNI152)
+    without new weights: rows that recorded the old profile are left out like rows of replaced weights; rows
+    that recorded today's profile and rows without one (older reports) stay."""
+    from uad.calibration import preprocessing_of
+    from uad.heldout_table import current_weights
+
+    entry = {"id": "ddpm-x", "sha256": "same", "preprocessing": {"registration": "mni152", "spacing_mm": 2.0}}
+    old, new = _synthetic_report(), _synthetic_report()
+    for r in old["results"][1:3]:
+        r["model_preprocessing"] = preprocessing_of({})
+    new["results"][1]["model_preprocessing"] = preprocessing_of(entry)
+    kept, dropped = current_weights([old, new], [entry])
+    assert sorted(dropped) == [("ddpm-x", 1, "thor", "fast"), ("ddpm-x", 1, "thor", "paper")]
+    assert kept[1]["results"] == new["results"]

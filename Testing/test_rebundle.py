@@ -38,6 +38,7 @@ def setup(tmp_path):
     (models / MODEL).mkdir(parents=True)
     bundled = json.loads((ROOT / "models/manifest.json").read_text())
     entry = next(e for e in bundled["models"] if e["id"] == MODEL)
+    entry = dict(entry, preprocessing={"registration": "mni152", "spacing_mm": 2.0})  # a profile beyond the run's
     other = dict(next(e for e in bundled["models"] if e["id"] == "ddpm-t1-phantom"), id="kept-as-is")
     (models / "manifest.json").write_text(json.dumps({"models": [entry, other]}, indent=1))
     shutil.copyfile(ROOT / "models" / MODEL / "model.safetensors", models / MODEL / "model.safetensors")
@@ -49,7 +50,8 @@ def setup(tmp_path):
     # the run's weights: another network of the same size (what a continued run exports)
     shutil.copyfile(ROOT / "models/ddpm-t1-phantom/model.safetensors", run / "best.safetensors")
     shutil.copyfile(ROOT / "models" / MODEL / "model.safetensors", run / "model.safetensors")
-    run_entry = {k: v for k, v in entry.items() if k not in ("threshold", "calibration", "card", "license")}
+    run_entry = {k: v for k, v in entry.items()
+                 if k not in ("threshold", "calibration", "card", "license", "preprocessing")}
     run_entry["training"] = {"steps": 10418, "batch_size": 32, "init": {"model": MODEL, "sha256": entry["sha256"]}}
     run_entry["description"] = "what uad train writes"
     run_entry["methods"] = ["anoddpm", "thor"]  # a run trained for fewer methods than the bundled entry serves
@@ -67,7 +69,7 @@ def test_prep_installs_the_run_weights_and_drops_the_replaced_calibration(setup)
     e = rb.prep(MODEL, setup["run"], setup["models"], weights="best", threads=2, note="step 5,793")
     assert (setup["models"] / MODEL / "model.safetensors").read_bytes() == (setup["run"] / "best.safetensors").read_bytes()
     assert e["sha256"] == setup["new_sha"] != old["sha256"]
-    for k in ("license", "card", "normalisation", "description", "methods"):  # the bundled entry's, not the run's
+    for k in ("license", "card", "normalisation", "preprocessing", "description", "methods"):  # the bundled entry's
         assert e[k] == old[k]
     assert e["methods"] == ["anoddpm", "thor", "autoddpm"]
     assert "threshold" not in e and "calibration" not in e and "evaluation" not in e

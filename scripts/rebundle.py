@@ -17,9 +17,9 @@ replaced ``scripts/update_cards.py`` drops those rows instead of showing them un
 
 ``prep`` copies the run's weights (``best.safetensors``: the lowest validation loss, or ``model.safetensors``)
 and learning curve into models/ID/ and rebuilds the manifest entry from the run's model.json, keeping the
-entry's id, licence, card, normalisation, description and methods; it records the training (steps, validation
-loss, the run's steps, wall time, threads) and what it replaces (sha256, steps, note), and drops the replaced
-weights' calibration, thresholds and evaluation, which belong to other weights.
+entry's id, licence, card, normalisation, preprocessing profile, description and methods; it records the
+training (steps, validation loss, the run's steps, wall time, threads) and what it replaces (sha256, steps, note),
+and drops the replaced weights' calibration, thresholds and evaluation, which belong to other weights.
 
 ``card`` rewrites the model card's sha256 line, its Thresholds and Learning curve sections and a "Compared with
 the weights it replaces" table (tumour / stroke / MS AP, best Dice, Dice at the calibrated threshold, healthy
@@ -102,8 +102,8 @@ def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", 
     """Install the run's weights as model ``model_id`` (see the module docstring); returns the new entry.
 
     ``uad.training.export_run`` copies the weights and rebuilds the entry from the run's model.json where the old
-    entry stood; this adds what a re-bundle keeps (licence, card, normalisation, description, methods) and records
-    (what it replaces, wall time, threads), and drops what belonged to the replaced weights."""
+    entry stood; this adds what a re-bundle keeps (licence, card, normalisation, preprocessing profile, description,
+    methods) and records (what it replaces, wall time, threads), and drops what belonged to the replaced weights."""
     from train_bundled import update_entry_in_place
     from uad.training import export_run
     from uad.zoo import sha256_file
@@ -120,9 +120,11 @@ def prep(model_id: str, run_dir: Path, models_dir: Path, weights: str = "best", 
     if note:
         replaces["note"] = note
     tr = dict(_training_record(st, weights, threads), replaces=replaces)
-    # what the bundled entry says beyond the run: its licence, card, normalisation, description and the methods
-    # it serves (a run's model.json can list fewer: 'rebundle.py new --methods' widens a bundled entry's)
-    keep = {k: old[k] for k in ("license", "card", "normalisation", "description", "methods") if k in old}
+    # what the bundled entry says beyond the run: its licence, card, normalisation, preprocessing profile,
+    # description and the methods it serves (a run's model.json can list fewer: 'rebundle.py new --methods' widens
+    # a bundled entry's)
+    keep = {k: old[k] for k in ("license", "card", "normalisation", "preprocessing", "description", "methods")
+            if k in old}
     if description:
         keep["description"] = description
     export_run(run_dir, models_dir, model_id, extra={"training": tr}, weights=weights)

@@ -59,7 +59,8 @@ import SimpleITK as sitk
 import torch
 
 from . import UADError
-from .calibration import normalisation_of, other_definition, other_normalisation, preset_values
+from .calibration import (normalisation_of, other_definition, other_normalisation, other_preprocessing,
+                          preprocessing_of, preset_values)
 # reduced precision lives in uad.precision (shared with uad detect); re-exported here
 from .precision import (PRECISION_CHOICES, PRECISIONS, AutocastNetwork, autocast, autocast_model,  # noqa: F401
                         copy_model, normalise_precision, with_precision)
@@ -485,6 +486,7 @@ def run_unit(unit: dict) -> dict:
     sm.update({"contrast": contrast, "method": method, "preset": preset, "model": entry.id,
                "model_sha256": entry.data.get("sha256"),  # which weights: tables drop rows of replaced ones
                "model_normalisation": normalisation_of(entry.data),  # and rows of another normalisation
+               "model_preprocessing": preprocessing_of(entry.data),  # or preprocessing profile
                "preset_values": preset_values(method, preset),  # which definition of the preset: tables mark older ones
                "status": "ok", "nfe_per_slice": max(r.nfe_per_slice for r in runs),
                "seconds_per_volume": wall, "slices_per_volume": float(np.mean([r.slices for r in runs])),
@@ -1127,6 +1129,7 @@ def run_slab_case(row: dict, method: str, model, preset: str, params: dict | Non
             "preset": meth.preset, "params": dict(params or {}), "setting": setting_label(meth.preset, params or {}),
             "model": model.id, "model_sha256": model.config.get("sha256"),
             "model_normalisation": normalisation_of(model.config),
+            "model_preprocessing": preprocessing_of(model.config),
             "seed": int(seed), "slab": [int(lo), int(hi)], "run_slices": [int(x) for x in slab["run"]],
             "slices_computed": len(computed), "slab_slices": int(hi - lo),
             "slab_lesion_voxels": int(les.sum()), "lesion_voxels": int(slab["counts"].sum()),
@@ -1240,11 +1243,13 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
 
     def measured_otherwise(c, entry, method, preset, params):
         """Why an earlier cell cannot stand for ``entry`` / ``preset`` today (other weights, intensity
-        normalisation or preset definition; cells from before a field was recorded pass that check), else None."""
+        normalisation, preprocessing profile or preset definition; cells from before a field was recorded pass that check), else None."""
         if other_weights(c.get("model_sha256"), entry.data.get("sha256")):
             return "other weights"
         if other_normalisation(c.get("model_normalisation"), entry.data):
             return "other intensity normalisation"
+        if other_preprocessing(c.get("model_preprocessing"), entry.data):
+            return "other preprocessing profile"
         if other_definition(c, method, preset, params):
             return "other preset definition"
         return None

@@ -126,15 +126,42 @@ def other_normalisation(recorded: dict | None, config: dict | None) -> bool:
     return was != normalisation_of(config)
 
 
+def preprocessing_of(config: dict | None) -> dict:
+    """The preprocessing profile a model entry runs with (``uad.preprocess.profile_settings``: the defaults
+    updated with the entry's ``preprocessing``): recorded beside the normalisation, since a map computed in
+    template space (registration) is not the map of the scan's own grid."""
+    from .preprocess import profile_settings
+
+    return profile_settings((config or {}).get("preprocessing"))
+
+
+def other_preprocessing(recorded: dict | None, config: dict | None) -> bool:
+    """True when ``recorded`` (the ``preprocessing`` of a calibration record, the ``model_preprocessing`` of a
+    benchmark row or preset cell) differs from the profile the entry ``config`` runs with today (e.g. its
+    manifest ``preprocessing`` now registers skull-stripped inputs too); False when nothing was recorded
+    (records from before stop 36, when no bundled entry had a profile of its own)."""
+    if not isinstance(recorded, dict):
+        return False
+    from .preprocess import profile_settings
+
+    try:
+        was = profile_settings(recorded)
+    except (TypeError, ValueError):
+        return True
+    return was != preprocessing_of(config)
+
+
 def stale(config: dict, record: dict, method: str | None = None, preset: str | None = None) -> bool:
     """True when the record was measured on weights other than the entry's (both sha256 known), under
-    another intensity normalisation than the entry's (where the record says which), by an older version of
+    another intensity normalisation or preprocessing profile than the entry's (where the record says which), by an older version of
     ``method`` than this one (records without a version count as version 1), or under another definition of
     ``preset``."""
     a, b = record.get("sha256"), config.get("sha256")
     if a and b and str(a).lower() != str(b).lower():
         return True
     if other_normalisation(record.get("normalisation"), config):
+        return True
+    if other_preprocessing(record.get("preprocessing"), config):
         return True
     if method is not None and int(record.get("method_version") or 1) < method_version(method):
         return True
@@ -189,6 +216,14 @@ def _norm_text(n) -> str:
         if isinstance(n, dict) else str(n)
 
 
+def _profile_diff(recorded, config) -> str:
+    """"key was -> is" for the profile keys in which a record differs from the entry's profile."""
+    now = preprocessing_of(config)
+    rec = recorded if isinstance(recorded, dict) else {}
+    diff = [f"{k} {rec.get(k)!r} -> {now[k]!r}" for k in now if k in rec and rec.get(k) != now[k]]
+    return ", ".join(diff) or "unreadable record"
+
+
 def lookup_threshold(config: dict, method: str, preset: str, backend: str,
                      fpr: float = DEFAULT_FPR) -> tuple[float | None, str, str | None]:
     """(threshold or None, source text, warning or None) for the map in use.
@@ -204,6 +239,9 @@ def lookup_threshold(config: dict, method: str, preset: str, backend: str,
         return None, "", (f"the {method}/{preset}/{backend} calibration was measured under another intensity "
                           f"normalisation ({_norm_text(rec.get('normalisation'))}) than the model's "
                           f"({_norm_text(normalisation_of(config))}); recalibrate")
+    if rec is not None and other_preprocessing(rec.get("preprocessing"), config):
+        return None, "", (f"the {method}/{preset}/{backend} calibration was measured under another preprocessing "
+                          f"profile ({_profile_diff(rec.get('preprocessing'), config)}); recalibrate")
     if rec is not None and stale(config, rec):
         return None, "", (f"the {method}/{preset}/{backend} calibration was measured on other weights (sha256 "
                           f"{str(rec.get('sha256'))[:12]}... vs {str(config.get('sha256'))[:12]}...); recalibrate")
@@ -399,7 +437,8 @@ def autoddpm_stage1_values(model, preset: str, images, device="cpu", seed: int =
     perceptual, _ = meth._perceptual(torch.device(device))
     vals = []
     for i, (img, brain) in enumerate(images):
-        stack = preprocess(img, model.image_size, brain_mask=brain, normalisation=model.normalisation)
+        stack = preprocess(img, model.image_size, brain_mask=brain, normalisation=model.normalisation,
+                           profile=preprocessing_of(model.config))  # the chain detect() runs, registration included
         pos = subset_positions(len(stack), max_slices)
         with torch.inference_mode():
             for b0 in range(0, len(pos), batch_size):
@@ -500,6 +539,7 @@ def calibrate(model, method: str, preset: str | None = None, contrast: str | Non
         "seeds": [seed + i for i in range(len(vols))] if volumes is None else None,
         "nfe_per_slice": nfe, "postprocess": post, "sha256": model.config.get("sha256"),
         "normalisation": normalisation_of(model.config),
+        "preprocessing": preprocessing_of(model.config),
         "method_version": method_version(method), "preset_values": preset_values(method, preset),
         "date": datetime.date.today().isoformat(),
     })
@@ -538,7 +578,8 @@ def warn(message: str) -> None:
 
 
 __all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
-           "normalisation_of", "other_normalisation", "legacy_threshold", "lookup_threshold", "lookup_tau", "store",
+           "normalisation_of", "other_normalisation", "preprocessing_of", "other_preprocessing",
+           "legacy_threshold", "lookup_threshold", "lookup_tau", "store",
            "thresholds_at", "healthy_volumes", "calibrate",
            "AXIAL_SEED", "ACQUIRED_SEED", "GEOMETRIES", "acquired_specs", "acquired_healthy_volumes",
            "autoddpm_stage1_values"]

@@ -84,11 +84,12 @@ def current_weights(report, entries) -> tuple:
     same id now carries other weights (the model was retrained and re-bundled), that row measured a model
     that is no longer shipped and is left out of cards, README and ``evaluation.heldout``; so is a row whose
     recorded intensity normalisation (``model_normalisation``) differs from the entry's today (its
-    ``normalisation`` was changed since, e.g. ``clip_max``).  Rows without a recorded sha256 or normalisation
+    ``normalisation`` was changed since, e.g. ``clip_max``), and one whose recorded preprocessing profile
+    (``model_preprocessing``) differs from the entry's.  Rows without a recorded sha256, normalisation or profile
     (older reports) and rows of models not in ``entries`` are kept.  Returns
     ``(report or list of reports, [(model id, run index, method, preset), ...] left out)``; the input is not
     changed."""
-    from .calibration import other_normalisation
+    from .calibration import other_normalisation, other_preprocessing
 
     by_id = {e.get("id"): e for e in entries}
     single = not isinstance(report, (list, tuple))
@@ -98,7 +99,8 @@ def current_weights(report, entries) -> tuple:
         for r in rep.get("results") or []:
             e = by_id.get(r.get("model"))
             if e is not None and (other_weights(r.get("model_sha256"), e.get("sha256"))
-                                  or other_normalisation(r.get("model_normalisation"), e)):
+                                  or other_normalisation(r.get("model_normalisation"), e)
+                                  or other_preprocessing(r.get("model_preprocessing"), e)):
                 dropped.append((r.get("model"), i, r.get("method"), r.get("preset")))
                 continue
             keep.append(r)

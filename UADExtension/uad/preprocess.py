@@ -1288,6 +1288,8 @@ def preprocess(image: sitk.Image, image_size: int, brain_mask: sitk.Image | None
     if prof["registration"] == "auto":
         info["registration"]["reason"] = ("the input is not skull-stripped (a head scan)" if register
                                           else "the input is skull-stripped")
+    elif prof["registration"] == "mni152":
+        info["registration"]["reason"] = "the model's profile registers every input to its training space"
     if register:
         run(Register(prof["spacing_mm"], registration_options))
     elif prof["deoblique"] and oblique_angle_deg(w.grid.direction) > DEOBLIQUE_MIN_DEG:
