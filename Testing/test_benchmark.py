@@ -547,34 +547,23 @@ def test_update_cards_names_the_new_default_model_on_its_first_run(tmp_path, mon
     assert "model ddpm-old, not the default model (ddpm-new is))" in lines[1]
 
 
-def test_rows_of_another_normalisation_leave_cards_and_manifest():
-    """A model whose manifest normalisation changed (clip_max 1 -> 2) without new weights: rows that recorded
-    the old normalisation are left out like rows of replaced weights; rows without one (older reports) stay."""
-    from uad.calibration import normalisation_of
+@pytest.mark.parametrize("field,key,value", [
+    ("model_normalisation", "normalisation", {"clip_max": 2.0}),  # clip_max 1 -> 2
+    ("model_preprocessing", "preprocessing", {"registration": "mni152", "spacing_mm": 2.0}),  # now registered
+])
+def test_rows_of_another_normalisation_or_profile_leave_cards_and_manifest(field, key, value):
+    """A model whose manifest normalisation or preprocessing profile changed without new weights: rows that
+    recorded the old one are left out like rows of replaced weights; rows that recorded today's and rows without
+    one (older reports) stay."""
+    from uad.calibration import normalisation_of, preprocessing_of
     from uad.heldout_table import current_weights
 
-    entry = {"id": "ddpm-x", "sha256": "same", "normalisation": {"clip_max": 2.0}}
+    of = normalisation_of if key == "normalisation" else preprocessing_of
+    entry = {"id": "ddpm-x", "sha256": "same", key: value}
     old, new = _synthetic_report(), _synthetic_report()
     for r in old["results"][1:3]:
-        r["model_normalisation"] = normalisation_of({})
-    new["results"][1]["model_normalisation"] = normalisation_of(entry)
+        r[field] = of({})
+    new["results"][1][field] = of(entry)
     kept, dropped = current_weights([old, new], [entry])
     assert sorted(dropped) == [("ddpm-x", 1, "thor", "fast"), ("ddpm-x", 1, "thor", "paper")]
     assert kept[1]["results"] == new["results"]  # today's and unrecorded rows stay
-
-
-def test_rows_of_another_preprocessing_profile_leave_cards_and_manifest():
-    """A model whose manifest preprocessing profile changed (skull-stripped inputs now registered to MNI152)
-    without new weights: rows that recorded the old profile are left out like rows of replaced weights; rows
-    that recorded today's profile and rows without one (older reports) stay."""
-    from uad.calibration import preprocessing_of
-    from uad.heldout_table import current_weights
-
-    entry = {"id": "ddpm-x", "sha256": "same", "preprocessing": {"registration": "mni152", "spacing_mm": 2.0}}
-    old, new = _synthetic_report(), _synthetic_report()
-    for r in old["results"][1:3]:
-        r["model_preprocessing"] = preprocessing_of({})
-    new["results"][1]["model_preprocessing"] = preprocessing_of(entry)
-    kept, dropped = current_weights([old, new], [entry])
-    assert sorted(dropped) == [("ddpm-x", 1, "thor", "fast"), ("ddpm-x", 1, "thor", "paper")]
-    assert kept[1]["results"] == new["results"]
