@@ -60,8 +60,9 @@ def calibration_record(entry: dict, method: str, preset: str | None, backend: st
 
 def outdated(entry: dict, rec: dict) -> bool:
     """Whether a calibration record was measured on other weights or under another intensity normalisation or
-    preprocessing profile than the entry's today (``uad.calibration.stale`` without a method, which needs no torch): the engine refuses
-    such a record, and so does the live threshold (no fall-back to the entry's older ``threshold`` either)."""
+    preprocessing profile than the entry's today (``uad.calibration.stale`` without a method, which needs no
+    torch): the engine refuses such a record, and so does the live threshold (no fall-back to the entry's older
+    ``threshold`` either)."""
     from uad import calibration  # numpy only: no torch needed
 
     return calibration.stale(entry or {}, rec)

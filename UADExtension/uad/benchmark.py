@@ -1243,7 +1243,8 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
 
     def measured_otherwise(c, entry, method, preset, params):
         """Why an earlier cell cannot stand for ``entry`` / ``preset`` today (other weights, intensity
-        normalisation, preprocessing profile or preset definition; cells from before a field was recorded pass that check), else None."""
+        normalisation, preprocessing profile or preset definition; cells from before a field was recorded pass
+        that check), else None."""
         if other_weights(c.get("model_sha256"), entry.data.get("sha256")):
             return "other weights"
         if other_normalisation(c.get("model_normalisation"), entry.data):

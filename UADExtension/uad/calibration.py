@@ -113,17 +113,23 @@ def normalisation_of(config: dict | None) -> dict:
     return normalisation_settings((config or {}).get("normalisation"))
 
 
+def _recorded_otherwise(recorded, config: dict | None, of, key: str) -> bool:
+    """True when ``recorded`` (a record's copy of the entry's ``key`` settings) differs from what ``of(config)``
+    gives today; an unreadable record is not trusted; False when nothing was recorded (older records)."""
+    if not isinstance(recorded, dict):
+        return False
+    try:
+        was = of({key: recorded})
+    except (TypeError, ValueError):
+        return True
+    return was != of(config)
+
+
 def other_normalisation(recorded: dict | None, config: dict | None) -> bool:
     """True when ``recorded`` (the ``normalisation`` of a calibration record, the ``model_normalisation`` of a
     benchmark row or preset cell) differs from the one the entry ``config`` runs with today (its manifest
     ``normalisation`` was changed since, e.g. ``clip_max``); False when nothing was recorded (older records)."""
-    if not isinstance(recorded, dict):
-        return False
-    try:
-        was = normalisation_of({"normalisation": recorded})
-    except (TypeError, ValueError):
-        return True
-    return was != normalisation_of(config)
+    return _recorded_otherwise(recorded, config, normalisation_of, "normalisation")
 
 
 def preprocessing_of(config: dict | None) -> dict:
@@ -140,22 +146,14 @@ def other_preprocessing(recorded: dict | None, config: dict | None) -> bool:
     benchmark row or preset cell) differs from the profile the entry ``config`` runs with today (e.g. its
     manifest ``preprocessing`` now registers skull-stripped inputs too); False when nothing was recorded
     (records from before stop 36, when no bundled entry had a profile of its own)."""
-    if not isinstance(recorded, dict):
-        return False
-    from .preprocess import profile_settings
-
-    try:
-        was = profile_settings(recorded)
-    except (TypeError, ValueError):
-        return True
-    return was != preprocessing_of(config)
+    return _recorded_otherwise(recorded, config, preprocessing_of, "preprocessing")
 
 
 def stale(config: dict, record: dict, method: str | None = None, preset: str | None = None) -> bool:
     """True when the record was measured on weights other than the entry's (both sha256 known), under
-    another intensity normalisation or preprocessing profile than the entry's (where the record says which), by an older version of
-    ``method`` than this one (records without a version count as version 1), or under another definition of
-    ``preset``."""
+    another intensity normalisation or preprocessing profile than the entry's (where the record says which), by
+    an older version of ``method`` than this one (records without a version count as version 1), or under
+    another definition of ``preset``."""
     a, b = record.get("sha256"), config.get("sha256")
     if a and b and str(a).lower() != str(b).lower():
         return True
