@@ -203,6 +203,30 @@ def test_bias_changes_the_drawn_clusters_by_at_most_alpha():
     assert len(CODEBOOK) == 5
 
 
+def test_bias_keeps_the_slices_intensity_range():
+    """Slices normalised to [0, 2] (FLAIR's clip_max 2): the bias clips to [0, upper], so a bright pixel inside a
+    shape is changed by at most alpha and a brightened anomaly may exceed 1; clipping to [0, 1] (the default
+    upper, right for [0, 1] slices) would cut the bright pixels down to 1, a change larger than alpha."""
+    x, m = phantom(4, size=64)
+    bright = (x * 2.4).clamp(max=2.0)  # values up to 1.8
+    assert float(bright.max()) > 1.5
+    c = corrupt(bright, m, BatchRNG([21, 22, 23, 24]), alpha=0.4, texture=False, upper=2.0)
+    d = (c.image - bright).abs()
+    assert d.max() <= 0.4 + 1e-6
+    assert torch.allclose(c.alpha, d.amax(dim=(1, 2, 3)))
+    assert c.image.min() >= 0 and c.image.max() <= 2.0
+    brightened = (c.image - bright) > 0.2
+    assert brightened.any() and float(c.image[brightened].max()) > 1.0
+    cut = corrupt(bright, m, BatchRNG([21, 22, 23, 24]), alpha=0.4, texture=False)  # upper 1
+    assert float((cut.image - bright).abs().max()) > 0.45  # e.g. 1.8 -> 1 somewhere in a shape
+    # the same draws: on [0, 1] slices the upper bound changes nothing
+    a = corrupt(x, m, BatchRNG([5, 6, 7, 8]), upper=2.0)
+    b = corrupt(x, m, BatchRNG([5, 6, 7, 8]))
+    assert torch.equal(a.t, b.t) and torch.equal(a.shape, b.shape)
+    with pytest.raises(ValueError, match="upper"):
+        corrupt(x, m, BatchRNG([5, 6, 7, 8]), upper=0.5)
+
+
 def test_cluster_selection_as_the_reference():
     """Each centroid is drawn with p_k = n_k / (N + 1000); none drawn -> the whole shape: the rate of
     whole-shape corruptions matches the reference formula prod_k (1 - p_k) averaged over the draws."""
@@ -405,6 +429,28 @@ def test_training_target_is_the_clean_image():
 
     assert float(DISYRE.training_loss(tiny_model(net=Oracle()), x, m, BatchRNG([1, 2])).detach()) == 0.0
     assert float(DISYRE.training_loss(tiny_model(net=Identity()), x, m, BatchRNG([1, 2])).detach()) > 0
+
+
+@pytest.mark.parametrize("clip_max", [1.0, 2.0])
+def test_training_corrupts_within_the_models_normalisation_range(clip_max):
+    """training_loss corrupts within [0, the model's clip_max]: with the identity network the loss is the
+    mean squared corruption, computed here with corrupt(upper=clip_max) from the same draws."""
+    x, m = phantom(3)
+    x = (x * 2.4).clamp(max=2.0) if clip_max > 1 else x
+    model = tiny_model(net=Identity())
+    model.config["normalisation"] = {"clip_max": clip_max}
+    from uad.methods.disyre import intensity_top
+
+    assert intensity_top(model) == clip_max
+    loss = float(DISYRE.training_loss(model, x, m, BatchRNG([4, 5, 6])).detach())
+    sched = CorruptionSchedule(model.schedule)
+    ref = corrupt(x, m, BatchRNG([4, 5, 6]), sched, donors=x.roll(1, dims=0), upper=clip_max).image
+    assert loss == pytest.approx(float(((ref - x) ** 2).mean()), rel=1e-5)
+    if clip_max > 1:
+        cut = corrupt(x, m, BatchRNG([4, 5, 6]), sched, donors=x.roll(1, dims=0)).image
+        assert loss != pytest.approx(float(((cut - x) ** 2).mean()), rel=1e-3)
+    model.config["normalisation"] = {"clip": False}
+    assert intensity_top(model) == math.inf
 
 
 def test_default_model_config():

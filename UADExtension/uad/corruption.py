@@ -51,8 +51,10 @@ Two parts:
        the drawn clusters AND the shape -- the WHOLE shape when none is drawn
        (probability prod_k (1 - p_k), about two thirds for typical shapes) --
        blurred with sigma = 1 px,
-       ``x <- clip(x + alpha_bias * sign * mb, 0, 1)``; the effective
-       alpha_bias is the largest change this makes;
+       ``x <- clip(x + alpha_bias * sign * mb, 0, upper)``; the effective
+       alpha_bias is the largest change this makes (``upper``: the top of the
+       slices' intensity range, 1 unless the normalisation keeps values above
+       the brain's upper percentile, e.g. ``clip_max`` 2 for FLAIR);
     5. label alpha = max(alpha_texture, alpha_bias) -> t = label(alpha).
 
     Both steps are written as additive updates, so alpha = 0 returns the input
@@ -267,8 +269,14 @@ class Corruption:
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG, schedule: CorruptionSchedule | None = None,
             alpha: float | Sequence[float] | torch.Tensor | None = None, donors: torch.Tensor | None = None,
-            texture: bool = True, bias: bool = True, shape_kind: str | None = None) -> Corruption:
+            texture: bool = True, bias: bool = True, shape_kind: str | None = None,
+            upper: float = 1.0) -> Corruption:
     """Corrupt a batch of [0, 1] slices (B, 1, H, W) with DAG-like synthetic anomalies.
+
+    ``upper``: the top of the slices' intensity range (the normalisation's ``clip_max``, at least 1): the
+    intensity bias clips to [0, upper].  Clipping to [0, 1] slices normalised to [0, 2] (FLAIR) would cut
+    every bright pixel inside an anomaly shape down to 1 and never make an anomaly brighter than 1, so the
+    network would learn that values above 1 are never anomalous and keep bright lesions in its restoration.
 
     ``alpha`` fixes the texture weight and the bias magnitude (scalar or (B,));
     by default both are drawn U(0, 1) per item.  The random draws are the same
@@ -280,11 +288,14 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, rng: BatchRNG, schedule: Corrup
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _corrupt(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, mask, rng,
-                        schedule, alpha, donors, texture, bias, shape_kind)
+                        schedule, alpha, donors, texture, bias, shape_kind, upper)
 
 
-def _corrupt(x, mask, rng, schedule, alpha, donors, texture, bias, shape_kind) -> Corruption:
+def _corrupt(x, mask, rng, schedule, alpha, donors, texture, bias, shape_kind, upper=1.0) -> Corruption:
     schedule = schedule or CorruptionSchedule()
+    upper = float(upper)
+    if not upper >= 1.0:  # also refuses NaN
+        raise ValueError(f"corrupt: upper must be at least 1 (the top of the slices' intensity range), got {upper}")
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"corrupt expects (B, 1, H, W) slices, got {tuple(x.shape)}")
     B, _, H, W = x.shape
@@ -371,7 +382,7 @@ def _corrupt(x, mask, rng, schedule, alpha, donors, texture, bias, shape_kind) -
             p_whole[b] = float(torch.prod(1.0 - p_k))
             if ab > 0:
                 mb = gaussian_blur(sel.to(dt) * m, 1.0 * scale) * fg.to(dt)
-                new = (cur + (ab * sign) * mb).clamp(0.0, 1.0)
+                new = (cur + (ab * sign) * mb).clamp(0.0, upper)
                 a_bias[b] = float((new - cur).abs().max())
                 cur = new
         out[b, 0] = cur

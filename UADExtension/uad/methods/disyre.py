@@ -139,6 +139,15 @@ def sliding_window(fn, x: torch.Tensor, mask: torch.Tensor, patch: int, overlap:
     return score[crop], rest[crop], len(origins)
 
 
+def intensity_top(model) -> float:
+    """The top of the model's training slices' intensity range in [0, 1] units: its normalisation's ``clip_max``
+    (1 by default; 2 for the FLAIR models, which keep hyperintensities), infinite without clipping."""
+    from ..preprocess import normalisation_settings
+
+    s = normalisation_settings(model.normalisation)
+    return float(s["clip_max"]) if s["clip"] else math.inf
+
+
 class DISYRE(Method):
     name = "disyre"
     title = "DISYRE: diffusion-inspired synthetic restoration"
@@ -257,7 +266,7 @@ class DISYRE(Method):
         """
         schedule = CorruptionSchedule(model.schedule)
         donors = x.roll(1, dims=0) if x.shape[0] > 1 else None
-        c = corrupt(x, mask, rng, schedule, donors=donors)
+        c = corrupt(x, mask, rng, schedule, donors=donors, upper=intensity_top(model))
         lo, hi = model.intensity_range
         x_c = c.image * (hi - lo) + lo
         target = x * (hi - lo) + lo
