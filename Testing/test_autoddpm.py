@@ -344,3 +344,27 @@ def test_calibrations_of_another_preprocessing_profile_are_stale():
     assert not stale(cfg, rec) and lookup_threshold(cfg, "thor", "fast", "ssim-fallback", 0.01)[0] == 0.3
     assert other_preprocessing({"registration": "sideways"}, cfg)  # unreadable record: not trusted
     assert not other_preprocessing(None, cfg)
+
+
+def test_one_rule_says_a_measurement_is_another_models():
+    """uad.calibration.other_model is the rule for calibration records (fields sha256 / normalisation /
+    preprocessing) and for benchmark rows and preset cells (the same fields prefixed model_): the first
+    fingerprint that differs is named; missing fields pass; hex digests compare without regard to case."""
+    from uad.calibration import normalisation_of, other_model, preprocessing_of, stale
+    from uad.heldout_table import current_weights
+
+    cfg = {"id": "m", "sha256": "ABCD", "normalisation": {"clip_max": 2.0},
+           "preprocessing": {"registration": "mni152", "spacing_mm": 2}}
+    same = {"sha256": "abcd", "normalisation": normalisation_of(cfg), "preprocessing": preprocessing_of(cfg)}
+    assert other_model(same, cfg) is None and other_model({}, cfg) is None and not stale(cfg, same)
+    for field, value, why in [("sha256", "ef01", "other weights"),
+                              ("normalisation", normalisation_of({}), "other intensity normalisation"),
+                              ("preprocessing", preprocessing_of({}), "other preprocessing profile")]:
+        rec = dict(same, **{field: value})
+        assert other_model(rec, cfg) == why and stale(cfg, rec)
+        row = {"model": "m", "method": "thor", "preset": "fast", **{"model_" + k: v for k, v in rec.items()}}
+        assert other_model(row, cfg, "model_") == why and other_model(rec, cfg, "model_") is None
+        kept, dropped = current_weights({"results": [row]}, [cfg])
+        assert kept["results"] == [] and dropped == [("m", 1, "thor", "fast")]
+    row = {"model": "m", **{"model_" + k: v for k, v in same.items()}}
+    assert current_weights({"results": [row]}, [cfg])[0]["results"] == [row]

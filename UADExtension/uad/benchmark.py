@@ -59,8 +59,8 @@ import SimpleITK as sitk
 import torch
 
 from . import UADError
-from .calibration import (normalisation_of, other_definition, other_normalisation, other_preprocessing,
-                          preprocessing_of, preset_values)
+from .calibration import (normalisation_of, other_definition, other_model, other_weights, preprocessing_of,
+                          preset_values)
 # reduced precision lives in uad.precision (shared with uad detect); re-exported here
 from .precision import (PRECISION_CHOICES, PRECISIONS, AutocastNetwork, autocast, autocast_model,  # noqa: F401
                         copy_model, normalise_precision, with_precision)
@@ -1215,7 +1215,6 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
     ``reuse_only``: only the cells of the earlier report (re-summarised with this code's default presets); the
     others are left out and the report says it is partial."""
     from .heldout import load_heldout
-    from .heldout_table import other_weights
     from .pipeline import method_class, resolve_device
 
     if heldout_dir is None or not (Path(heldout_dir) / "heldout.json").is_file():
@@ -1245,12 +1244,9 @@ def compare_presets(outdir, methods=("thor", "anoddpm", "autoddpm", "wolleb"), c
         """Why an earlier cell cannot stand for ``entry`` / ``preset`` today (other weights, intensity
         normalisation, preprocessing profile or preset definition; cells from before a field was recorded pass
         that check), else None."""
-        if other_weights(c.get("model_sha256"), entry.data.get("sha256")):
-            return "other weights"
-        if other_normalisation(c.get("model_normalisation"), entry.data):
-            return "other intensity normalisation"
-        if other_preprocessing(c.get("model_preprocessing"), entry.data):
-            return "other preprocessing profile"
+        why = other_model(c, entry.data, "model_")
+        if why:
+            return why
         if other_definition(c, method, preset, params):
             return "other preset definition"
         return None
@@ -1495,7 +1491,7 @@ def update_preset_cards(report: dict, models_dir, readme=None) -> list[tuple[str
     """Write the preset section into the card of every model of ``models_dir/manifest.json`` that serves a
     compared method (measured or not: an unmeasured one says so) and, with ``readme``, the README's marked
     section (which must exist).  Every file is checked before any is written; atomic, idempotent."""
-    from .heldout_table import _marker_lines, _write_atomic, card_path, manifest_entries, other_weights
+    from .heldout_table import _marker_lines, _write_atomic, card_path, manifest_entries
 
     entries = manifest_entries(models_dir)
     methods = set(report.get("methods") or [r["method"] for r in report["summary"]])

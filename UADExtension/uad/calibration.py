@@ -149,17 +149,35 @@ def other_preprocessing(recorded: dict | None, config: dict | None) -> bool:
     return _recorded_otherwise(recorded, config, preprocessing_of, "preprocessing")
 
 
+def other_weights(recorded, shipped) -> bool:
+    """A measurement recorded with weights (sha256 ``recorded``) other than those a model ships now (``shipped``);
+    False when either is unknown (records from before they recorded their weights).  Hex digests: compared
+    without regard to case."""
+    return bool(recorded and shipped and str(recorded).lower() != str(shipped).lower())
+
+
+def other_model(record: dict, config: dict, prefix: str = "") -> str | None:
+    """Why ``record`` (a calibration record, a benchmark result row, a preset-comparison cell) measured another
+    model than the manifest entry ``config`` describes today: "other weights", "other intensity normalisation"
+    or "other preprocessing profile"; None when it measured this one.  A field the record does not have (records
+    from before it was recorded) passes its check.  ``prefix``: the record's field names are ``prefix +``
+    ``sha256`` / ``normalisation`` / ``preprocessing`` ("" for calibration records, "model_" for rows and cells).
+    The one place that says what makes a measurement another model's: a new fingerprint is added here."""
+    if other_weights(record.get(prefix + "sha256"), config.get("sha256")):
+        return "other weights"
+    if other_normalisation(record.get(prefix + "normalisation"), config):
+        return "other intensity normalisation"
+    if other_preprocessing(record.get(prefix + "preprocessing"), config):
+        return "other preprocessing profile"
+    return None
+
+
 def stale(config: dict, record: dict, method: str | None = None, preset: str | None = None) -> bool:
     """True when the record was measured on weights other than the entry's (both sha256 known), under
     another intensity normalisation or preprocessing profile than the entry's (where the record says which), by
     an older version of ``method`` than this one (records without a version count as version 1), or under
     another definition of ``preset``."""
-    a, b = record.get("sha256"), config.get("sha256")
-    if a and b and str(a).lower() != str(b).lower():
-        return True
-    if other_normalisation(record.get("normalisation"), config):
-        return True
-    if other_preprocessing(record.get("preprocessing"), config):
+    if other_model(record, config):
         return True
     if method is not None and int(record.get("method_version") or 1) < method_version(method):
         return True
@@ -576,7 +594,8 @@ def warn(message: str) -> None:
 
 
 __all__ = ["FPR_GRID", "DEFAULT_FPR", "TAU_FPR", "NO_BACKEND", "fpr_key", "calibration_record", "stale", "available",
-           "normalisation_of", "other_normalisation", "preprocessing_of", "other_preprocessing",
+           "normalisation_of", "other_normalisation", "preprocessing_of", "other_preprocessing", "other_weights",
+           "other_model",
            "legacy_threshold", "lookup_threshold", "lookup_tau", "store",
            "thresholds_at", "healthy_volumes", "calibrate",
            "AXIAL_SEED", "ACQUIRED_SEED", "GEOMETRIES", "acquired_specs", "acquired_healthy_volumes",

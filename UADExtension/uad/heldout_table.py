@@ -24,6 +24,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .calibration import other_model, other_weights  # noqa: F401 - other_weights re-exported
+
 BEGIN = "<!-- heldout-table:begin -->"
 END = "<!-- heldout-table:end -->"
 LESIONS = ("tumour", "stroke", "ms")
@@ -71,10 +73,6 @@ def card_path(models_dir, entry: dict) -> Path | None:
     return path if Path(models_dir).resolve() in path.parents and path.is_file() else None
 
 
-def other_weights(recorded, shipped) -> bool:
-    """A measurement recorded with weights (sha256 ``recorded``) other than those a model ships now (``shipped``);
-    False when either is unknown (reports from before rows recorded their weights)."""
-    return bool(recorded and shipped and recorded != shipped)
 
 
 def current_weights(report, entries) -> tuple:
@@ -89,8 +87,6 @@ def current_weights(report, entries) -> tuple:
     (older reports) and rows of models not in ``entries`` are kept.  Returns
     ``(report or list of reports, [(model id, run index, method, preset), ...] left out)``; the input is not
     changed."""
-    from .calibration import other_normalisation, other_preprocessing
-
     by_id = {e.get("id"): e for e in entries}
     single = not isinstance(report, (list, tuple))
     out, dropped = [], []
@@ -98,9 +94,7 @@ def current_weights(report, entries) -> tuple:
         keep = []
         for r in rep.get("results") or []:
             e = by_id.get(r.get("model"))
-            if e is not None and (other_weights(r.get("model_sha256"), e.get("sha256"))
-                                  or other_normalisation(r.get("model_normalisation"), e)
-                                  or other_preprocessing(r.get("model_preprocessing"), e)):
+            if e is not None and other_model(r, e, "model_"):
                 dropped.append((r.get("model"), i, r.get("method"), r.get("preset")))
                 continue
             keep.append(r)
