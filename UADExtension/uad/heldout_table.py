@@ -24,7 +24,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .calibration import other_model, other_weights  # noqa: F401 - other_weights re-exported
+from .calibration import other_model
 
 BEGIN = "<!-- heldout-table:begin -->"
 END = "<!-- heldout-table:end -->"
@@ -71,8 +71,6 @@ def card_path(models_dir, entry: dict) -> Path | None:
         return None
     path = (Path(models_dir) / card).resolve()
     return path if Path(models_dir).resolve() in path.parents and path.is_file() else None
-
-
 
 
 def current_weights(report, entries) -> tuple:
