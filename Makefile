@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= uad-output
+# test workers (pytest-xdist): one per core; each keeps torch on one thread (Testing/conftest.py)
+TEST_WORKERS ?= auto
 
 .PHONY: demo test env clean
 
@@ -20,7 +22,7 @@ demo: env
 	$(VENV)/bin/uad detect --sample --method disyre -o $(OUT)
 
 test: env
-	$(PY) -m pytest -q Testing
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile Testing
 
 clean:
 	rm -rf $(OUT) .pytest_cache
