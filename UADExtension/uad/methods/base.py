@@ -187,6 +187,9 @@ class Method:
         return x01 * (hi - lo) + lo
 
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Network space -> [0, 1], also for models whose slices span [0, clip_max > 1] (FLAIR): a pseudo-healthy
+        restoration tops out at the brain's upper normalisation percentile (1); measured for DISYRE FLAIR in
+        Testing/test_disyre.py::test_restoration_tops_out_at_the_upper_percentile."""
         lo, hi = self.model.intensity_range
         return ((x - lo) / (hi - lo)).clamp(0, 1)
 
