@@ -533,3 +533,40 @@ def test_paired_healthy_twins_remove_the_slice_position_shortcut():
         assert diff[near].mean() > 3 * diff[~near & e0.masks[i]].mean()
     assert (e.labels == 0).sum() >= (e.labels == 1).sum() * 2  # >= one healthy slice per lesion slice, and more
     assert "healthy twin" in paired.describe()
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_healthy_counterpart_is_the_ideal_restoration(head):
+    """return_healthy: the same head without its lesion and without noise.  The other outputs are unchanged; the
+    counterpart differs from the image by noise alone away from the lesion and by the lesion inside it; its
+    residual |image - healthy| (an ideal restorer's) finds the FLAIR tumour better than intensity alone; and
+    resample_phantom acquires it like the image."""
+    from uad.metrics import average_precision
+    from uad.phantoms import resample_phantom
+
+    plain = make_phantom(21, "FLAIR", "tumour", spacing=3.0, head=head)
+    p = make_phantom(21, "FLAIR", "tumour", spacing=3.0, head=head, return_healthy=True)
+    assert plain.healthy is None and same_grid(p.healthy, p.image)
+    for name in ("image", "brain_mask", "lesion_mask"):
+        assert np.array_equal(arr(getattr(p, name)), arr(getattr(plain, name)))
+    img, hl = arr(p.image).astype(np.float64), arr(p.healthy).astype(np.float64)
+    b, les = arr(p.brain_mask) > 0, arr(p.lesion_mask) > 0
+    sigma = p.meta["noise_sigma"]
+    far = b & ~ndimage.binary_dilation(les, iterations=4)
+    # away from the lesion: Rician noise of the given sigma on a bright signal (|diff| median ~0.67 sigma)
+    assert 0.4 * sigma < np.median(np.abs(img - hl)[far]) < 1.0 * sigma
+    assert np.all(hl >= 0) and (hl[b] > 0).all()
+    # inside: the FLAIR lesion is many noise levels above the tissue it replaced
+    assert np.median((img - hl)[les]) > 8 * sigma
+    if head:
+        h = arr(p.head_mask) > 0
+        assert np.median(np.abs(img - hl)[h & ~b]) < 1.0 * sigma  # the same head around the brain
+    r = np.abs(img - hl)
+    assert average_precision(r[b], les[b]) > average_precision(img[b], les[b])
+    lesion_free = make_phantom(21, "FLAIR", "none", spacing=3.0, head=head, return_healthy=True)
+    assert np.median(np.abs(arr(lesion_free.image) - arr(lesion_free.healthy))[b]) < 1.0 * sigma
+    q = resample_phantom(p, spacing=(3.0, 3.0, 5.0), rotation_deg=(10.0, 0.0, 0.0))
+    assert same_grid(q.healthy, q.image)
+    ql, qb = arr(q.lesion_mask) > 0, arr(q.brain_mask) > 0
+    assert np.median((arr(q.image) - arr(q.healthy))[ql]) > 8 * sigma
+    assert np.median(np.abs(arr(q.image) - arr(q.healthy))[qb & ~ndimage.binary_dilation(ql, iterations=3)]) < sigma

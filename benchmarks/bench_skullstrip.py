@@ -13,7 +13,9 @@ N4, skull stripping; ``--method`` (default ``disyre``) with the bundled model of
 each contrast in ``--contrasts``, preset ``--preset`` (default ``fast``)) on head
 phantoms with a tumour (``--base-mm`` grid, default 2 mm) in each acquisition:
 AP over the whole head, the intensity floor (AP of the image intensity within
-the true brain mask), the fraction of non-brain head voxels flagged, the
+the true brain mask), the ideal restorer's AP over the whole head (the residual |image - the same head without
+its lesion and noise|, ``make_phantom(return_healthy=True)``: what a perfect pseudo-healthy restoration would
+score; a restoration-based method cannot expect more), the fraction of non-brain head voxels flagged, the
 brain-mask Dice, and the agreement in physical space with the phantom as generated
 (acquisition ``axial``, run first): the correlation of the anomaly maps within the
 true brain after resampling the acquisition's map onto the axial grid (linear).  A contrast without a bundled model for the method gets one
@@ -128,7 +130,8 @@ def detect_part(a) -> int:
     from uad.pipeline import detect
 
     base_mm = a.base_mm or 2.0
-    cols = ["seed", "contrast", "acquisition", "model", "ap_head", "intensity_floor", "non_brain_flagged",
+    cols = ["seed", "contrast", "acquisition", "model", "ap_head", "intensity_floor", "ideal_restorer_ap",
+            "non_brain_flagged",
             "brain_dice", "map_corr_vs_axial", "seconds", "status"]
     print(",".join(cols))
     rows = []
@@ -140,10 +143,10 @@ def detect_part(a) -> int:
     for c in [x.strip() for x in a.contrasts.split(",") if x.strip()]:
         model = model_for(a.method, c)
         if model is None:
-            emit(["", c, "", "", "", "", "", "", "", "", f"missing: no bundled {a.method} model for {c}"])
+            emit(["", c, "", "", "", "", "", "", "", "", "", f"missing: no bundled {a.method} model for {c}"])
             continue
         for seed in range(a.seeds):
-            base = make_phantom(200 + seed, c, "tumour", spacing=base_mm, head=True)
+            base = make_phantom(200 + seed, c, "tumour", spacing=base_mm, head=True, return_healthy=True)
             axial_map = None  # the anomaly map of the phantom as generated (the first row)
             for acq in ["axial"] + [x for x in a.acq.split(",") if x and x != "axial"]:
                 if acq == "axial":
@@ -160,7 +163,7 @@ def detect_part(a) -> int:
                     kw = {"preprocessing": prep} if prep else {}
                     r = detect(ph.image, method=a.method, model=model, device="cpu", preset=a.preset, contrast=c, **kw)
                 except Exception as e:  # noqa: BLE001 - reported as a row, the other cases go on
-                    emit([seed, c, acq, model, "", "", "", "", "", round(time.perf_counter() - t0, 1),
+                    emit([seed, c, acq, model, "", "", "", "", "", "", round(time.perf_counter() - t0, 1),
                           "error: " + " ".join(str(e).split())[:160].replace(",", ";")])
                     continue
                 sec = time.perf_counter() - t0
@@ -174,8 +177,13 @@ def detect_part(a) -> int:
                     axial_map, corr = an, "1.0000"
                 elif axial_map is not None:
                     corr = f"{map_agreement(r.anomaly, ph.brain_mask, base.image, base.brain_mask, axial_map):.4f}"
+                healthy = getattr(ph, "healthy", None)
+                ideal = ""
+                if healthy is not None:
+                    res = np.abs(img.astype(np.float64) - sitk.GetArrayFromImage(healthy))
+                    ideal = f"{average_precision(res[h], les[h]):.4f}"
                 emit([seed, c, acq, model, f"{average_precision(an[h], les[h]):.4f}",
-                      f"{average_precision(img[b], les[b]):.4f}", f"{m[h & ~b].mean():.4f}",
+                      f"{average_precision(img[b], les[b]):.4f}", ideal, f"{m[h & ~b].mean():.4f}",
                       f"{dice(bm, b):.4f}", corr, f"{sec:.1f}", "ok"])
     if a.csv:
         with open(a.csv, "w", newline="") as f:

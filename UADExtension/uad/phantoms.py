@@ -327,6 +327,9 @@ class Phantom:
     meta: dict = field(default_factory=dict)
     tissues: dict | None = None  # with return_tissues=True: "gm", "wm", "csf" probability images (float32)
     head_mask: sitk.Image | None = None  # with head=True: uint8, 1 = head (brain included)
+    # with return_healthy=True: the same subject without its lesion (same anatomy, mass effect, bias field, head),
+    # noise-free (float32): the ideal pseudo-healthy restoration
+    healthy: sitk.Image | None = None
 
     @property
     def lesion_voxels(self) -> int:
@@ -597,7 +600,7 @@ def _image(arr: np.ndarray, size, spacing, origin, direction) -> sitk.Image:
 
 
 def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing: float | None = None,
-                 return_tissues: bool = False, head: bool = False) -> Phantom:
+                 return_tissues: bool = False, head: bool = False, return_healthy: bool = False) -> Phantom:
     """One phantom (see the module docstring).
 
     ``seed``: non-negative integer; the same seed and arguments give identical arrays.
@@ -610,6 +613,9 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
     smooth random field), two orbits (vitreous and orbital fat), under the same bias field,
     with Rician noise over the whole field of view (a noisy background).  The brain, its
     mask and the lesion are those of ``head=False``; ``Phantom.head_mask`` is the head.
+    ``return_healthy``: also return ``Phantom.healthy``, the same image without the lesion and without
+    noise (the anatomy as the lesion's mass effect displaced it): what an ideal restoration would give.
+    The other outputs are unchanged by it.
     """
     import torch
 
@@ -717,6 +723,7 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
 
     lesion_any = None
     lsub = None
+    vol_healthy = vol.copy() if return_healthy else None
     if les_ch is not None:
         from scipy import ndimage
 
@@ -758,6 +765,8 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
             vol[lsub] = v
 
     vol *= bias_d * scale_int
+    if vol_healthy is not None:
+        vol_healthy *= bias_d * scale_int
     ref = scale_int * levels["gm"] if contrast != "FLAIR" else scale_int * levels["wm"]
     sigma_n = noise_frac * ref
     K, J, I = int(size[2]), int(size[1]), int(size[0])
@@ -770,6 +779,10 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
         full, hmask, head_info = _head(rng_head, t, contrast, levels["csf"], bmask > 0, size, sp, origin,
                                        M, shift, bias_coef)
         full *= scale_int
+        if vol_healthy is not None:
+            full_healthy = full.copy()
+            full_healthy[k0:k1, j0:j1, i0:i1] = np.where(brain, vol_healthy, full[k0:k1, j0:j1, i0:i1])
+            vol_healthy = full_healthy
         full[k0:k1, j0:j1, i0:i1] = np.where(brain, vol, full[k0:k1, j0:j1, i0:i1])
         vol, box_sl = full, (slice(None),) * 3
         del full
@@ -784,6 +797,8 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
     del n1, n2
     if not head:
         vol[~brain] = 0.0
+        if vol_healthy is not None:
+            vol_healthy[~brain] = 0.0
 
     img = np.zeros((K, J, I), np.float32)
     img[box_sl] = vol
@@ -823,6 +838,10 @@ def make_phantom(seed: int, contrast: str = "T2", lesion: str = "none", spacing:
                  lesion_mask=_image(lmask, size, sp, origin, direction), meta=meta, tissues=tissues)
     if head:
         ph.head_mask = _image(hmask.astype(np.uint8), size, sp, origin, direction)
+    if vol_healthy is not None:
+        healthy = np.zeros((K, J, I), np.float32)
+        healthy[box_sl] = vol_healthy
+        ph.healthy = _image(healthy, size, sp, origin, direction)
     return ph
 
 
@@ -942,10 +961,16 @@ def resample_phantom(ph: Phantom, spacing=(1.0, 1.0, 1.0), rotation_deg=(0.0, 0.
     sig_new = np.sqrt(np.maximum(sp ** 2 - sp0.min() ** 2, 0.0)) / 2.3548
     overlap = np.abs(d0.T @ d)  # (old axis, new axis)
     sig_old = (overlap * sig_new[None, :]).max(1)
-    src = sitk.Cast(img, sitk.sitkFloat32)
-    if sig_old.max() > 0:
-        src = sitk.SmoothingRecursiveGaussian(src, [float(max(s, 1e-3)) for s in sig_old])
-    out_img = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+    def acquire(im):
+        if im is None:
+            return None
+        src = sitk.Cast(im, sitk.sitkFloat32)
+        if sig_old.max() > 0:
+            src = sitk.SmoothingRecursiveGaussian(src, [float(max(s, 1e-3)) for s in sig_old])
+        return sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+    out_img = acquire(img)
 
     def mask(m):
         if m is None:
@@ -958,6 +983,7 @@ def resample_phantom(ph: Phantom, spacing=(1.0, 1.0, 1.0), rotation_deg=(0.0, 0.
                                     "flip": [bool(f) for f in flip]})
     out = Phantom(image=out_img, brain_mask=mask(ph.brain_mask), lesion_mask=mask(ph.lesion_mask), meta=meta)
     out.head_mask = mask(ph.head_mask)
+    out.healthy = acquire(ph.healthy)  # acquired the same way (None if the phantom has none)
     return out
 
 
