@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= uad-output
-# test workers (pytest-xdist): one per core; each keeps torch on one thread (Testing/conftest.py)
-TEST_WORKERS ?= auto
+# TEST_WORKERS=N (or auto): run the suite on N pytest-xdist workers, whole test files each (torch on one thread
+# in each, Testing/conftest.py); unset: one process (on the 2-vCPU CI machine two workers were not faster)
+TEST_WORKERS ?=
 
 .PHONY: demo test env clean
 
@@ -22,7 +23,7 @@ demo: env
 	$(VENV)/bin/uad detect --sample --method disyre -o $(OUT)
 
 test: env
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile Testing
+	$(PY) -m pytest -q $(if $(TEST_WORKERS),-n $(TEST_WORKERS) --dist loadfile,) Testing
 
 clean:
 	rm -rf $(OUT) .pytest_cache
