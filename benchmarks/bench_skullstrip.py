@@ -177,11 +177,8 @@ def detect_part(a) -> int:
                     axial_map, corr = an, "1.0000"
                 elif axial_map is not None:
                     corr = f"{map_agreement(r.anomaly, ph.brain_mask, base.image, base.brain_mask, axial_map):.4f}"
-                healthy = getattr(ph, "healthy", None)
-                ideal = ""
-                if healthy is not None:
-                    res = np.abs(img.astype(np.float64) - sitk.GetArrayFromImage(healthy))
-                    ideal = f"{average_precision(res[h], les[h]):.4f}"
+                res = np.abs(img.astype(np.float64) - sitk.GetArrayFromImage(ph.healthy))  # the ideal restorer's
+                ideal = f"{average_precision(res[h], les[h]):.4f}"
                 emit([seed, c, acq, model, f"{average_precision(an[h], les[h]):.4f}",
                       f"{average_precision(img[b], les[b]):.4f}", ideal, f"{m[h & ~b].mean():.4f}",
                       f"{dice(bm, b):.4f}", corr, f"{sec:.1f}", "ok"])
