@@ -36,10 +36,14 @@ def cohort(tmp_path_factory) -> Path:
     return folder
 
 
+#: what torchrun sets for its processes; a run outside torchrun must not inherit them
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "UAD_DIST_BACKEND")
+
+
 def _env(tmp_path: Path, **extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", UAD_CACHE_DIR=str(tmp_path / "cache"),
                UAD_MODELS_DIR=str(tmp_path / "no-models"))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "UAD_DIST_BACKEND"):
+    for k in DIST_VARS:
         env.pop(k, None)
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on the loopback interface
@@ -92,7 +96,7 @@ def test_torchrun_two_processes_on_cpu(cohort, tmp_path, monkeypatch):
     for k, v in _env(tmp_path).items():
         if k.startswith("UAD_"):
             monkeypatch.setenv(k, v)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "UAD_DIST_BACKEND"):
+    for k in DIST_VARS:
         monkeypatch.delenv(k, raising=False)
     assert main(["train", "--method", "anoddpm", "-o", str(run), "--resume", "--steps", "3", "--no-progress",
                  "--device", "cpu"]) == 0
