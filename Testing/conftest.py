@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -91,6 +92,38 @@ def load_script(relpath: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+#: what torchrun sets for its processes; a run outside torchrun must not inherit them
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "UAD_DIST_BACKEND")
+
+
+def subprocess_env(tmp_path: Path, **extra) -> dict:
+    """The environment of a ``uad`` subprocess (plain or under torchrun): one thread, an empty cache and
+    model folder in ``tmp_path``, none of torchrun's variables inherited, Gloo on the loopback interface;
+    ``extra`` (e.g. ``UAD_MODELS_DIR``) overrides."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", UAD_CACHE_DIR=str(tmp_path / "cache"),
+               UAD_MODELS_DIR=str(tmp_path / "no-models"))
+    for k in DIST_VARS:
+        env.pop(k, None)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on the loopback interface
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@contextlib.contextmanager
+def coarse_registration(**affine):
+    """``uad.registration.AFFINE_DEFAULTS`` with ``affine`` (e.g. ``iterations=(40, 20)``) in place of the
+    production settings while the block runs: for tests of the chain's steps and geometry, not of the
+    registration's accuracy (``Testing/test_chain.py`` and ``benchmarks/bench_skullstrip.py`` measure that)."""
+    from uad import registration
+
+    unknown = set(affine) - set(registration.AFFINE_DEFAULTS)
+    assert not unknown, f"not a registration setting: {sorted(unknown)}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registration, "AFFINE_DEFAULTS", dict(registration.AFFINE_DEFAULTS, **affine))
+        yield
 
 
 def one_error_line(capsys, rc) -> str:

@@ -9,6 +9,7 @@ import SimpleITK as sitk
 
 import uad
 import uad.pipeline
+from conftest import coarse_registration
 from uad.postprocess import to_volumes
 from uad.preprocess import (DEFAULT_PROFILE, BiasCorrection, detect_skull_stripped, n4_bias_field, preprocess,
                             profile_settings)
@@ -193,12 +194,17 @@ def test_registration_round_trip_onto_the_input_grid():
     assert 2 * (got & les).sum() / (got.sum() + les.sum()) > 0.6
 
 
-def test_skull_stripped_and_bias_overrides(tiny_model, fast_params, make_volume, tmp_path, capsys, monkeypatch):
-    from uad import registration
+@pytest.fixture
+def _coarse_registration():
+    # the steps the overrides select are tested here, not the registration's accuracy: coarse levels
+    with coarse_registration(**FAST_REG):
+        yield
+
+
+def test_skull_stripped_and_bias_overrides(tiny_model, fast_params, make_volume, tmp_path, capsys,
+                                           _coarse_registration):
     from uad.cli import main
 
-    # the steps the overrides select are tested here, not the registration's accuracy: coarse levels
-    monkeypatch.setattr(registration, "AFFINE_DEFAULTS", dict(registration.AFFINE_DEFAULTS, **FAST_REG))
     img, _, brain = make_volume()
     r = uad.pipeline.detect(img, model=tiny_model, device="cpu", params=fast_params, skull_stripped=False,
                             brain_mask=brain)

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 import uad.pipeline
+from conftest import subprocess_env
 from uad import UADError
 from uad.cli import EXIT_PARTIAL, main
 from uad.cohort import SUMMARY_COLUMNS, expand_inputs, split_cases
@@ -83,12 +84,7 @@ def test_folder_of_5_phantoms_one_corrupt(tiny_zoo, phantom_folder, tmp_path, ca
 @pytest.mark.slow
 def test_torchrun_splits_cases_rank0_writes_summary(tiny_zoo_dir, phantom_folder, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", UAD_CACHE_DIR=str(tmp_path / "cache"),
-               UAD_MODELS_DIR=str(tiny_zoo_dir))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "UAD_DIST_BACKEND"):
-        env.pop(k, None)
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env = subprocess_env(tmp_path, UAD_MODELS_DIR=tiny_zoo_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "uad.cli",
            "detect", str(phantom_folder), "-o", str(out), "--device", "cpu", "--no-progress", "--model",
            "tiny-test", *FAST]

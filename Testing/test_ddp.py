@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DIST_VARS, subprocess_env
 from uad import UADError
 from uad.networks import tiny_unet_config
 from uad.training import (RANK_SEED_STRIDE, TrainConfig, VolumeFolderSource, distributed_env, make_source,
@@ -36,21 +36,6 @@ def cohort(tmp_path_factory) -> Path:
     return folder
 
 
-#: what torchrun sets for its processes; a run outside torchrun must not inherit them
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "UAD_DIST_BACKEND")
-
-
-def _env(tmp_path: Path, **extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", UAD_CACHE_DIR=str(tmp_path / "cache"),
-               UAD_MODELS_DIR=str(tmp_path / "no-models"))
-    for k in DIST_VARS:
-        env.pop(k, None)
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on the loopback interface
-    env.update(extra)
-    return env
-
-
 def _config(tmp_path: Path) -> Path:
     p = tmp_path / "tiny.json"
     p.write_text(json.dumps({"image_size": 32, "batch_size": 3, "val_every": 2, "val_batches": 1,
@@ -65,7 +50,7 @@ def test_torchrun_two_processes_on_cpu(cohort, tmp_path, monkeypatch):
            "train", "--method", "anoddpm", "--data", str(cohort), "-o", str(run), "--config",
            str(_config(tmp_path)), "--steps", "2", "--device", "cpu"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                       env=_env(tmp_path, UAD_DDP_DEBUG_DIR=str(debug)))
+                       env=subprocess_env(tmp_path, UAD_DDP_DEBUG_DIR=str(debug)))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # only rank 0 talks and writes
     assert p.stdout.count("run directory:") == 1
@@ -93,7 +78,7 @@ def test_torchrun_two_processes_on_cpu(cohort, tmp_path, monkeypatch):
     # the checkpoint resumes in a single process (world size 1, this one), continuing the step count
     from uad.cli import main
 
-    for k, v in _env(tmp_path).items():
+    for k, v in subprocess_env(tmp_path).items():
         if k.startswith("UAD_"):
             monkeypatch.setenv(k, v)
     for k in DIST_VARS:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from uad import registration, skullstrip
+from conftest import coarse_registration
+from uad import skullstrip
 from uad.metrics import average_precision
 from uad.phantoms import make_phantom, resample_phantom
 from uad.pipeline import detect
@@ -15,7 +16,7 @@ from uad.pipeline import detect
 MODEL = "disyre-t2-phantom"
 FAST_STRIP = dict(skullstrip.REGISTRATION_MASK_OPTIONS, voxel_mm=3.0, affine_iterations=(30, 15),
                   bspline_iterations=5)
-FAST_AFFINE = dict(registration.AFFINE_DEFAULTS, iterations=(30, 15), shrink=(2, 1), smoothing_mm=(4.0, 2.0))
+FAST_AFFINE = {"iterations": (30, 15)}  # two levels, as production, with fewer iterations
 
 
 def _a(img):
@@ -28,9 +29,8 @@ def _dice(a, b):
 
 @pytest.fixture(scope="module")
 def fast_registration():
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, coarse_registration(**FAST_AFFINE):
         mp.setattr(skullstrip, "REGISTRATION_MASK_OPTIONS", FAST_STRIP)
-        mp.setattr(registration, "AFFINE_DEFAULTS", FAST_AFFINE)
         yield
 
 

@@ -2,7 +2,7 @@
 
 A FLAIR head phantom (3 mm) as generated and as an oblique, flipped acquisition with 4 mm slices,
 through the whole automatic chain (skull-stripped detector, deepbet, registration, N4, bundled DISYRE
-FLAIR model), registration with the coarse iteration counts of Testing/test_reference_e2e.py (40 and 20 per
+FLAIR model), registration with coarse iteration counts (conftest's ``coarse_registration``: 40 and 20 per
 level; the production defaults' accuracy is tested in Testing/test_chain.py and benchmarks/bench_skullstrip.py).
 Measured with them: whole-head AP 0.983 / 0.977 (floor 0.21), map correlation 0.993, as with the production counts.
 FLAIR lesions are brighter than any healthy tissue, above the brain's 99th percentile that the
@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from uad import registration
+from conftest import coarse_registration
 from uad.metrics import average_precision
 from uad.phantoms import make_phantom, resample_phantom
 from uad.pipeline import detect
 from uad.zoo import find_model
 
 MODEL = "disyre-flair-phantom"
-COARSE_AFFINE = dict(registration.AFFINE_DEFAULTS, iterations=(40, 20))
 
 
 def _a(img):
@@ -38,8 +37,7 @@ def flair_heads():
     base = make_phantom(200, "FLAIR", "tumour", spacing=3.0, head=True)
     oblique = resample_phantom(base, spacing=(3.0, 3.0, 4.0), rotation_deg=(15.0, 0.0, 10.0),
                                flip=(True, False, True))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(registration, "AFFINE_DEFAULTS", COARSE_AFFINE)
+    with coarse_registration(iterations=(40, 20)):
         runs = [(ph, detect(ph.image, method="disyre", model=MODEL, device="cpu", preset="fast", contrast="FLAIR"))
                 for ph in (base, oblique)]
     return base, runs

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import uad.zoo as zoo
 from uad.cli import main
 
+from conftest import coarse_registration
 from test_reference import _reference_unet, _save_checkpoint
 
 
@@ -31,15 +32,11 @@ def imported(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def coarse_registration(monkeypatch):
-    """Two coarse affine levels (4 and 2 mm) instead of the production three down to 1 mm: the
-    profile's steps and the way back onto the input grid are what is tested here, not the
-    registration's accuracy (Testing/test_chain.py and benchmarks/bench_skullstrip.py)."""
-    import uad.registration as registration
-
-    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "iterations", (40, 20))
-    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "shrink", (2, 1))
-    monkeypatch.setitem(registration.AFFINE_DEFAULTS, "smoothing_mm", (4.0, 2.0))
+def _coarse_registration():
+    """Fewer affine iterations (40 / 20 instead of 200 / 100): the profile's steps and the way back onto the
+    input grid are what is tested here, not the registration's accuracy."""
+    with coarse_registration(iterations=(40, 20)):
+        yield
 
 
 @pytest.fixture

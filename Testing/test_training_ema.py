@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import subprocess_env
 from uad import UADError
 from uad.networks import tiny_unet_config
 from uad.training import (EMA, TRAIN_STATE, TrainConfig, curve_sample, load_train_state, model_config_for,
@@ -443,12 +444,7 @@ def test_ema_run_resumes_under_torchrun(tmp_path):
     run, debug = tmp_path / "run", tmp_path / "debug"
     train(_cfg(steps=2, ema_decay=0.5), run, device="cpu", progress=False, log=None)
     ema2 = load_weights(run / "model.safetensors")
-    env = dict(os.environ, OMP_NUM_THREADS="1", UAD_DDP_DEBUG_DIR=str(debug), UAD_CACHE_DIR=str(tmp_path / "c"),
-               UAD_MODELS_DIR=str(tmp_path / "no-models"))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env = subprocess_env(tmp_path, UAD_DDP_DEBUG_DIR=debug)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "uad.cli",
            "train", "--method", "anoddpm", "-o", str(run), "--resume", "--steps", "3", "--device", "cpu",
            "--no-progress"]
