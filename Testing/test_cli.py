@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 import uad.pipeline
+from conftest import subprocess_env
 from uad.cli import main, parse_value
 
 FAST = ["--param", "level=20", "--param", "steps=3", "--param", "sampler=ddim"]
@@ -290,8 +290,7 @@ def test_models_import(tiny_zoo_dir, tmp_path, monkeypatch, capsys):
 
 def test_console_entry_point_bad_input_no_traceback(tmp_path):
     (tmp_path / "x.nii.gz").write_text("not an image")
-    env = dict(os.environ, OMP_NUM_THREADS="1", UAD_MODELS_DIR=str(tmp_path / "none"),
-               UAD_CACHE_DIR=str(tmp_path / "cache"))
+    env = subprocess_env(tmp_path)
     p = subprocess.run([sys.executable, "-m", "uad.cli", "detect", str(tmp_path / "x.nii.gz"), "-o",
                         str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 1

@@ -20,6 +20,7 @@ import pytest
 import SimpleITK as sitk
 
 import uad.pipeline
+from conftest import subprocess_env
 from uad import InputError, UADError
 from uad.cli import main
 from uad.imageio import (check_nifti_file, output_marker, plausibility_warnings, read_image, read_output_marker,
@@ -243,7 +244,7 @@ sys.exit(main(sys.argv[1:]))
 def test_sigterm_removes_temporary_files(tiny_zoo_dir, make_volume, tmp_path):
     inp = _write(make_volume()[0], tmp_path / "a.nii.gz")
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", UAD_MODELS_DIR=str(tiny_zoo_dir), UAD_CACHE_DIR=str(tmp_path / "c"))
+    env = subprocess_env(tmp_path, UAD_MODELS_DIR=tiny_zoo_dir)
     proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, "detect", str(inp), "-o", str(out),
                              "--model", "tiny-test", *RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
