@@ -567,3 +567,37 @@ def test_rows_of_another_normalisation_or_profile_leave_cards_and_manifest(field
     kept, dropped = current_weights([old, new], [entry])
     assert sorted(dropped) == [("ddpm-x", 1, "thor", "fast"), ("ddpm-x", 1, "thor", "paper")]
     assert kept[1]["results"] == new["results"]  # today's and unrecorded rows stay
+
+
+def test_committed_heldout_tables_are_what_the_committed_run_list_writes(tmp_path, monkeypatch):
+    """docs/benchmark/heldout-runs.txt lists, in order, the runs the README's held-out table, every model card's and
+    the manifest's evaluation.heldout are written from: `update_cards.py @docs/benchmark/heldout-runs.txt --models
+    models/ --readme README.md` on copies of them changes nothing (run numbers, rows and the models' records as
+    committed), and every listed run is in the repository."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    runs = [ln.strip() for ln in (repo / "docs/benchmark/heldout-runs.txt").read_text().splitlines() if ln.strip()]
+    assert len(runs) == len(set(runs)) and all((repo / r / "benchmark.json").is_file() for r in runs)
+    models = tmp_path / "models"
+    models.mkdir()
+    manifest = json.loads((repo / "models/manifest.json").read_text())
+    shutil.copy(repo / "models/manifest.json", models / "manifest.json")
+    cards = {}
+    for e in manifest["models"]:
+        if e.get("card"):
+            (models / e["card"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / "models" / e["card"], models / e["card"])
+            cards[e["card"]] = (repo / "models" / e["card"]).read_text()
+    shutil.copy(repo / "README.md", tmp_path / "README.md")
+    spec = importlib.util.spec_from_file_location("update_cards", repo / "scripts/update_cards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.chdir(repo)  # the list's paths are relative to the repository
+    assert mod.main(["@docs/benchmark/heldout-runs.txt", "--models", str(models),
+                     "--readme", str(tmp_path / "README.md")]) == 0
+    assert (tmp_path / "README.md").read_text() == (repo / "README.md").read_text()
+    assert len(cards) >= 10 and all((models / c).read_text() == text for c, text in cards.items())
+    assert json.loads((models / "manifest.json").read_text()) == manifest

@@ -2,6 +2,7 @@
 """Write the held-out table of a ``uad benchmark`` run into the model cards and the README.
 
     python scripts/update_cards.py BENCH_DIR [BENCH_DIR ...] [--models models/] [--readme README.md] [--print]
+    python scripts/update_cards.py @docs/benchmark/heldout-runs.txt --models models/ --readme README.md
 
 BENCH_DIR is a ``uad benchmark -o BENCH_DIR`` folder (its ``benchmark.json``).  Every model of
 ``--models``'s manifest that the run measured gets its card's section between
@@ -14,7 +15,10 @@ presets' AP per lesion type, the floor, the volume counts and the run), which ``
 pick the best method per contrast (``uad.selection``); ``--no-manifest`` leaves the manifest alone.
 Rows measured with other weights than a model ships now (their recorded ``model_sha256`` differs from the
 manifest's: the model was retrained and re-bundled) are left out of cards, README and manifest.
-``--print`` prints the README table.  See ``uad.heldout_table``.
+``--print`` prints the README table.  ``@FILE`` reads arguments from FILE, one per line:
+``docs/benchmark/heldout-runs.txt`` lists, in order, the runs the README's and the cards' tables are written
+from (a new run is appended there, then the command above is run; ``Testing/test_benchmark.py`` checks that the
+committed tables are what it writes).  See ``uad.heldout_table``.
 
     python scripts/update_cards.py --presets-report DIR [--models models/] [--readme README.md] [--print]
 
@@ -39,7 +43,7 @@ from uad.heldout_table import (block, current_weights, load_report, manifest_ent
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
     p.add_argument("bench_dir", nargs="*",
                    help="'uad benchmark -o DIR' folder(s), or their benchmark.json; with several, a model's rows "
                         "come from the last run that measured it (each against its own run's floor)")
