@@ -601,3 +601,47 @@ def test_committed_heldout_tables_are_what_the_committed_run_list_writes(tmp_pat
     assert (tmp_path / "README.md").read_text() == (repo / "README.md").read_text()
     assert len(cards) >= 10 and all((models / c).read_text() == text for c, text in cards.items())
     assert json.loads((models / "manifest.json").read_text()) == manifest
+
+
+def test_readme_methods_table_shows_the_bundled_defaults_heldout_ap():
+    """The README's first table (methods) gives, per method, the T2 default model and its AP on the bundled sample, and
+    per contrast the held-out tumour / stroke AP of the
+    model `uad detect --method M` runs on that contrast, as the manifest records it (evaluation.heldout, written by
+    update_cards.py), and the intensity floor of the same runs: a re-bundled or re-measured default changes the
+    manifest, and this test then asks for the README to follow."""
+    import re
+    from pathlib import Path
+
+    from uad.heldout_table import default_model_id
+    from uad.zoo import find_model
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    intro = text[:text.index("\n## ")]
+    table = {m.group(1): (m.group(2), m.group(3), m.group(4)) for m in re.finditer(
+        r"^\| `(\w+)` \| [^|\n]* \| `([\w.-]+)`[^|\n]* \| ([0-9.]+) \| ([^|\n]*) \|$", intro, re.M)}
+    rows = {k: v[2] for k, v in table.items()}
+    for method, (model, sample_ap, _) in table.items():  # the T2 default and its AP on the bundled sample
+        assert model == default_model_id(method, "T2"), (method, model)
+        assert abs(float(sample_ap) - find_model(model).data["evaluation"]["sample"][method]["ap"]) < 0.0005, method
+    floor_row = re.search(r"^\| \(intensity floor\) \|[^\n]*\| ([^|\n]*) \|$", text, re.M).group(1)
+    methods = ("disyre", "pddpm", "autoddpm", "thor", "anoddpm", "wolleb")
+    assert set(rows) == set(methods)
+    floors = {}
+    for method in methods:
+        cells = [c.strip() for c in rows[method].split(",")]
+        assert len(cells) == 3
+        for contrast, cell in zip(("T2", "FLAIR", "T1"), cells):
+            mid = default_model_id(method, contrast)
+            entry = find_model(mid) if mid else None
+            if entry is None or entry.data.get("contrast") != contrast:
+                assert cell == f"no {contrast} model", (method, contrast, cell)
+                continue
+            rec = entry.data["evaluation"]["heldout"]["results"][method]
+            shown = [float(x) for x in cell.split(" / ")]
+            # the README rounds the run's AP to 3 decimals, the manifest stores 4: at most 0.0005 + 0.00005 apart
+            assert np.allclose(shown, [rec["tumour"], rec["stroke"]], rtol=0, atol=0.00056), (method, contrast, mid,
+                                                                                               cell)
+            floors.setdefault(contrast, []).append([rec["floor"]["tumour"], rec["floor"]["stroke"]])
+    shown_floor = [[float(x) for x in c.split(" / ")] for c in floor_row.split(", ")]
+    for contrast, shown in zip(("T2", "FLAIR", "T1"), shown_floor):  # every default measured against that floor
+        assert np.allclose(floors[contrast], [shown] * len(floors[contrast]), rtol=0, atol=0.00056), contrast
