@@ -604,11 +604,11 @@ def test_committed_heldout_tables_are_what_the_committed_run_list_writes(tmp_pat
 
 
 def test_readme_methods_table_shows_the_bundled_defaults_heldout_ap():
-    """The README's first table (methods) gives, per method, the T2 default model and its AP on the bundled sample, and
-    per contrast the held-out tumour / stroke AP of the
-    model `uad detect --method M` runs on that contrast, as the manifest records it (evaluation.heldout, written by
-    update_cards.py), and the intensity floor of the same runs: a re-bundled or re-measured default changes the
-    manifest, and this test then asks for the README to follow."""
+    """The README's first table (methods) gives, per method, the T2 default model and its AP on the bundled sample
+    (evaluation.sample), and per contrast the held-out tumour / stroke AP of the model `uad detect --method M` runs
+    on that contrast (evaluation.heldout, written by update_cards.py) and the intensity floor of those runs, as the
+    manifest records them: a re-bundled or re-measured default changes the manifest, and this test then asks for
+    the README to follow."""
     import re
     from pathlib import Path
 
@@ -623,7 +623,7 @@ def test_readme_methods_table_shows_the_bundled_defaults_heldout_ap():
     for method, (model, sample_ap, _) in table.items():  # the T2 default and its AP on the bundled sample
         assert model == default_model_id(method, "T2"), (method, model)
         assert abs(float(sample_ap) - find_model(model).data["evaluation"]["sample"][method]["ap"]) < 0.0005, method
-    floor_row = re.search(r"^\| \(intensity floor\) \|[^\n]*\| ([^|\n]*) \|$", text, re.M).group(1)
+    floor_row = re.search(r"^\| \(intensity floor\) \|[^\n]*\| ([^|\n]*) \|$", intro, re.M).group(1)
     methods = ("disyre", "pddpm", "autoddpm", "thor", "anoddpm", "wolleb")
     assert set(rows) == set(methods)
     floors = {}
