@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from uad import heldout
 from uad.benchmark import (NetworkTimer, PeakMemory, autocast, autocast_model, loop_speedup, prepare_model,
                            run_benchmark, run_case)
@@ -176,9 +177,6 @@ def test_heldout_table_rows_and_verdicts():
 
 
 def test_update_cards_replaces_only_the_marked_section(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     from uad.heldout_table import BEGIN, END
 
     models = tmp_path / "models"
@@ -197,9 +195,7 @@ def test_update_cards_replaces_only_the_marked_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro: the table sits between `{BEGIN}` and `{END}` (quoted: not a marker)\n{BEGIN}\n{END}\n"
                       f"outro\n")
-    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/update_cards.py")
 
     assert mod.main([str(bench), "--models", str(models), "--readme", str(readme), "--as-recorded"]) == 0
     ddpm = (models / "ddpm-x/README.md").read_text()
@@ -330,8 +326,6 @@ def test_rows_of_replaced_weights_leave_cards_and_manifest(tmp_path):
 def test_update_manifest_writes_the_heldout_measurements_that_selection_reads(tmp_path):
     """update_cards.py --models writes each measured model's default-preset AP per lesion type (with the
     floor, volume counts and run) into the manifest; best_method then picks from those numbers."""
-    import importlib.util
-    from pathlib import Path
 
     from uad.heldout_table import heldout_measurements, update_manifest
     from uad.selection import best_method
@@ -362,9 +356,7 @@ def test_update_manifest_writes_the_heldout_measurements_that_selection_reads(tm
         (models / d / "README.md").write_text(f"# {d}\n")
         entries[[e["id"] for e in entries].index(d)]["card"] = f"{d}/README.md"
     (models / "manifest.json").write_text(json.dumps({"models": entries}, indent=2) + "\n")
-    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/update_cards.py")
     assert mod.main([str(bench), "--models", str(models), "--no-manifest", "--as-recorded"]) == 0
     assert json.loads((models / "manifest.json").read_text())["models"] == entries  # manifest left alone
     assert mod.main([str(bench), "--models", str(models), "--as-recorded"]) == 0
@@ -387,8 +379,6 @@ def test_update_manifest_writes_the_heldout_measurements_that_selection_reads(tm
 def test_update_cards_judges_todays_default_presets_and_lists_bundled_models(tmp_path):
     """Rows of a preset that was the default when a run was made, but no longer is, are not judged as the
     default; the README table lists only models in the manifest."""
-    import importlib.util
-    from pathlib import Path
 
     from uad.heldout_table import restamp_defaults, table_rows
     from uad.methods import get_method_class
@@ -414,9 +404,7 @@ def test_update_cards_judges_todays_default_presets_and_lists_bundled_models(tmp
     from uad.heldout_table import BEGIN, END
 
     readme.write_text(f"{BEGIN}\n{END}\n")
-    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/update_cards.py")
     assert mod.main([str(bench), "--models", str(models), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "disyre-x" in text and "ddpm-x" not in text  # ddpm-x is not bundled (any more)
@@ -502,8 +490,6 @@ def test_update_cards_names_the_new_default_model_on_its_first_run(tmp_path, mon
     """A new model measured better than the one beside it: the first update_cards run already says it is the
     default model (the manifest's measurements are written before the tables, which ask the zoo; with the
     tables first, the verdict named the old model until a second run)."""
-    import importlib.util
-    from pathlib import Path
 
     import uad.zoo as zoo
     from uad.heldout_table import BEGIN, END
@@ -536,9 +522,7 @@ def test_update_cards_names_the_new_default_model_on_its_first_run(tmp_path, mon
     readme = tmp_path / "README.md"
     readme.write_text(f"{BEGIN}\n{END}\n")
     assert zoo.find_model(method="thor", contrast="T2").id == "ddpm-old"  # the only one measured so far
-    spec = importlib.util.spec_from_file_location("update_cards", Path(__file__).parents[1] / "scripts/update_cards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/update_cards.py")
     assert mod.main([str(bench), "--models", str(models), "--readme", str(readme), "--as-recorded"]) == 0
     assert zoo.find_model(method="thor", contrast="T2").id == "ddpm-new"
     lines = [ln for ln in readme.read_text().splitlines() if ln.startswith("- **thor**")]
@@ -574,7 +558,6 @@ def test_committed_heldout_tables_are_what_the_committed_run_list_writes(tmp_pat
     the manifest's evaluation.heldout are written from: `update_cards.py @docs/benchmark/heldout-runs.txt --models
     models/ --readme README.md` on copies of them changes nothing (run numbers, rows and the models' records as
     committed), and every listed run is in the repository."""
-    import importlib.util
     import shutil
     from pathlib import Path
 
@@ -592,9 +575,7 @@ def test_committed_heldout_tables_are_what_the_committed_run_list_writes(tmp_pat
             shutil.copy(repo / "models" / e["card"], models / e["card"])
             cards[e["card"]] = (repo / "models" / e["card"]).read_text()
     shutil.copy(repo / "README.md", tmp_path / "README.md")
-    spec = importlib.util.spec_from_file_location("update_cards", repo / "scripts/update_cards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/update_cards.py")
     monkeypatch.chdir(repo)  # the list's paths are relative to the repository
     assert mod.main(["@docs/benchmark/heldout-runs.txt", "--models", str(models),
                      "--readme", str(tmp_path / "README.md")]) == 0

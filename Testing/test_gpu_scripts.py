@@ -6,7 +6,6 @@ run it: minutes, and it needs the staged wheels.)"""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -15,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gpu_train():
-    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "scripts" / "gpu" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/gpu/train.py")
 
 
 def test_the_gpu_config_is_the_paper_ddpm_at_128_px():

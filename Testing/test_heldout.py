@@ -41,17 +41,11 @@ def _training_seed_ranges():
     hr = inspect.signature(evaluation.healthy_reference).parameters["seed"].default
     ranges.append((hr, hr + 100_000))
     ranges.append((0, 1000))  # the sample case and scripts' small seeds
-    import importlib.util
+    from conftest import load_script
 
-    def script(name, path):
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    s = script("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py").GPU_BENCH_SEED
+    s = load_script("benchmarks/gpu_bench.py").GPU_BENCH_SEED
     ranges.append((s, s + 2))  # the speed benchmark's two volumes
-    s = script("gpu_train", ROOT / "scripts" / "gpu" / "train.py").GPU_TRAIN_SEED  # the prepared GPU training run
+    s = load_script("scripts/gpu/train.py").GPU_TRAIN_SEED  # the prepared GPU training run
     ranges += [(s, s + 64 * stride), (HOLDOUT_SEED_OFFSET + s, HOLDOUT_SEED_OFFSET + s + 64 * stride)]
     return ranges
 

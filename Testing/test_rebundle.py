@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ddpm-t2-ema"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("rebundle", ROOT / "scripts/rebundle.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/rebundle.py")
 
 
 def _row(method, model, sha, ap, **kw):

@@ -113,15 +113,10 @@ def test_detect_resolves_each_cases_contrast_once(tiny_zoo, tmp_path, monkeypatc
 
 def test_card_threshold_rewrite_keeps_the_notes_after_the_table(tmp_path):
     """The threshold table of a card is rewritten from the manifest; a note written after it stays."""
-    import importlib.util
-    from pathlib import Path
-
+    from conftest import load_script
     from uad import calibration
 
-    spec = importlib.util.spec_from_file_location("train_bundled",
-                                                  Path(__file__).parents[1] / "scripts/train_bundled.py")
-    tb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tb)
+    tb = load_script("scripts/train_bundled.py")
     entry: dict = {}
     rec = {"thresholds": {"0.01": 0.5, "0.05": 0.25}, "nfe_per_slice": 25, "n_volumes": 2, "n_voxels": 1000}
     calibration.store(entry, "anoddpm", "fast", "none", dict(rec))
